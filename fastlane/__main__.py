@@ -1,0 +1,3 @@
+from fastlane.cli import main
+
+raise SystemExit(main())
