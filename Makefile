@@ -26,6 +26,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 build: venv
+	rm -f fastlane/_engine*.so
 	$(PY) build.py
 
 test: install

@@ -1,0 +1,1 @@
+"""`fastlane bench`: throughput and latency on a namespace topology."""
