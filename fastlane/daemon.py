@@ -1,0 +1,285 @@
+"""The node daemon: flanneld's start-up order, lease upkeep and shutdown.
+
+Start-up (as flanneld): connect to etcd, wait for the network config, pick the
+interface, let the backend prepare, acquire the lease, start the backend, write the
+subnet file, then tell systemd READY=1. After that three things run side by side: the
+watcher (peers' leases -> table -> backend), the renewal of our own lease, and the
+health endpoint. An etcd outage only pauses the first two; forwarding continues with
+the table as it was. SIGTERM/SIGINT stop the backend but keep the lease, so a restart
+gets the same subnet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from dataclasses import dataclass, field
+
+from fastlane import backend as backends
+from fastlane import subnetfile
+from fastlane.config import ConfigError, NetworkConfig
+from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles
+from fastlane.iface import InterfaceError, choose
+from fastlane.lease import SUBNET_TTL, Lease, LeaseAttrs
+from fastlane.notify import sd_notify
+from fastlane.registry import ConfigMissing, LeaseConflict, OutOfSubnets, Registry
+from fastlane.watcher import LeaseTable, Watcher
+
+log = logging.getLogger("fastlane")
+
+
+@dataclass
+class Options:
+    endpoints: list[Endpoint]
+    prefix: str = "/coreos.com/network"
+    tls: TLSFiles | None = None
+    username: str | None = None
+    password: str | None = None
+    ifaces: list[str] = field(default_factory=list)
+    iface_regexes: list[str] = field(default_factory=list)
+    public_ip: ipaddress.IPv4Address | None = None
+    subnet_file: str = "/run/flannel/subnet.env"
+    renew_margin_s: int = 60 * 60
+    ip_masq: bool = False
+    healthz_ip: str = "0.0.0.0"
+    healthz_port: int = 0
+    verbose: int = 0
+    lease_ttl: int = SUBNET_TTL
+
+
+class Fatal(Exception):
+    """Stop the daemon with a one-line error and exit status 1."""
+
+
+class Daemon:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.store: Store | None = None
+        self.registry: Registry | None = None
+        self.lease: Lease | None = None
+        self.table = LeaseTable()
+        self.backend: backends.Backend | None = None
+        self.ready = False
+        self._stop = asyncio.Event()
+        self._fatal: str | None = None
+        self._lease_changed = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- start-up -------------------------------------------------------------------
+
+    async def _retry(self, what: str, fn, *, interval: float = 1.0):
+        """Call fn until it succeeds, logging an etcd failure once per distinct message."""
+        last = None
+        while not self._stop.is_set():
+            try:
+                return await fn()
+            except EtcdError as exc:
+                if str(exc) != last:
+                    log.warning("%s: %s; retrying every %gs", what, exc, interval)
+                    last = str(exc)
+            except ConfigMissing as exc:
+                if str(exc) != last:
+                    log.warning("%s; waiting for it", exc)
+                    last = str(exc)
+            try:
+                await asyncio.wait_for(self._stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+        raise asyncio.CancelledError
+
+    async def _connect(self) -> None:
+        o = self.opts
+
+        async def connect():
+            return await Store.connect(
+                o.endpoints, tls=o.tls, username=o.username, password=o.password, timeout=5.0
+            )
+
+        self.store = await self._retry("cannot connect to etcd", connect)
+        self.registry = Registry(self.store, o.prefix, ttl=o.lease_ttl)
+
+    async def _startup(self) -> None:
+        await self._connect()
+        assert self.registry is not None
+        try:
+            config: NetworkConfig = await self._retry(
+                "cannot read the network config", self.registry.get_config
+            )
+        except ConfigError as exc:
+            raise Fatal(f"invalid network config: {exc}") from None
+        if config.enable_ipv6:
+            raise Fatal("EnableIPv6 is not supported by fastlane (IPv4 only)")
+        if not config.enable_ipv4:
+            raise Fatal("EnableIPv4 is false: fastlane needs an IPv4 Network")
+        log.info(
+            "network %s, subnets /%d from %s to %s, backend %s",
+            config.network, config.subnet_len, config.subnet_min, config.subnet_max,
+            config.backend_type,
+        )
+        try:
+            iface = await asyncio.to_thread(choose, self.opts.ifaces, self.opts.iface_regexes)
+        except InterfaceError as exc:
+            raise Fatal(str(exc)) from None
+        public_ip = self.opts.public_ip or iface.address
+        log.info("using interface %s (%s), public ip %s", iface.name, iface.address, public_ip)
+        ctx = backends.BackendContext(config, iface, public_ip, self.opts.verbose)
+        try:
+            self.backend = backends.create(ctx)
+            data = await self.backend.prepare()
+        except backends.BackendError as exc:
+            raise Fatal(str(exc)) from None
+        attrs = LeaseAttrs(public_ip=public_ip, backend_type=self.backend.lease_type, backend_data=data)
+        previous = subnetfile.previous_subnet(self.opts.subnet_file)
+        try:
+            self.lease = await self._retry(
+                "cannot acquire a lease",
+                lambda: self.registry.acquire(config, attrs, previous),
+            )
+        except (OutOfSubnets, LeaseConflict) as exc:
+            raise Fatal(str(exc)) from None
+        log.info("lease acquired: %s", self.lease.subnet)
+        try:
+            await self.backend.start(self.lease, self.table)
+        except backends.BackendError as exc:
+            raise Fatal(str(exc)) from None
+        text = subnetfile.render(config, self.lease.subnet, self.backend.mtu, self.opts.ip_masq)
+        subnetfile.write(self.opts.subnet_file, text)
+        log.info("wrote %s (FLANNEL_MTU=%d)", self.opts.subnet_file, self.backend.mtu)
+
+    # ---- upkeep ---------------------------------------------------------------------
+
+    async def _on_own(self, what: str, lease: Lease | None) -> None:
+        """Our key was deleted or overwritten by someone else."""
+        assert self.registry is not None and self.lease is not None
+        if what == "changed":
+            self._die(f"our lease {self.lease.subnet} was overwritten by {lease.attrs.public_ip}")
+            return
+        log.warning("lease %s has been revoked; taking the same subnet again", self.lease.subnet)
+        try:
+            self.lease = await self.registry.retake(self.lease)
+            self._lease_changed.set()
+            log.info("lease %s re-acquired", self.lease.subnet)
+        except LeaseConflict as exc:
+            self._die(str(exc))
+        except EtcdError as exc:
+            log.warning("cannot re-take lease now (%s); the watcher will retry", exc)
+
+    def _renew_delay(self, lease: Lease) -> float:
+        remaining = lease.remaining()
+        return max(remaining - self.opts.renew_margin_s, remaining / 2, 0.5)
+
+    async def _renew_loop(self) -> None:
+        assert self.registry is not None
+        retry = min(60.0, self.opts.lease_ttl / 4)
+        while True:
+            lease = self.lease
+            assert lease is not None
+            self._lease_changed.clear()
+            delay = None if lease.expiration is None else self._renew_delay(lease)
+            try:
+                await asyncio.wait_for(self._lease_changed.wait(), delay)
+                continue  # re-taken or replaced: recompute from the new lease
+            except asyncio.TimeoutError:
+                pass
+            try:
+                self.lease = await self.registry.renew(lease)
+                log.info("lease %s renewed, expires in %ds", lease.subnet, self.lease.remaining())
+            except EtcdError as exc:
+                log.warning("failed to renew lease %s (%s); trying again in %gs", lease.subnet, exc, retry)
+                await asyncio.sleep(retry)
+            except LeaseConflict as exc:
+                log.warning("%s", exc)
+                await self._on_own("deleted", None)
+
+    async def _healthz(self) -> asyncio.AbstractServer | None:
+        if not self.opts.healthz_port:
+            return None
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                line = await asyncio.wait_for(reader.readline(), 5)
+                path = line.split()[1].decode() if len(line.split()) > 1 else "/"
+                if path.startswith("/readyz"):
+                    code, body = (200, "ready") if self.ready else (503, "not ready")
+                else:
+                    code, body = 200, "flanneld is running"
+                reason = {200: "OK", 503: "Service Unavailable"}[code]
+                writer.write(
+                    f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+                )
+                await writer.drain()
+            except (OSError, asyncio.TimeoutError, IndexError):
+                pass
+            finally:
+                writer.close()
+
+        try:
+            return await asyncio.start_server(handle, self.opts.healthz_ip, self.opts.healthz_port)
+        except OSError as exc:
+            raise Fatal(f"cannot listen on {self.opts.healthz_ip}:{self.opts.healthz_port}: {exc.strerror}") from None
+
+    async def _log_counters(self) -> None:
+        while True:
+            await asyncio.sleep(10)
+            if self.backend is not None:
+                c = self.backend.counters()
+                if c:
+                    log.info("counters: %s", " ".join(f"{k}={v}" for k, v in sorted(c.items()) if v))
+
+    def _die(self, message: str) -> None:
+        self._fatal = message
+        self._stop.set()
+
+    # ---- main -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        server = None
+        try:
+            server = await self._healthz()
+            startup = asyncio.create_task(self._startup())
+            stopper = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({startup, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not startup.done():
+                startup.cancel()
+                stopper.cancel()
+                log.info("stopped before start-up completed")
+                return 0
+            stopper.cancel()
+            startup.result()
+            watcher = Watcher(self.registry, self.table, lambda: self.lease, self._on_own)
+            self._tasks = [
+                asyncio.create_task(watcher.run(), name="watcher"),
+                asyncio.create_task(self._renew_loop(), name="renew"),
+            ]
+            if self.opts.verbose >= 1:
+                self._tasks.append(asyncio.create_task(self._log_counters(), name="counters"))
+            self.ready = True
+            sd_notify("READY=1")
+            log.info("running; %d peer lease(s) known", len(self.table))
+            await self._stop.wait()
+            if self._fatal:
+                raise Fatal(self._fatal)
+            log.info("shutting down; keeping lease %s", self.lease.subnet if self.lease else None)
+            return 0
+        except Fatal as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.backend is not None:
+                try:
+                    await self.backend.stop()
+                except Exception as exc:  # shutting down: report, do not mask the exit code
+                    log.warning("backend stop: %s", exc)
+            if server is not None:
+                server.close()
+            if self.store is not None:
+                await self.store.close()

@@ -1,0 +1,224 @@
+"""Subnet leases in etcd: read the config, acquire, renew and re-take a node's lease.
+
+Acquisition follows flanneld's order (reuse the lease holding our PublicIP, else the
+subnet of the previous subnet file, else a random free one) because operators count on
+a node keeping its subnet across restarts. Where flanneld is racy or lossy fastlane is
+stricter: every write that claims a subnet is a transaction (create-if-absent, or
+compare-and-swap on the revision we read), and a reservation (a key with no etcd lease)
+is never turned back into an expiring lease (flannel issue #1329).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import time
+
+from fastlane.config import ConfigError, NetworkConfig, parse_config
+from fastlane.etcd import KeyValue, Store
+from fastlane.lease import (
+    SUBNET_TTL,
+    Lease,
+    LeaseAttrs,
+    LeaseValueError,
+    choose_subnet,
+    parse_subnet_key,
+    subnet_in_use,
+    subnet_key,
+)
+
+log = logging.getLogger(__name__)
+
+IPv4Network = ipaddress.IPv4Network
+
+#: flanneld retries a lost creation race this many times (raceRetries).
+RACE_RETRIES = 10
+
+
+class ConfigMissing(Exception):
+    """The network config key does not exist (yet)."""
+
+
+class OutOfSubnets(Exception):
+    """Every subnet in [SubnetMin, SubnetMax] is leased."""
+
+
+class LeaseConflict(Exception):
+    """Our subnet was deleted and someone else holds it now."""
+
+
+class Registry:
+    def __init__(self, store: Store, prefix: str = "/coreos.com/network", ttl: int = SUBNET_TTL):
+        self.store = store
+        self.prefix = prefix.rstrip("/")
+        self.ttl = ttl
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.prefix}/config"
+
+    @property
+    def subnets_prefix(self) -> str:
+        return f"{self.prefix}/subnets/"
+
+    def key_of(self, subnet: IPv4Network) -> str:
+        return self.subnets_prefix + subnet_key(subnet)
+
+    async def get_config(self) -> NetworkConfig:
+        kv = await self.store.get(self.config_key)
+        if kv is None:
+            raise ConfigMissing(
+                f"flannel config not found in etcd at {self.config_key} "
+                "(write it with the etcd v3 API: ETCDCTL_API=3 etcdctl put ...)"
+            )
+        try:
+            return parse_config(kv.value)
+        except ConfigError as exc:
+            raise ConfigError(f"{self.config_key}: {exc}") from None
+
+    def decode(self, kv: KeyValue) -> Lease:
+        """A lease from its etcd key/value; LeaseValueError names the key when malformed."""
+        name = kv.key[len(self.subnets_prefix):]
+        try:
+            subnet = parse_subnet_key(name)
+            attrs = LeaseAttrs.decode(kv.value)
+        except LeaseValueError as exc:
+            raise LeaseValueError(f"skipping malformed lease {kv.key}: {exc}") from None
+        return Lease(
+            subnet=subnet,
+            attrs=attrs,
+            etcd_lease=kv.lease,
+            mod_revision=kv.mod_revision,
+            key=kv.key,
+        )
+
+    async def leases(self) -> tuple[list[Lease], int, list[str]]:
+        """All readable leases, the revision they were read at, and one warning per bad key."""
+        kvs, revision = await self.store.list(self.subnets_prefix)
+        out, warnings = [], []
+        for kv in kvs:
+            try:
+                out.append(self.decode(kv))
+            except LeaseValueError as exc:
+                warnings.append(str(exc))
+        return out, revision, warnings
+
+    async def _claim(self, subnet: IPv4Network, attrs: LeaseAttrs) -> Lease | None:
+        """Create the key only if absent, attached to a fresh etcd lease of `ttl` seconds."""
+        etcd_lease = await self.store.grant(self.ttl)
+        expiration = time.time() + self.ttl
+        if not await self.store.create(self.key_of(subnet), attrs.encode(), lease=etcd_lease):
+            return None
+        kv = await self.store.get(self.key_of(subnet))
+        return Lease(
+            subnet,
+            attrs,
+            expiration=expiration,
+            etcd_lease=etcd_lease,
+            mod_revision=kv.mod_revision if kv else 0,
+            key=self.key_of(subnet),
+        )
+
+    async def _refresh(self, lease: Lease, attrs: LeaseAttrs) -> Lease | None:
+        """Re-write a lease we hold (CAS on the revision we saw); a reservation stays one."""
+        key = self.key_of(lease.subnet)
+        if lease.is_reservation:
+            if lease.attrs == attrs:
+                return lease
+            ok = await self.store.replace(key, attrs.encode(), lease.mod_revision, lease=0)
+            if not ok:
+                return None
+            kv = await self.store.get(key)
+            return Lease(lease.subnet, attrs, None, 0, kv.mod_revision if kv else 0, key)
+        etcd_lease = await self.store.grant(self.ttl)
+        expiration = time.time() + self.ttl
+        if not await self.store.replace(key, attrs.encode(), lease.mod_revision, lease=etcd_lease):
+            return None
+        kv = await self.store.get(key)
+        return Lease(
+            lease.subnet, attrs, expiration, etcd_lease, kv.mod_revision if kv else 0, key
+        )
+
+    async def acquire(
+        self,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        previous: IPv4Network | None = None,
+        rng: random.Random | None = None,
+    ) -> Lease:
+        """flanneld's tryAcquireLease, made race-free; raises OutOfSubnets when full."""
+        for _ in range(RACE_RETRIES):
+            leases, _, warnings = await self.leases()
+            for warning in warnings:
+                log.warning("%s", warning)
+            mine = [l for l in leases if l.attrs.public_ip == attrs.public_ip]
+            for lease in mine:
+                if config.fits(lease.subnet):
+                    got = await self._refresh(lease, attrs)
+                    if got is not None:
+                        kind = "reservation" if got.is_reservation else "lease"
+                        log.info("found %s %s for %s, reusing", kind, got.subnet, attrs.public_ip)
+                        return got
+                    break  # it changed under us: list again
+                log.warning(
+                    "deleting lease %s: it no longer fits the network config", lease.subnet
+                )
+                await self.store.delete(self.key_of(lease.subnet))
+            else:
+                taken = [l.subnet for l in leases if l.attrs.public_ip != attrs.public_ip]
+                if (
+                    previous is not None
+                    and config.fits(previous)
+                    and not subnet_in_use(previous, taken)
+                ):
+                    got = await self._claim(previous, attrs)
+                    if got is not None:
+                        log.info("reusing subnet %s from the previous subnet file", previous)
+                        return got
+                    continue
+                subnet = choose_subnet(config, taken, rng)
+                if subnet is None:
+                    lo, hi = config.subnet_bounds()
+                    raise OutOfSubnets(
+                        f"out of subnets: all /{config.subnet_len} subnets from "
+                        f"{lo.network_address} to {hi.network_address} are leased"
+                    )
+                got = await self._claim(subnet, attrs)
+                if got is not None:
+                    log.info("allocated lease %s", subnet)
+                    return got
+            log.info("lost a race for a subnet, retrying")
+        raise LeaseConflict(f"could not acquire a lease after {RACE_RETRIES} attempts (contention)")
+
+    async def renew(self, lease: Lease) -> Lease:
+        """Extend our lease (new etcd lease + CAS put), as flanneld does with Grant + Put."""
+        kv = await self.store.get(lease.key or self.key_of(lease.subnet))
+        if kv is None:
+            raise LeaseConflict(f"lease {lease.subnet} vanished before renewal")
+        current = self.decode(kv)
+        if current.attrs.public_ip != lease.attrs.public_ip:
+            raise LeaseConflict(
+                f"lease {lease.subnet} now belongs to {current.attrs.public_ip}"
+            )
+        got = await self._refresh(current, lease.attrs)
+        if got is None:
+            raise LeaseConflict(f"lease {lease.subnet} changed during renewal")
+        return got
+
+    async def retake(self, lease: Lease) -> Lease:
+        """After our key was deleted: take the same subnet again if nobody else has."""
+        got = await self._claim(lease.subnet, lease.attrs)
+        if got is not None:
+            return got
+        kv = await self.store.get(self.key_of(lease.subnet))
+        if kv is not None:
+            try:
+                current = self.decode(kv)
+            except LeaseValueError:
+                current = None
+            if current is not None and current.attrs.public_ip == lease.attrs.public_ip:
+                return await self.renew(current)
+        raise LeaseConflict(
+            f"our lease {lease.subnet} was deleted and the subnet is now held by another node"
+        )

@@ -1,0 +1,219 @@
+"""The lease table (subnet -> peer) and the watcher that keeps it equal to etcd.
+
+The table is the one place where the control plane meets the data plane: backends
+subscribe to it and turn it into routes. The watcher never trusts a watch stream to be
+gapless: after any interruption (etcd restart, reconnect, compaction) it re-lists the
+prefix and diffs the snapshot against the table, so an event missed while disconnected
+still ends up applied. Leases written by others that cannot be read are skipped with a
+warning naming the key; they never stop the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Iterable
+
+from fastlane.etcd import EtcdError, Event, KeyValue, WatchInterrupted
+from fastlane.lease import Lease, LeaseValueError, parse_subnet_key
+from fastlane.registry import Registry
+
+log = logging.getLogger(__name__)
+
+IPv4Network = ipaddress.IPv4Network
+
+
+@dataclass(frozen=True)
+class TableChange:
+    added: list[Lease] = field(default_factory=list)  # new or changed leases
+    removed: list[Lease] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+Subscriber = Callable[["LeaseTable", TableChange], None]
+
+
+class LeaseTable:
+    """Peers' leases by subnet. Subscribers hear about each batch of changes once."""
+
+    def __init__(self) -> None:
+        self._leases: dict[IPv4Network, Lease] = {}
+        self._subscribers: list[Subscriber] = []
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def __contains__(self, subnet: IPv4Network) -> bool:
+        return subnet in self._leases
+
+    def get(self, subnet: IPv4Network) -> Lease | None:
+        return self._leases.get(subnet)
+
+    def leases(self) -> list[Lease]:
+        return list(self._leases.values())
+
+    def subscribe(self, fn: Subscriber) -> None:
+        """Call fn now with the whole table as 'added', then on every change."""
+        self._subscribers.append(fn)
+        if self._leases:
+            fn(self, TableChange(added=self.leases()))
+
+    def _publish(self, change: TableChange) -> TableChange:
+        if change:
+            for fn in list(self._subscribers):
+                try:
+                    fn(self, change)
+                except Exception:  # a broken subscriber must not stop the watcher
+                    log.exception("lease table subscriber failed")
+        return change
+
+    def _same(self, a: Lease, b: Lease) -> bool:
+        return a.attrs == b.attrs
+
+    def reset(self, leases: Iterable[Lease]) -> TableChange:
+        fresh = {l.subnet: l for l in leases}
+        added = [l for s, l in fresh.items() if s not in self._leases or not self._same(self._leases[s], l)]
+        removed = [l for s, l in self._leases.items() if s not in fresh]
+        self._leases = fresh
+        return self._publish(TableChange(added, removed))
+
+    def apply(self, puts: Iterable[Lease], deletes: Iterable[IPv4Network]) -> TableChange:
+        added, removed = [], []
+        for subnet in deletes:
+            old = self._leases.pop(subnet, None)
+            if old is not None:
+                removed.append(old)
+        for lease in puts:
+            old = self._leases.get(lease.subnet)
+            self._leases[lease.subnet] = lease
+            if old is None or not self._same(old, lease):
+                added.append(lease)
+        return self._publish(TableChange(added, removed))
+
+
+OwnCallback = Callable[[str, Lease | None], Awaitable[None]]
+
+
+class Watcher:
+    """Snapshot at revision R, watch from R+1; on any break, re-list and diff.
+
+    `own` returns our current lease (excluded from the table). `on_own` is awaited with
+    ("deleted", None) when our key disappears, or ("changed", lease) when someone else
+    overwrote it, so the daemon can re-take or give up.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        table: LeaseTable,
+        own: Callable[[], Lease | None],
+        on_own: OwnCallback,
+    ) -> None:
+        self.registry = registry
+        self.table = table
+        self.own = own
+        self.on_own = on_own
+        self.synced = asyncio.Event()
+        self._warned: set[tuple[str, int]] = set()
+        self.resyncs = 0
+
+    def _warn_once(self, key: str, revision: int, message: str) -> None:
+        if (key, revision) not in self._warned:
+            self._warned.add((key, revision))
+            log.warning("%s", message)
+
+    def _own_subnet(self) -> IPv4Network | None:
+        lease = self.own()
+        return lease.subnet if lease else None
+
+    async def _resync(self) -> int:
+        kvs, revision = await self.registry.store.list(self.registry.subnets_prefix)
+        own = self.own()
+        leases, own_seen = [], None
+        for kv in kvs:
+            try:
+                lease = self.registry.decode(kv)
+            except LeaseValueError as exc:
+                self._warn_once(kv.key, kv.mod_revision, str(exc))
+                continue
+            if own is not None and lease.subnet == own.subnet:
+                own_seen = lease
+                continue
+            leases.append(lease)
+        self.table.reset(leases)
+        self.resyncs += 1
+        self.synced.set()
+        if own is not None:
+            if own_seen is None:
+                await self.on_own("deleted", None)
+            elif own_seen.attrs.public_ip != own.attrs.public_ip:
+                await self.on_own("changed", own_seen)
+        return revision
+
+    async def _apply(self, events: list[Event]) -> None:
+        own = self._own_subnet()
+        puts: dict[IPv4Network, Lease] = {}
+        deletes: set[IPv4Network] = set()
+        own_events: list[tuple[str, Lease | None]] = []
+        for ev in events:
+            name = ev.key[len(self.registry.subnets_prefix):]
+            try:
+                subnet = parse_subnet_key(name)
+            except LeaseValueError as exc:
+                self._warn_once(ev.key, ev.mod_revision, f"skipping malformed lease {ev.key}: {exc}")
+                continue
+            if ev.type == "delete":
+                lease = None
+            else:
+                try:
+                    lease = self.registry.decode(
+                        KeyValue(ev.key, ev.value, 0, ev.mod_revision, 0)
+                    )
+                except LeaseValueError as exc:
+                    # Unreadable: we no longer know where this subnet lives; drop its route.
+                    self._warn_once(ev.key, ev.mod_revision, str(exc))
+                    lease = None
+            if subnet == own:
+                if lease is None:
+                    own_events.append(("deleted", None))
+                elif lease.attrs.public_ip != self.own().attrs.public_ip:
+                    own_events.append(("changed", lease))
+                continue
+            if lease is None:
+                puts.pop(subnet, None)
+                deletes.add(subnet)
+            else:
+                deletes.discard(subnet)
+                puts[subnet] = lease
+        self.table.apply(puts.values(), deletes)
+        for what, lease in own_events[-1:]:
+            await self.on_own(what, lease)
+
+    async def run(self) -> None:
+        backoff = 0.1
+        failing_since: float | None = None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                revision = await self._resync()
+                if failing_since is not None:
+                    log.info("etcd reachable again; lease table re-synced (%d peers)", len(self.table))
+                failing_since = None
+                backoff = 0.1
+                async for batch in self.registry.store.watch(
+                    self.registry.subnets_prefix, revision + 1
+                ):
+                    await self._apply(batch)
+            except WatchInterrupted as exc:
+                log.info("lease watch interrupted (%s); re-listing", exc)
+            except EtcdError as exc:
+                now = loop.time()
+                if failing_since is None:
+                    failing_since = now
+                    log.warning("lease watch: %s; traffic keeps flowing, retrying", exc)
+                backoff = min(backoff * 2, 5.0)
+            await asyncio.sleep(backoff)
