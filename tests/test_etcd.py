@@ -1,0 +1,319 @@
+"""The etcd adapter against a real etcd (tests/fixtures_etcd.py), with etcdctl as the oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastlane.etcd import (
+    Endpoint,
+    EtcdError,
+    EtcdUnavailable,
+    Event,
+    Store,
+    WatchInterrupted,
+    parse_endpoints,
+)
+from fastlane.etcdserver import EtcdServer
+
+# -------------------------------------------------------------------------------------------
+# parse_endpoints
+
+
+def _no_dns(host: str) -> str:
+    table = {"etcd1.example": "10.0.0.1", "etcd-2.example": "10.0.0.2"}
+    if host not in table:
+        raise ValueError(f"cannot resolve host {host!r}")
+    return table[host]
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("http://127.0.0.1:4001,http://127.0.0.1:2379",
+         [Endpoint("127.0.0.1", 4001, False), Endpoint("127.0.0.1", 2379, False)]),
+        ("https://10.1.2.3:2379", [Endpoint("10.1.2.3", 2379, True)]),
+        ("HTTPS://10.1.2.3:2379/", [Endpoint("10.1.2.3", 2379, True)]),
+        ("10.1.2.3:12379", [Endpoint("10.1.2.3", 12379, False)]),
+        ("http://10.1.2.3", [Endpoint("10.1.2.3", 2379, False)]),
+        ("localhost:2379", [Endpoint("localhost", 2379, False)]),
+        (" http://127.0.0.1:2379 , http://127.0.0.1:2379,",
+         [Endpoint("127.0.0.1", 2379, False)]),
+        ("https://etcd1.example:2379,http://etcd-2.example:4001",
+         [Endpoint("10.0.0.1", 2379, True, "etcd1.example"),
+          Endpoint("10.0.0.2", 4001, False, "etcd-2.example")]),
+    ],
+)
+def test_parse_endpoints_examples(spec: str, expected: list[Endpoint]) -> None:
+    assert parse_endpoints(spec, resolve=_no_dns) == expected
+
+
+@pytest.mark.parametrize(
+    "spec, bad_item, why",
+    [
+        ("", "", "no endpoint"),
+        ("ftp://1.2.3.4:21", "ftp://1.2.3.4:21", "scheme"),
+        ("http://127.0.0.1:2379,http://1.2.3.4:99999", "http://1.2.3.4:99999", "port"),
+        ("http://1.2.3.4:0", "http://1.2.3.4:0", "port"),
+        ("http://1.2.3.4:abc", "http://1.2.3.4:abc", "port"),
+        ("http://[::1]:2379", "http://[::1]:2379", "IPv6"),
+        ("http://1.2.3.4:2379/v2/keys", "http://1.2.3.4:2379/v2/keys", "path"),
+        ("http://999.1.1.1:2379", "http://999.1.1.1:2379", "IPv4"),
+        ("http://nosuch.example:2379", "http://nosuch.example:2379", "resolve"),
+        ("http://bad_host!:2379", "http://bad_host!:2379", "host"),
+        ("http://:2379", "http://:2379", "host"),
+        ("http://user:pw@1.2.3.4:2379", "http://user:pw@1.2.3.4:2379", "credentials"),
+    ],
+)
+def test_parse_endpoints_rejects(spec: str, bad_item: str, why: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_endpoints(spec, resolve=_no_dns)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith("bad etcd endpoint")
+    assert repr(bad_item) in msg or not bad_item
+    assert why.lower() in msg.lower()
+
+
+def test_parse_endpoints_resolves_hostnames_with_the_system_resolver() -> None:
+    # "localhost." (with the root dot) is not special-cased, so it goes through getaddrinfo;
+    # /etc/hosts answers it, no DNS traffic leaves the machine.
+    [ep] = parse_endpoints("https://localhost.:2379")
+    assert ep == Endpoint("127.0.0.1", 2379, True, "localhost")
+
+
+_ipv4 = st.ip_addresses(v=4).map(str)
+_port = st.integers(1, 65535)
+_scheme = st.sampled_from(["http://", "https://", ""])
+
+
+@given(st.lists(st.tuples(_scheme, _ipv4, _port), min_size=1, max_size=5))
+def test_parse_endpoints_round_trips_formatted_lists(items: list[tuple[str, str, int]]) -> None:
+    spec = ",".join(f"{scheme}{host}:{port}" for scheme, host, port in items)
+    expected: list[Endpoint] = []
+    for scheme, host, port in items:
+        ep = Endpoint(host, port, scheme == "https://")
+        if ep not in expected:
+            expected.append(ep)
+    assert parse_endpoints(spec, resolve=_no_dns) == expected
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=60))
+def test_parse_endpoints_never_crashes(spec: str) -> None:
+    try:
+        eps = parse_endpoints(spec, resolve=_no_dns)
+    except ValueError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("bad etcd endpoint")
+    else:
+        assert eps
+        for ep in eps:
+            assert 1 <= ep.port <= 65535
+            assert ep.host == "localhost" or all(p.isdigit() for p in ep.host.split("."))
+
+
+# -------------------------------------------------------------------------------------------
+# KV and transactions
+
+
+async def test_crud_matches_etcdctl(store: Store, prefix: str, etcd_server: EtcdServer) -> None:
+    key = f"{prefix}/config"
+    assert await store.get(key) is None
+    rev = await store.put(key, b'{"Network":"10.5.0.0/16"}')
+    kv = await store.get(key)
+    assert kv is not None and kv.value == b'{"Network":"10.5.0.0/16"}'
+    assert kv.mod_revision == rev == kv.create_revision and kv.lease == 0
+    # The oracle sees what we wrote, and we see what it writes.
+    assert etcd_server.etcdctl("get", "--print-value-only", key).strip() == '{"Network":"10.5.0.0/16"}'
+    etcd_server.etcdctl("put", f"{prefix}/subnets/10.5.1.0-24", '{"PublicIP":"1.2.3.4"}')
+    kvs, list_rev = await store.list(f"{prefix}/subnets/")
+    assert [k.key for k in kvs] == [f"{prefix}/subnets/10.5.1.0-24"]
+    assert json.loads(kvs[0].value) == {"PublicIP": "1.2.3.4"}
+    assert list_rev >= kvs[0].mod_revision > rev
+    assert await store.delete(key) is True
+    assert await store.delete(key) is False
+    assert await store.get(key) is None
+    assert etcd_server.etcdctl("get", key).strip() == ""
+
+
+async def test_list_is_prefix_scoped(store: Store, prefix: str) -> None:
+    await store.put(f"{prefix}/subnets/a", b"1")
+    await store.put(f"{prefix}/subnets/b", b"2")
+    await store.put(f"{prefix}/subnetsX", b"3")
+    kvs, _ = await store.list(f"{prefix}/subnets/")
+    assert [(k.key.rsplit("/", 1)[1], k.value) for k in kvs] == [("a", b"1"), ("b", b"2")]
+
+
+async def test_create_is_atomic(store: Store, prefix: str) -> None:
+    key = f"{prefix}/subnets/10.5.7.0-24"
+    results = await asyncio.gather(*(store.create(key, f"{i}".encode()) for i in range(20)))
+    assert results.count(True) == 1
+    winner = results.index(True)
+    kv = await store.get(key)
+    assert kv is not None and kv.value == f"{winner}".encode()
+    assert await store.create(key, b"late") is False
+
+
+async def test_replace_is_compare_and_swap(store: Store, prefix: str) -> None:
+    key = f"{prefix}/subnets/10.5.8.0-24"
+    await store.put(key, b"v1")
+    kv = await store.get(key)
+    assert kv is not None
+    assert await store.replace(key, b"v2", kv.mod_revision) is True
+    assert await store.replace(key, b"v3", kv.mod_revision) is False  # stale revision
+    now = await store.get(key)
+    assert now is not None and now.value == b"v2" and now.mod_revision > kv.mod_revision
+    # mod_revision 0 is etcd's "absent": replace then only succeeds if nobody created the key.
+    assert await store.replace(f"{prefix}/absent", b"x", 0) is True
+    assert await store.replace(f"{prefix}/absent", b"y", 0) is False
+
+
+async def test_lease_expiry_removes_key(store: Store, prefix: str) -> None:
+    lease = await store.grant(2)
+    assert lease > 0
+    assert 0 < await store.lease_ttl(lease) <= 2
+    key = f"{prefix}/subnets/10.5.9.0-24"
+    assert await store.create(key, b"x", lease=lease) is True
+    kv = await store.get(key)
+    assert kv is not None and kv.lease == lease
+    deadline = time.monotonic() + 10
+    while await store.get(key) is not None:
+        assert time.monotonic() < deadline, "key outlived its 2 s lease"
+        await asyncio.sleep(0.25)
+    assert await store.lease_ttl(lease) == -1
+    assert await store.lease_ttl(0x7FFF_FFFF_FFFF) == -1  # never existed
+
+
+# -------------------------------------------------------------------------------------------
+# Watch
+
+
+async def _collect(store: Store, prefix: str, start: int, n: int, out: list[Event]) -> None:
+    async for batch in store.watch(prefix, start):
+        out.extend(batch)
+        if len(out) >= n:
+            return
+
+
+async def test_watch_delivers_in_order_from_start_revision(store: Store, prefix: str) -> None:
+    sub = f"{prefix}/subnets/"
+    before = await store.put(f"{sub}a", b"old")  # before the start revision: not delivered
+    revs = [await store.put(f"{sub}b", b"1"), await store.put(f"{sub}c", b"2")]
+    revs.append((await store.list(sub))[1] + 1)
+    await store.delete(f"{sub}b")
+    await store.put(f"{prefix}/elsewhere", b"not under the watched prefix")
+    events: list[Event] = []
+    task = asyncio.create_task(_collect(store, sub, before + 1, 5, events))
+    await asyncio.sleep(0.2)
+    await store.put(f"{sub}a", b"new")
+    await store.delete(f"{sub}c")
+    await asyncio.wait_for(task, 5)
+    assert [(e.type, e.key.rsplit("/", 1)[1], e.value) for e in events] == [
+        ("put", "b", b"1"), ("put", "c", b"2"), ("delete", "b", b""),
+        ("put", "a", b"new"), ("delete", "c", b""),
+    ]
+    assert [e.mod_revision for e in events] == sorted(e.mod_revision for e in events)
+    assert events[0].mod_revision == revs[0]
+
+
+async def test_watch_interrupted_by_restart_then_relist_sees_all(etcd: EtcdServer,
+                                                                 prefix: str) -> None:
+    st = await Store.connect(parse_endpoints(etcd.endpoint), timeout=3.0)
+    try:
+        kvs, rev = await st.list(prefix)
+        seen: list[Event] = []
+
+        async def watch() -> None:
+            async for batch in st.watch(prefix, rev + 1):
+                seen.extend(batch)
+
+        task = asyncio.create_task(watch())
+        await st.put(f"{prefix}/subnets/a", b"1")
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(etcd.stop)
+        # Written while our watch is down (by someone else, as far as we know).
+        await asyncio.to_thread(etcd.start)
+        etcd.etcdctl("put", f"{prefix}/subnets/b", "2")
+        with pytest.raises(WatchInterrupted) as info:
+            await asyncio.wait_for(task, 10)
+        assert not info.value.compacted and "\n" not in str(info.value)
+        assert [e.key for e in seen] == [f"{prefix}/subnets/a"]
+        # The caller's recovery: re-list (retrying while the server comes back), re-watch.
+        kvs, rev2 = await st.list(prefix)
+        assert sorted(k.key.rsplit("/", 1)[1] for k in kvs) == ["a", "b"]
+        events: list[Event] = []
+        task = asyncio.create_task(_collect(st, prefix, rev2 + 1, 1, events))
+        await asyncio.sleep(0.2)
+        await st.delete(f"{prefix}/subnets/a")
+        await asyncio.wait_for(task, 5)
+        assert [(e.type, e.key) for e in events] == [("delete", f"{prefix}/subnets/a")]
+    finally:
+        await st.close()
+
+
+async def test_watch_from_compacted_revision_is_interrupted(etcd: EtcdServer,
+                                                            prefix: str) -> None:
+    st = await Store.connect(parse_endpoints(etcd.endpoint), timeout=3.0)
+    try:
+        first = await st.put(f"{prefix}/k", b"1")
+        for i in range(3):
+            await st.put(f"{prefix}/k", str(i).encode())
+        _, rev = await st.list(prefix)
+        await st.compact(rev)
+        await st.compact(rev)  # compacting again to the same revision is harmless
+        with pytest.raises(WatchInterrupted) as info:
+            async for _ in st.watch(prefix, first):
+                pass
+        assert info.value.compacted and info.value.compact_revision == rev
+        # Watching from after the compaction works.
+        events: list[Event] = []
+        task = asyncio.create_task(_collect(st, prefix, rev + 1, 1, events))
+        await asyncio.sleep(0.2)
+        await st.put(f"{prefix}/k", b"after")
+        await asyncio.wait_for(task, 5)
+        assert events[0].value == b"after"
+    finally:
+        await st.close()
+
+
+# -------------------------------------------------------------------------------------------
+# Failures
+
+
+async def test_connect_to_dead_port_is_unavailable_quickly() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: nobody answers here
+        t0 = time.monotonic()
+        with pytest.raises(EtcdUnavailable) as info:
+            await Store.connect(parse_endpoints(f"http://127.0.0.1:{port}"), timeout=2.0)
+        assert time.monotonic() - t0 < 2.0 + 1.0
+    msg = str(info.value)
+    assert "\n" not in msg and f"127.0.0.1:{port}" in msg
+
+
+async def test_errors_after_server_death_are_mapped(etcd: EtcdServer, prefix: str) -> None:
+    st = await Store.connect(parse_endpoints(etcd.endpoint), timeout=2.0)
+    try:
+        await st.put(f"{prefix}/k", b"1")
+        await asyncio.to_thread(etcd.kill)
+        with pytest.raises(EtcdUnavailable) as info:
+            await st.get(f"{prefix}/k")
+        assert "\n" not in str(info.value) and str(etcd.client_port) in str(info.value)
+        with pytest.raises(WatchInterrupted):
+            async for _ in st.watch(prefix, 1):
+                pass
+        await asyncio.to_thread(etcd.start)
+        kv = await st.get(f"{prefix}/k")
+        assert kv is not None and kv.value == b"1"
+    finally:
+        await st.close()
+    with pytest.raises(EtcdError):
+        await st.get(f"{prefix}/k")
