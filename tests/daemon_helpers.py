@@ -1,0 +1,117 @@
+"""Running real fastlane daemons inside test hosts (network namespaces) against a real etcd."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from fastlane.etcdserver import EtcdServer
+from fastlane.topology import Host, Topology
+
+_runs = itertools.count()
+
+
+def wait_until(pred, timeout: float = 15.0, interval: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
+class Node:
+    """One fastlane daemon in one host netns; its subnet file lives in the test's tmp dir."""
+
+    def __init__(self, topo: Topology, host: Host, etcd: EtcdServer, prefix: str, workdir: Path,
+                 *extra: str, env: dict[str, str] | None = None) -> None:
+        self.topo, self.host, self.etcd, self.prefix = topo, host, etcd, prefix
+        self.dir = workdir / host.netns
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.subnet_file = self.dir / "subnet.env"
+        self.extra = list(extra)
+        self.env = env
+        self.proc = None
+        self.logname = ""
+
+    def args(self) -> list[str]:
+        return [sys.executable, "-m", "fastlane", f"-etcd-endpoints={self.etcd.endpoint}",
+                f"-etcd-prefix={self.prefix}", "-iface=eth0", f"-subnet-file={self.subnet_file}",
+                *self.extra]
+
+    def start(self) -> "Node":
+        self.logname = f"{self.host.netns.removeprefix(self.topo.prefix)}-fastlane-{next(_runs)}"
+        env = dict(os.environ, **(self.env or {}))
+        self.proc = self.topo.popen(self.host.netns, *self.args(), name=self.logname, env=env)
+        return self
+
+    def wait_subnet_file(self, timeout: float = 20.0) -> dict[str, str]:
+        ok = wait_until(lambda: self.subnet_file.exists() or self.proc.poll() is not None, timeout)
+        assert ok and self.subnet_file.exists(), f"daemon not ready; log:\n{self.log()}"
+        return dict(line.split("=", 1) for line in self.subnet_file.read_text().splitlines())
+
+    def log(self) -> str:
+        return self.topo.log_path(self.logname).read_text(errors="replace") if self.logname else ""
+
+    def kill(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except Exception:
+            pass
+        return self.topo.stop(self.proc)
+
+    def wait_exit(self, timeout: float = 20.0) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except Exception:
+            return None
+
+
+def leases(etcd: EtcdServer, prefix: str) -> dict[str, str]:
+    """key -> value under <prefix>/subnets/, read with etcdctl (an independent oracle)."""
+    out = etcd.etcdctl("get", "--prefix", f"{prefix}/subnets/", "-w", "json")
+    kvs = json.loads(out).get("kvs", [])
+    import base64
+    return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]).decode() for kv in kvs}
+
+
+def lease_ids(etcd: EtcdServer, prefix: str) -> dict[str, int]:
+    out = etcd.etcdctl("get", "--prefix", f"{prefix}/subnets/", "-w", "json")
+    import base64
+    return {base64.b64decode(kv["key"]).decode(): int(kv.get("lease", 0))
+            for kv in json.loads(out).get("kvs", [])}
+
+
+class NotifySocket:
+    """A unix datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+
+    def messages(self, timeout: float = 10.0) -> list[str]:
+        out, end = [], time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                out.append(self.sock.recv(4096).decode())
+                break
+            except socket.timeout:
+                continue
+        return out
+
+    def close(self) -> None:
+        self.sock.close()

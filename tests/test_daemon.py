@@ -1,0 +1,196 @@
+"""The daemon as operators run it: real processes in network namespaces, real etcd.
+
+Backend `alloc` (lease only) so these tests are about the control plane; the udp data
+plane has its own tests.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fastlane.etcdserver import EtcdServer
+from fastlane.topology import Topology, cleanup_stale
+from tests.daemon_helpers import Node, NotifySocket, lease_ids, leases, wait_until
+
+ALLOC = '{"Network":"10.1.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}'
+
+
+@pytest.fixture(scope="module")
+def cluster(net_capable):
+    """Two hosts on an underlay, etcd listening on the underlay bridge (switch netns)."""
+    topo = Topology(hosts=2, mtu=1500)
+    etcd = None
+    try:
+        topo.setup()
+        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-daemon-tests")
+        etcd.start()
+        yield topo, etcd
+    finally:
+        if etcd is not None:
+            etcd.cleanup()
+        topo.teardown()
+
+
+@pytest.fixture
+def nodes(cluster, prefix, tmp_path):
+    """Factory for daemons under this test's prefix; all are stopped at the end."""
+    topo, etcd = cluster
+    made: list[Node] = []
+
+    def make(i: int, *extra: str, config: str | None = ALLOC, env=None) -> Node:
+        if config is not None:
+            etcd.etcdctl("put", f"{prefix}/config", config)
+        node = Node(topo, topo.hosts[i], etcd, prefix, tmp_path, *extra, env=env)
+        made.append(node)
+        return node
+
+    yield make
+    for node in made:
+        node.stop(signal.SIGKILL)
+
+
+def test_two_daemons_hold_flannel_shaped_leases(cluster, nodes, prefix, tmp_path):
+    topo, etcd = cluster
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        a = nodes(0, env={"NOTIFY_SOCKET": notify.path}).start()
+        env_a = a.wait_subnet_file()
+        assert notify.messages() == ["READY=1"]
+    finally:
+        notify.close()
+    b = nodes(1).start()
+    env_b = b.wait_subnet_file()
+    held = leases(etcd, prefix)
+    assert len(held) == 2
+    for node, env in ((a, env_a), (b, env_b)):
+        assert list(env) == ["FLANNEL_NETWORK", "FLANNEL_SUBNET", "FLANNEL_MTU", "FLANNEL_IPMASQ"]
+        assert env["FLANNEL_NETWORK"] == "10.1.0.0/16"
+        assert env["FLANNEL_MTU"] == "1500" and env["FLANNEL_IPMASQ"] == "false"
+        first_ip, plen = env["FLANNEL_SUBNET"].split("/")
+        assert plen == "24" and first_ip.endswith(".1")
+        key = f"{prefix}/subnets/{first_ip[:-2]}.0-24"
+        assert held[key] == json.dumps({"PublicIP": str(node.host.ip), "PublicIPv6": None},
+                                       separators=(",", ":"))
+    assert env_a["FLANNEL_SUBNET"] != env_b["FLANNEL_SUBNET"]
+    assert "Traceback" not in a.log() + b.log()
+
+
+def test_restart_keeps_subnet_after_sigterm_and_kill9(nodes, cluster, prefix):
+    _, etcd = cluster
+    a = nodes(0).start()
+    subnet = a.wait_subnet_file()["FLANNEL_SUBNET"]
+    assert a.stop(signal.SIGTERM) == 0
+    assert len(leases(etcd, prefix)) == 1  # the lease is kept on shutdown
+    a.subnet_file.unlink()
+    a.start()
+    assert a.wait_subnet_file()["FLANNEL_SUBNET"] == subnet
+    a.stop(signal.SIGKILL)
+    a.subnet_file.unlink()
+    a.start()
+    assert a.wait_subnet_file()["FLANNEL_SUBNET"] == subnet
+    assert "Traceback" not in a.log()
+
+
+def test_restart_reuses_subnet_file_when_lease_is_gone(nodes, cluster, prefix):
+    _, etcd = cluster
+    a = nodes(0).start()
+    subnet = a.wait_subnet_file()["FLANNEL_SUBNET"]
+    a.stop()
+    etcd.etcdctl("del", "--prefix", f"{prefix}/subnets/")
+    a.start()
+    assert wait_until(lambda: "reusing subnet" in a.log(), 20), a.log()
+    assert a.wait_subnet_file()["FLANNEL_SUBNET"] == subnet
+
+
+def test_deleted_lease_is_retaken_and_stolen_lease_exits(nodes, cluster, prefix):
+    _, etcd = cluster
+    a = nodes(0).start()
+    first = a.wait_subnet_file()["FLANNEL_SUBNET"]
+    key = f"{prefix}/subnets/{first[:-5]}.0-24"
+    value = leases(etcd, prefix)[key]
+    etcd.etcdctl("del", key)
+    assert wait_until(lambda: leases(etcd, prefix).get(key) == value, 10), a.log()
+    assert a.proc.poll() is None
+    # Now someone else takes our subnet in one transaction: we must give up loudly.
+    stolen = json.dumps({"PublicIP": "192.168.100.250", "PublicIPv6": None})
+    etcd.etcdctl("put", key, stolen)
+    assert a.wait_exit(15) == 1, a.log()
+    last = [l for l in a.log().splitlines() if l.strip()][-1]
+    assert "192.168.100.250" in last and "Traceback" not in a.log()
+
+
+def test_short_ttl_lease_is_renewed_and_reservation_stays(nodes, cluster, prefix):
+    _, etcd = cluster
+    a = nodes(0, "-subnet-lease-ttl=6").start()
+    env = a.wait_subnet_file()
+    key = f"{prefix}/subnets/{env['FLANNEL_SUBNET'][:-5]}.0-24"
+    first_id = lease_ids(etcd, prefix)[key]
+    assert first_id != 0
+    assert wait_until(lambda: lease_ids(etcd, prefix).get(key, first_id) != first_id, 15), a.log()
+    assert wait_until(lambda: False, 7) is False  # past the first TTL: still there
+    assert key in leases(etcd, prefix)
+    a.stop()
+    # Turn it into a reservation (no etcd lease); the daemon must keep it so.
+    value = leases(etcd, prefix)[key]
+    etcd.etcdctl("put", key, value)
+    a.start()
+    assert wait_until(lambda: "reservation" in a.log(), 20), a.log()
+    wait_until(lambda: False, 7)
+    assert lease_ids(etcd, prefix)[key] == 0
+    assert a.proc.poll() is None
+
+
+def test_invalid_config_is_one_line_error(nodes):
+    a = nodes(0, config='{"Network":"10.1.0.0/30"}').start()
+    assert a.wait_exit(20) == 1
+    log = a.log()
+    assert "Minimum useful network prefix is /28" in log and "Traceback" not in log
+    b = nodes(1, config='{"Network": oops').start()
+    assert b.wait_exit(20) == 1
+    assert "not valid JSON" in b.log() and "Traceback" not in b.log()
+
+
+def test_missing_config_waits_then_starts(nodes, cluster, prefix):
+    _, etcd = cluster
+    a = nodes(0, config=None).start()
+    assert wait_until(lambda: "config not found" in a.log(), 15), a.log()
+    assert wait_until(lambda: False, 2.5) is False
+    assert a.log().count("config not found") == 1  # said once, not every second
+    etcd.etcdctl("put", f"{prefix}/config", ALLOC)
+    a.wait_subnet_file()
+    assert "Traceback" not in a.log()
+
+
+def test_unreachable_etcd_and_malformed_peer_leases(nodes, cluster, prefix, tmp_path):
+    topo, etcd = cluster
+    etcd.etcdctl("put", f"{prefix}/config", ALLOC)
+    etcd.etcdctl("put", f"{prefix}/subnets/10.1.5.0-24", "{garbage")
+    a = nodes(0, config=None)
+    a.extra.append("-healthz-port=18765")
+    a.start()
+    a.wait_subnet_file()
+    assert wait_until(lambda: "10.1.5.0-24" in a.log(), 10), a.log()
+    probe = ("import urllib.request as u, urllib.error as e\n"
+             "print(u.urlopen('http://127.0.0.1:18765/healthz').read().decode())\n"
+             "print(u.urlopen('http://127.0.0.1:18765/readyz').read().decode())\n")
+    out = topo.run(a.host.netns, sys.executable, "-c", probe).stdout
+    assert "flanneld is running" in out and "ready" in out
+    # A daemon pointed at nothing: a one-line warning, no traceback, still alive.
+    b = Node(topo, topo.hosts[1], etcd, prefix, tmp_path)
+    b.args_orig = b.args
+    b.args = lambda: [x if not x.startswith("-etcd-endpoints") else
+                      f"-etcd-endpoints=http://{topo.switch_ip}:1" for x in b.args_orig()]
+    b.start()
+    try:
+        assert wait_until(lambda: "cannot connect to etcd" in b.log(), 20), b.log()
+        assert b.proc.poll() is None and "Traceback" not in b.log()
+        line = next(l for l in b.log().splitlines() if "cannot connect" in l)
+        assert f"{topo.switch_ip}:1" in line
+        assert b.stop() == 0  # SIGTERM during the retry loop exits cleanly
+    finally:
+        b.stop(signal.SIGKILL)
