@@ -15,6 +15,8 @@ from fastlane.backend.base import Backend, BackendContext, BackendError
 _KNOWN = {
     "alloc": "fastlane.backend.alloc:AllocBackend",
     "udp": "fastlane.backend.udp:UdpBackend",
+    "vxlan": "fastlane.backend.vxlan:VxlanBackend",
+    "host-gw": "fastlane.backend.hostgw:HostGwBackend",
 }
 
 

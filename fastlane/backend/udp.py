@@ -1,0 +1,134 @@
+"""`udp`: flanneld's udp backend, with the per-packet work in the C engine.
+
+Host set-up is flanneld's: a TUN `flannel0` holding the lease's network address as a
+/32, a route for the whole overlay Network through it, MTU = underlay MTU - 28, and a
+UDP socket bound to the interface address on Backend.Port (8285). Everything
+per-packet happens in the engine's C threads; this module only turns the lease table
+into the engine's route table, whole, on every change (one swap per watch batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+
+from pyroute2 import IPRoute
+
+from fastlane.backend.base import Backend, BackendError
+from fastlane.lease import Lease
+from fastlane.watcher import LeaseTable, TableChange
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8285
+#: 20 bytes of IPv4 header + 8 of UDP header around each packet.
+ENCAP_OVERHEAD = 28
+
+
+class UdpBackend(Backend):
+    lease_type = ""  # flanneld's udp backend writes no BackendType
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        cfg = ctx.config
+        port = cfg.backend_option("Port", DEFAULT_PORT)
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise BackendError(f"Backend.Port must be a port number, not {port!r}")
+        self.port = port
+        check = cfg.backend_option("CheckSource", True)
+        if not isinstance(check, bool):
+            raise BackendError(f"Backend.CheckSource must be true or false, not {check!r}")
+        self.check_source = check
+        queues = cfg.backend_option("Queues", 1)
+        if isinstance(queues, bool) or not isinstance(queues, int) or not 1 <= queues <= 16:
+            raise BackendError(f"Backend.Queues must be an integer from 1 to 16, not {queues!r}")
+        self.queues = queues
+        offload = cfg.backend_option("Offload", True)
+        if not isinstance(offload, bool):
+            raise BackendError(f"Backend.Offload must be true or false, not {offload!r}")
+        self.offload = offload
+        self.engine = None
+        self.ifname: str | None = None
+        self._fds: list[int] = []
+        self._sock: socket.socket | None = None
+
+    @property
+    def mtu(self) -> int:
+        return self.ctx.iface.mtu - ENCAP_OVERHEAD
+
+    def _configure(self, ifname: str, lease: Lease) -> None:
+        """Address, MTU, up, and the overlay route, as flanneld's configureIface does."""
+        net = self.ctx.config.network
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=ifname)[0]
+            ipr.link("set", index=idx, mtu=self.mtu)
+            ipr.addr("replace", index=idx, address=str(lease.subnet.network_address), prefixlen=32)
+            ipr.link("set", index=idx, state="up")
+            ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
+
+    async def start(self, lease: Lease, table: LeaseTable) -> None:
+        from fastlane.engine import Engine, Route  # loads the C extension
+        from fastlane.tun import open_tun, open_udp_socket
+
+        self._Route = Route
+        try:
+            self.ifname, self._fds = open_tun("flannel%d", queues=self.queues, vnet_hdr=self.offload)
+        except OSError as exc:
+            raise BackendError(f"cannot create TUN device: {exc.strerror or exc}") from None
+        try:
+            await asyncio.to_thread(self._configure, self.ifname, lease)
+            self._sock = open_udp_socket(str(self.ctx.iface.address), self.port)
+        except OSError as exc:
+            self._close()
+            raise BackendError(
+                f"cannot set up {self.ifname} / udp {self.ctx.iface.address}:{self.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        self.engine = Engine(
+            self._fds,
+            self._sock.fileno(),
+            self.mtu,
+            lease.subnet.network_address,
+            check_source=self.check_source,
+            offload=self.offload,
+            verbose=self.ctx.verbose,
+        )
+        table.subscribe(self._on_change)
+        self.engine.start()
+        log.info(
+            "udp backend: %s mtu %d, udp %s:%d, engine features %s",
+            self.ifname, self.mtu, self.ctx.iface.address, self.port,
+            ",".join(k for k, v in self.engine.features.items() if v) or "none",
+        )
+
+    def _on_change(self, table: LeaseTable, change: TableChange) -> None:
+        routes = [self._Route(l.subnet, l.attrs.public_ip, self.port) for l in table.leases()]
+        self.engine.set_routes(routes)
+        for l in change.added:
+            log.info("route %s -> %s:%d", l.subnet, l.attrs.public_ip, self.port)
+        for l in change.removed:
+            log.info("route %s removed", l.subnet)
+
+    def _close(self) -> None:
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+            log.info("udp engine counters at exit: %s",
+                     " ".join(f"{k}={v}" for k, v in sorted(self.engine.counters().items()) if v))
+        self._close()
+
+    def counters(self) -> dict[str, int]:
+        return self.engine.counters() if self.engine is not None else {}
