@@ -58,12 +58,12 @@ def flagset() -> FlagSet:
     fs.add("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes, ranging from 1 to 1439", check=_margin)
     fs.add("subnet-lease-ttl", 24 * 3600, "fastlane extension: lease TTL in seconds (flanneld: fixed 24h)", check=_ttl)
     fs.add("ip-masq", False, "setup IP masquerade rule for traffic destined outside of overlay network")
-    fs.add("ip-masq-fully-random-disable", False, "accepted for compatibility")
+    fs.add("ip-masq-fully-random-disable", False, "disable the --random-fully flag of the masquerade rules")
     fs.add("kube-subnet-mgr", False, "not supported by fastlane (etcd only)")
     fs.add("healthz-ip", "0.0.0.0", "the IP address for healthz server to listen")
     fs.add("healthz-port", 0, "the port for healthz server to listen(0 to disable)", check=_port)
-    fs.add("iptables-resync", 5, "accepted for compatibility")
-    fs.add("iptables-forward-rules", True, "accepted for compatibility")
+    fs.add("iptables-resync", 5, "resync period for iptables rules, in seconds", check=lambda v: None if v >= 1 else "must be at least 1")
+    fs.add("iptables-forward-rules", True, "add default accept rules to FORWARD chain in iptables")
     fs.add("ip-blackhole-route", False, "accepted for compatibility")
     fs.add("v", 0, "log level for V logs")
     fs.add("version", False, "print version and exit")
@@ -105,6 +105,9 @@ def _options(values: dict):
         healthz_port=values["healthz-port"],
         verbose=values["v"],
         lease_ttl=values["subnet-lease-ttl"],
+        forward_rules=values["iptables-forward-rules"],
+        iptables_resync=values["iptables-resync"],
+        random_fully_disable=values["ip-masq-fully-random-disable"],
     )
 
 

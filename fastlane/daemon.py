@@ -18,7 +18,7 @@ import signal
 from dataclasses import dataclass, field
 
 from fastlane import backend as backends
-from fastlane import subnetfile
+from fastlane import rules, subnetfile
 from fastlane.config import ConfigError, NetworkConfig
 from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles
 from fastlane.iface import InterfaceError, choose
@@ -47,6 +47,9 @@ class Options:
     healthz_port: int = 0
     verbose: int = 0
     lease_ttl: int = SUBNET_TTL
+    forward_rules: bool = True
+    iptables_resync: int = 5
+    random_fully_disable: bool = False
 
 
 class Fatal(Exception):
@@ -66,6 +69,8 @@ class Daemon:
         self._fatal: str | None = None
         self._lease_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._chains: list[rules.Chain] = []
+        self._own_lock = asyncio.Lock()
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -144,15 +149,45 @@ class Daemon:
             await self.backend.start(self.lease, self.table)
         except backends.BackendError as exc:
             raise Fatal(str(exc)) from None
+        await self._install_rules(config)
         text = subnetfile.render(config, self.lease.subnet, self.backend.mtu, self.opts.ip_masq)
         subnetfile.write(self.opts.subnet_file, text)
         log.info("wrote %s (FLANNEL_MTU=%d)", self.opts.subnet_file, self.backend.mtu)
+
+    async def _install_rules(self, config: NetworkConfig) -> None:
+        o = self.opts
+        try:
+            self._chains = rules.chains(config.network, self.lease.subnet, ip_masq=o.ip_masq,
+                                        forward=o.forward_rules,
+                                        random_fully_disable=o.random_fully_disable)
+            await asyncio.to_thread(rules.ensure, self._chains)
+        except rules.RulesError as exc:
+            if o.ip_masq:
+                raise Fatal(f"cannot install masquerade rules: {exc}") from None
+            log.warning("FORWARD rules not installed: %s", exc)
+            self._chains = []
+
+    async def _resync_rules(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.iptables_resync)
+            try:
+                if await asyncio.to_thread(rules.ensure, self._chains):
+                    log.info("iptables rules were missing; re-installed")
+            except rules.RulesError as exc:
+                log.warning("iptables resync: %s", exc)
 
     # ---- upkeep ---------------------------------------------------------------------
 
     async def _on_own(self, what: str, lease: Lease | None) -> None:
         """Our key was deleted or overwritten by someone else."""
         assert self.registry is not None and self.lease is not None
+        async with self._own_lock:
+            await self._handle_own(what, lease)
+
+    async def _handle_own(self, what: str, lease: Lease | None) -> None:
+        assert self.registry is not None and self.lease is not None
+        if self._stop.is_set():
+            return
         if what == "changed":
             self._die(f"our lease {self.lease.subnet} was overwritten by {lease.attrs.public_ip}")
             return
@@ -257,6 +292,8 @@ class Daemon:
                 asyncio.create_task(watcher.run(), name="watcher"),
                 asyncio.create_task(self._renew_loop(), name="renew"),
             ]
+            if self._chains:
+                self._tasks.append(asyncio.create_task(self._resync_rules(), name="rules"))
             if self.opts.verbose >= 1:
                 self._tasks.append(asyncio.create_task(self._log_counters(), name="counters"))
             self.ready = True

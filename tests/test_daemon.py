@@ -194,3 +194,24 @@ def test_unreachable_etcd_and_malformed_peer_leases(nodes, cluster, prefix, tmp_
         assert b.stop() == 0  # SIGTERM during the retry loop exits cleanly
     finally:
         b.stop(signal.SIGKILL)
+
+
+def test_ip_masq_rules_like_flanneld_and_resynced(nodes, cluster):
+    topo, _ = cluster
+    a = nodes(0, "-ip-masq", "-iptables-resync=1").start()
+    env = a.wait_subnet_file()
+    assert env["FLANNEL_IPMASQ"] == "true"
+    ns = a.host.netns
+    nat = topo.run(ns, "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+    subnet = env["FLANNEL_SUBNET"][:-5] + ".0/24"
+    assert "--mark 0x4000/0x4000" in nat
+    assert f"-s {subnet} -d 10.1.0.0/16" in nat
+    assert "-s 10.1.0.0/16 ! -d 224.0.0.0/4" in nat and "MASQUERADE" in nat
+    assert nat.count('--comment "flanneld masq"') == 6
+    assert "FLANNEL-POSTRTG" in topo.run(ns, "iptables", "-t", "nat", "-S", "POSTROUTING").stdout
+    fwd = topo.run(ns, "iptables", "-S", "FLANNEL-FWD").stdout
+    assert "-s 10.1.0.0/16" in fwd and "-d 10.1.0.0/16" in fwd
+    # Someone flushes our chain: it comes back within the resync period.
+    topo.run(ns, "iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+    assert wait_until(lambda: topo.run(ns, "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout.count("flanneld masq") == 6, 10)
+    assert wait_until(lambda: "re-installed" in a.log(), 5), a.log()

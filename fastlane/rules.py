@@ -1,0 +1,111 @@
+"""flanneld's iptables rules: masquerade (-ip-masq) and FORWARD accept, kept in place.
+
+Same chains, rules and comments as flanneld (FLANNEL-POSTRTG in nat, FLANNEL-FWD in
+filter), so an operator's tooling and a later switch back to flanneld find what they
+expect. Rules are written with iptables-restore --noflush (our chain is replaced
+whole, in one transaction, nothing else is touched) and re-checked every
+-iptables-resync seconds, because other agents (kube-proxy, docker, firewalld) rewrite
+tables and flanneld re-installs what went missing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+import subprocess
+
+log = logging.getLogger(__name__)
+
+KUBE_PROXY_MARK = "0x4000/0x4000"
+
+
+class RulesError(Exception):
+    """iptables is missing or refused our rules (one-line message)."""
+
+
+def _masq_rules(network: str, subnet: str, random_fully: bool) -> list[list[str]]:
+    c = ["-m", "comment", "--comment", "flanneld masq"]
+    masq = ["-j", "MASQUERADE"] + (["--random-fully"] if random_fully else [])
+    return [
+        ["-m", "mark", "--mark", KUBE_PROXY_MARK, *c, "-j", "RETURN"],
+        ["-s", subnet, "-d", network, *c, "-j", "RETURN"],
+        ["-s", network, "-d", subnet, *c, "-j", "RETURN"],
+        ["!", "-s", network, "-d", subnet, *c, "-j", "RETURN"],
+        ["-s", network, "!", "-d", "224.0.0.0/4", *c, *masq],
+        ["!", "-s", network, "-d", network, *c, *masq],
+    ]
+
+
+def _forward_rules(network: str) -> list[list[str]]:
+    c = ["-m", "comment", "--comment", "flanneld forward"]
+    return [["-s", network, *c, "-j", "ACCEPT"], ["-d", network, *c, "-j", "ACCEPT"]]
+
+
+class Chain:
+    """One flannel chain: its rules and the jump to it from a built-in chain."""
+
+    def __init__(self, table: str, name: str, parent: str, comment: str, rules: list[list[str]]):
+        self.table, self.name, self.parent = table, name, parent
+        self.jump = ["-m", "comment", "--comment", comment, "-j", name]
+        self.rules = rules
+
+    def _ipt(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(["iptables", "-w", "5", "-t", self.table, *args],
+                             capture_output=True, text=True, timeout=30)
+        if check and res.returncode != 0:
+            raise RulesError(f"iptables -t {self.table} {' '.join(args)}: {res.stderr.strip()}")
+        return res
+
+    def present(self) -> bool:
+        if self._ipt("-C", self.parent, *self.jump, check=False).returncode != 0:
+            return False
+        return all(self._ipt("-C", self.name, *r, check=False).returncode == 0 for r in self.rules)
+
+    def install(self) -> None:
+        body = [f"*{self.table}", f":{self.name} - [0:0]"]  # declaring the chain flushes it
+        body += ["-A " + self.name + " " + " ".join(_quote(a) for a in r) for r in self.rules]
+        body.append("COMMIT")
+        res = subprocess.run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(body) + "\n",
+                             capture_output=True, text=True, timeout=30)
+        if res.returncode != 0:
+            raise RulesError(f"iptables-restore ({self.table}/{self.name}): {res.stderr.strip()}")
+        if self._ipt("-C", self.parent, *self.jump, check=False).returncode != 0:
+            self._ipt("-A", self.parent, *self.jump)
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if " " in arg else arg
+
+
+def _random_fully_supported() -> bool:
+    res = subprocess.run(["iptables", "-j", "MASQUERADE", "--help"], capture_output=True, text=True)
+    return "random-fully" in res.stdout
+
+
+def chains(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, *, ip_masq: bool,
+           forward: bool, random_fully_disable: bool) -> list[Chain]:
+    """The chains flanneld would install for these settings (none when both are off)."""
+    if not (ip_masq or forward):
+        return []
+    if shutil.which("iptables") is None or shutil.which("iptables-restore") is None:
+        raise RulesError("iptables not found: apt-get install -y iptables")
+    out = []
+    if ip_masq:
+        rf = not random_fully_disable and _random_fully_supported()
+        out.append(Chain("nat", "FLANNEL-POSTRTG", "POSTROUTING", "flanneld masq",
+                         _masq_rules(str(network), str(subnet), rf)))
+    if forward:
+        out.append(Chain("filter", "FLANNEL-FWD", "FORWARD", "flanneld forward",
+                         _forward_rules(str(network))))
+    return out
+
+
+def ensure(chain_list: list[Chain]) -> int:
+    """Install whatever is missing; returns how many chains had to be (re)written."""
+    fixed = 0
+    for chain in chain_list:
+        if not chain.present():
+            chain.install()
+            fixed += 1
+    return fixed
