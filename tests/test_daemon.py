@@ -215,3 +215,19 @@ def test_ip_masq_rules_like_flanneld_and_resynced(nodes, cluster):
     topo.run(ns, "iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
     assert wait_until(lambda: topo.run(ns, "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout.count("flanneld masq") == 6, 10)
     assert wait_until(lambda: "re-installed" in a.log(), 5), a.log()
+
+
+def test_leases_subcommand_lists_the_table(nodes, cluster, prefix):
+    topo, etcd = cluster
+    a = nodes(0).start()
+    subnet = a.wait_subnet_file()["FLANNEL_SUBNET"][:-5] + ".0/24"
+    etcd.etcdctl("put", f"{prefix}/subnets/10.1.250.0-24", '{"PublicIP":"192.168.100.77"}')
+    etcd.etcdctl("put", f"{prefix}/subnets/10.1.251.0-24", "junk")
+    res = topo.run(a.host.netns, sys.executable, "-m", "fastlane", f"-etcd-endpoints={etcd.endpoint}",
+                   f"-etcd-prefix={prefix}", "leases", check=False)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split()[:2] == ["SUBNET", "PUBLIC"]
+    assert any(l.split()[:2] == [subnet, str(a.host.ip)] and "in " in l for l in lines)
+    assert any(l.split()[:2] == ["10.1.250.0/24", "192.168.100.77"] and "reservation" in l for l in lines)
+    assert "10.1.251.0-24" in res.stderr and "Traceback" not in res.stderr
