@@ -1,1 +1,326 @@
-"""`fastlane bench`: throughput and latency on a namespace topology."""
+"""`fastlane bench`: throughput and latency of overlay data paths on a namespace topology.
+
+Why it exists: an operator deciding whether fastlane belongs on throughput-sensitive nodes needs
+fastlane udp next to the alternatives (bare underlay, kernel VXLAN, host-gw, a flanneld-style
+forwarder, optionally their own flanneld) measured in one run on the same machine, with the
+spread visible and the CPU cost next to the speed. docs/bench.md describes paths and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from fastlane.bench import measure, report
+from fastlane.bench.paths import (
+    ALL_PATHS,
+    DEFAULT_PATHS,
+    ETCD_PATHS,
+    SETUPS,
+    Context,
+    PathError,
+    build_baseline,
+    fastlane_command,
+    write_config,
+)
+from fastlane.bench.progress import Progress
+from fastlane.topology import Topology, TopologyError, cleanup_stale
+
+__all__ = ["main"]
+
+MEASUREMENTS = ("rtt_us", "tcp_1", "tcp_4", "udp_pps")
+
+
+class BenchError(RuntimeError):
+    """Stops the whole bench; printed as one line (plus a log tail when there is one)."""
+
+
+@dataclass
+class Options:
+    hosts: int
+    mtus: list[int]
+    paths: list[str]
+    duration: float
+    repeat: int
+    json: Path | None
+    plot: Path | None
+    flanneld: Path | None
+    quick: bool
+    ready_timeout: float
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastlane bench",
+        description="Measure TCP/UDP throughput, latency and CPU cost of overlay data paths "
+                    "between network-namespace hosts (needs root).",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="short run: 2 s per measurement, 1 repetition (unless given)")
+    p.add_argument("--json", metavar="PATH", default="fastlane-bench.json",
+                   help="write every sample and the environment here (default: %(default)s; "
+                        "'' for none)")
+    p.add_argument("--plot", metavar="PATH", default="fastlane-bench.png",
+                   help="write a PNG plot here (default: %(default)s; '' for none)")
+    p.add_argument("--hosts", type=int, default=2, metavar="N", help="hosts (default: 2)")
+    p.add_argument("--mtu", default="1500,9000", metavar="LIST",
+                   help="underlay MTUs, comma-separated (default: %(default)s)")
+    p.add_argument("--paths", metavar="LIST", default=None,
+                   help=f"data paths, comma-separated, from {','.join(ALL_PATHS)} "
+                        f"(default: {','.join(DEFAULT_PATHS)}, plus flanneld with --flanneld)")
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="seconds per measurement (default: 5, --quick: 2)")
+    p.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="repetitions per measurement (default: 3, --quick: 1)")
+    p.add_argument("--flanneld", metavar="PATH", default=None,
+                   help="also measure this flanneld binary (udp backend) on the same topology")
+    p.add_argument("--ready-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
+    return p
+
+
+def _usage_error(parser: argparse.ArgumentParser, msg: str) -> None:
+    parser.error(msg)  # one line + usage, exit 2
+
+
+def parse_args(argv: list[str]) -> Options:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    mtus: list[int] = []
+    for part in a.mtu.split(","):
+        try:
+            m = int(part)
+        except ValueError:
+            _usage_error(parser, f"--mtu: {part!r} is not a number")
+        if not 576 <= m <= 65535:
+            _usage_error(parser, f"--mtu: {m} is outside 576..65535")
+        if m not in mtus:
+            mtus.append(m)
+    if a.paths is None:
+        paths = list(DEFAULT_PATHS) + (["flanneld"] if a.flanneld else [])
+    else:
+        paths = []
+        for name in (x.strip() for x in a.paths.split(",")):
+            if name not in ALL_PATHS:
+                _usage_error(parser, f"--paths: unknown path {name!r} (known: {', '.join(ALL_PATHS)})")
+            if name not in paths:
+                paths.append(name)
+    if "flanneld" in paths and not a.flanneld:
+        _usage_error(parser, "--paths flanneld needs --flanneld PATH")
+    flanneld = None
+    if a.flanneld:
+        flanneld = Path(a.flanneld).resolve()
+        if not (flanneld.is_file() and os.access(flanneld, os.X_OK)):
+            _usage_error(parser, f"--flanneld: {a.flanneld} is not an executable file")
+    if not 2 <= a.hosts <= 50:
+        _usage_error(parser, f"--hosts: {a.hosts} is outside 2..50")
+    duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
+    if not (0.5 <= duration <= 3600) or math.isnan(duration):
+        _usage_error(parser, f"--duration: {duration:g} is outside 0.5..3600 seconds")
+    repeat = a.repeat if a.repeat is not None else (1 if a.quick else 3)
+    if not 1 <= repeat <= 100:
+        _usage_error(parser, f"--repeat: {repeat} is outside 1..100")
+    return Options(
+        hosts=a.hosts, mtus=mtus, paths=paths, duration=duration, repeat=repeat,
+        json=Path(a.json) if a.json else None, plot=Path(a.plot) if a.plot else None,
+        flanneld=flanneld, quick=a.quick, ready_timeout=a.ready_timeout,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before anything is created
+
+
+def preflight(opts: Options) -> None:
+    if os.geteuid() != 0:
+        raise BenchError("must run as root (it builds network namespaces): sudo fastlane bench")
+    need_tun = any(p in opts.paths for p in ("udp", "baseline", "flanneld"))
+    if need_tun and not os.path.exists("/dev/net/tun"):
+        raise BenchError("/dev/net/tun is missing: load the tun module (modprobe tun) "
+                         "or give the container --device /dev/net/tun")
+    tools = [("ip", "iproute2"), ("ss", "iproute2"), ("iperf3", "iperf3"),
+             ("ping", "iputils-ping")]
+    if "vxlan" in opts.paths:
+        tools.append(("bridge", "iproute2"))
+    if ETCD_PATHS & set(opts.paths):
+        tools += [("etcd", "etcd-server"), ("etcdctl", "etcd-client")]
+    if "baseline" in opts.paths:
+        tools.append(("gcc", "gcc"))
+    missing = sorted({pkg for tool, pkg in tools if shutil.which(tool) is None})
+    if missing:
+        names = [t for t, p in tools if p in missing and shutil.which(t) is None]
+        raise BenchError(f"{', '.join(names)} not found: apt-get install -y {' '.join(missing)}")
+    if opts.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError("matplotlib is missing (needed for --plot): "
+                             "pip install 'fastlane[bench]' or pass --plot ''") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _label(mtu: int, path: str, what: str, rep: int, repeat: int) -> str:
+    r = f" rep {rep + 1}/{repeat}" if repeat > 1 else ""
+    return f"MTU {mtu:<5} {path:<9} {what:<7}{r}"
+
+
+def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: report.Results,
+                  progress: Progress) -> None:
+    with Topology(hosts=opts.hosts, mtu=mtu) as topo:
+        etcd = None
+        try:
+            progress.start(f"MTU {mtu:<5} {path:<9} setting up")
+            if path in ETCD_PATHS:
+                from fastlane.etcdserver import EtcdServer
+
+                etcd = EtcdServer(data_dir=str(topo.workdir / "etcd"), host=str(topo.switch_ip),
+                                  netns=topo.switch_netns, name="fastlane-bench")
+                try:
+                    etcd.start()
+                except RuntimeError as exc:
+                    raise PathError(f"etcd: {exc}") from None
+                write_config(etcd.etcdctl, "udp")
+                ctx.etcd_endpoint = etcd.endpoint
+            ep = SETUPS[path](topo, ctx)
+            server = measure.IperfServer(topo, ep)
+            server.start()
+            progress.finish("ready", count=False)
+            count = max(50, min(5000, int(opts.duration * 250)))
+            for rep in range(opts.repeat):
+                for what in MEASUREMENTS:
+                    progress.start(_label(mtu, path, what, rep, opts.repeat))
+                    try:
+                        text = _one(topo, ep, what, opts.duration, count, path, mtu, results)
+                    except measure.MeasureError as exc:
+                        results.error(path, mtu, f"{what}: {exc}")
+                        progress.finish(f"failed: {exc}")
+                        server.restart()  # a timed-out client can leave the server stuck
+                        continue
+                    progress.finish(text)
+                    if what == "udp_pps":
+                        time.sleep(0.5)  # let the flood's queues drain before the next RTT
+        finally:
+            if etcd is not None:
+                etcd.stop()
+
+
+def _one(topo: Topology, ep: measure.Endpoints, what: str, duration: float, count: int,
+         path: str, mtu: int, results: report.Results) -> str:
+    if what == "rtt_us":
+        med, p99 = measure.rtt(topo, ep, count)
+        results.add(path, mtu, "rtt_us", med)
+        results.add(path, mtu, "rtt_p99_us", p99)
+        return f"{med:.0f} us median, {p99:.0f} us p99"
+    if what in ("tcp_1", "tcp_4"):
+        r = measure.tcp(topo, ep, duration, 1 if what == "tcp_1" else 4)
+        results.add(path, mtu, what, r.gbit_s)
+        if what == "tcp_1":
+            results.add(path, mtu, "cpu_s_per_gbit", r.cpu_s_per_gbit)
+            return f"{r.gbit_s:.2f} Gbit/s, {r.cpu_s_per_gbit:.2f} CPU s/Gbit"
+        return f"{r.gbit_s:.2f} Gbit/s"
+    pps = measure.udp_pps(topo, ep, duration)
+    results.add(path, mtu, "udp_pps", pps)
+    return f"{pps / 1000:.0f} kpps delivered"
+
+
+def run(opts: Options) -> int:
+    preflight(opts)
+    stale = cleanup_stale()
+    out = sys.stderr
+    if stale:
+        print(f"removed {len(stale)} namespaces left by an earlier, killed run", file=out)
+    total = len(opts.mtus) * len(opts.paths) * opts.repeat * len(MEASUREMENTS)
+    print(f"fastlane bench: {opts.hosts} hosts, MTU {','.join(map(str, opts.mtus))}, paths "
+          f"{','.join(opts.paths)}, {opts.duration:g} s x {opts.repeat} per measurement",
+          file=out)
+    env = report.environment(opts.flanneld)
+    results = report.Results()
+    progress = Progress(total, out)
+    tmp = Path(tempfile.mkdtemp(prefix="fastlane-bench-"))
+    try:
+        baseline_bin = None
+        if "baseline" in opts.paths:
+            try:
+                baseline_bin = build_baseline(tmp)
+            except PathError as exc:
+                raise BenchError(str(exc)) from None
+        for mtu in opts.mtus:
+            for path in opts.paths:
+                ctx = Context(baseline_bin=baseline_bin, flanneld_bin=opts.flanneld,
+                              fastlane_cmd=fastlane_command(), ready_timeout=opts.ready_timeout)
+                before = progress.done
+                try:
+                    _measure_path(opts, mtu, path, ctx, results, progress)
+                except (PathError, TopologyError, measure.MeasureError) as exc:
+                    first, _, rest = str(exc).partition("\n")
+                    results.error(path, mtu, str(exc))
+                    progress.finish(f"FAILED: {first}", count=False)
+                    if rest:
+                        progress.note("\n".join("    " + ln for ln in rest.splitlines()))
+                    progress.skip(opts.repeat * len(MEASUREMENTS) - (progress.done - before))
+    finally:
+        progress.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    config = {"hosts": opts.hosts, "mtus": opts.mtus, "paths": opts.paths,
+              "duration_s": opts.duration, "repeat": opts.repeat, "quick": opts.quick,
+              "flanneld": str(opts.flanneld) if opts.flanneld else None}
+    print("", file=sys.stdout)
+    print(report.table(results, opts.mtus, opts.paths), file=sys.stdout)
+    if opts.json is not None:
+        report.write_json(opts.json, results, env, config)
+        print(f"\nJSON: {opts.json}", file=sys.stdout)
+    if opts.plot is not None:
+        title = (f"fastlane bench — {env.get('cpu_model') or 'unknown CPU'}, {env['nproc']} CPUs, "
+                 f"kernel {env['kernel']}, {env['date'][:10]}")
+        try:
+            report.plot(opts.plot, results, opts.mtus, opts.paths, title)
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
+        print(f"plot: {opts.plot}", file=sys.stdout)
+    if results.errors:
+        print(f"\n{len(results.errors)} error(s); see above"
+              + (f" and 'errors' in {opts.json}" if opts.json else ""), file=sys.stdout)
+        return 1
+    return 0
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `fastlane bench` (routed here by fastlane.cli)."""
+    opts = parse_args(list(sys.argv[1:] if argv is None else argv))
+    old = None
+    try:
+        old = signal.signal(signal.SIGTERM, _sigterm)  # SIGTERM cleans up like Ctrl-C
+    except ValueError:
+        pass  # not the main thread
+    try:
+        return run(opts)
+    except KeyboardInterrupt:
+        print("\nfastlane bench: interrupted; namespaces, daemons and etcd were removed",
+              file=sys.stderr)
+        return 130
+    except (BenchError, TopologyError) as exc:
+        print(f"fastlane bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)

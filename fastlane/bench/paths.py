@@ -1,0 +1,260 @@
+"""The data paths the bench compares, each set up on a fresh topology.
+
+Why a fresh topology per (MTU, path): nothing one path leaves behind (routes, devices, leases,
+socket buffers filled by a flood) can colour the next path's numbers, and teardown is just
+"delete the namespaces".
+
+Every path returns the Endpoints iperf3 and ping use: host 0 (or its container) is the client,
+host 1 (or its container) the server. Overlay subnets of the hand-configured paths are
+10.5.<i+1>.0/24 inside Network 10.5.0.0/16, the shape flannel's leases have.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from fastlane.bench.measure import Endpoints
+from fastlane.topology import SubnetEnv, Topology, TopologyError
+
+NETWORK = "10.5.0.0/16"
+CONFIG_KEY = "/coreos.com/network/config"
+VXLAN_OVERHEAD = 50
+UDP_OVERHEAD = 28
+UDP_PORT = 8285
+
+ALL_PATHS = ("underlay", "udp", "vxlan", "host-gw", "baseline", "flanneld")
+DEFAULT_PATHS = ("underlay", "udp", "vxlan", "host-gw", "baseline")
+ETCD_PATHS = frozenset({"udp", "flanneld"})
+
+
+class PathError(RuntimeError):
+    """A path could not be brought up; one line, possibly followed by a daemon's log tail."""
+
+
+@dataclass
+class Context:
+    """What a path set-up needs besides the topology."""
+
+    baseline_bin: Path | None = None
+    flanneld_bin: Path | None = None
+    fastlane_cmd: list[str] = field(default_factory=list)
+    etcd_endpoint: str | None = None
+    ready_timeout: float = 30.0
+    # PIDs of the forwarder of each host, for per-process CPU accounting
+    forwarder_pids: list[int] = field(default_factory=list)
+
+
+def host_subnet(i: int) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Network(f"10.5.{i + 1}.0/24")
+
+
+def _containers(topo: Topology, mtu: int) -> Endpoints:
+    for h in topo.hosts:
+        topo.add_container(h, SubnetEnv.for_lease(NETWORK, str(host_subnet(h.index)), mtu))
+    return _container_endpoints(topo)
+
+
+def _container_endpoints(topo: Topology) -> Endpoints:
+    c0, c1 = topo.hosts[0].container, topo.hosts[1].container
+    assert c0 is not None and c1 is not None
+    return Endpoints(client_ns=c0.netns, server_ns=c1.netns, server_ip=str(c1.ip))
+
+
+def _wait_traffic(topo: Topology, ep: Endpoints, what: str, timeout: float = 15.0) -> None:
+    if not topo.wait_ping(ep.client_ns, ep.server_ip, timeout):
+        raise PathError(f"{what}: {ep.server_ip} not reachable from {ep.client_ns} after {timeout:g}s")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def setup_underlay(topo: Topology, ctx: Context) -> Endpoints:
+    """Host to host over veth + bridge: the ceiling every overlay is compared with."""
+    ep = Endpoints(topo.hosts[0].netns, topo.hosts[1].netns, str(topo.hosts[1].ip))
+    _wait_traffic(topo, ep, "underlay")
+    return ep
+
+
+def setup_host_gw(topo: Topology, ctx: Context) -> Endpoints:
+    """flannel's host-gw: a plain route per peer subnet via the peer's underlay address."""
+    ep = _containers(topo, topo.mtu)
+    for h in topo.hosts:
+        for peer in topo.hosts:
+            if peer is not h:
+                topo.ip(h.netns, "route", "replace", str(host_subnet(peer.index)),
+                        "via", str(peer.ip), "dev", h.ifname)
+    _wait_traffic(topo, ep, "host-gw")
+    return ep
+
+
+def setup_vxlan(topo: Topology, ctx: Context) -> Endpoints:
+    """Kernel VXLAN configured by hand exactly as flannel's vxlan backend programs it."""
+    mtu = topo.mtu - VXLAN_OVERHEAD
+    macs: dict[int, str] = {}
+    for h in topo.hosts:
+        topo.ip(h.netns, "link", "add", "flannel.1", "mtu", str(mtu), "type", "vxlan",
+                "id", "1", "local", str(h.ip), "dev", h.ifname, "dstport", "8472", "nolearning")
+        topo.ip(h.netns, "addr", "add", f"{host_subnet(h.index).network_address}/32",
+                "dev", "flannel.1")
+        topo.ip(h.netns, "link", "set", "flannel.1", "up")
+        link = json.loads(topo.ip(h.netns, "-j", "link", "show", "flannel.1"))
+        macs[h.index] = link[0]["address"]
+    for h in topo.hosts:
+        for peer in topo.hosts:
+            if peer is h:
+                continue
+            sub = host_subnet(peer.index)
+            vtep = str(sub.network_address)
+            # 1. neighbour: peer .0 -> peer VTEP MAC; 2. FDB: MAC -> peer underlay IP;
+            # 3. route: peer subnet via peer .0 onlink. flannel's order.
+            topo.ip(h.netns, "neigh", "replace", vtep, "lladdr", macs[peer.index],
+                    "dev", "flannel.1", "nud", "permanent")
+            topo.run(h.netns, "bridge", "fdb", "replace", macs[peer.index], "dev", "flannel.1",
+                     "dst", str(peer.ip), "self", "permanent")
+            topo.ip(h.netns, "route", "replace", str(sub), "via", vtep, "dev", "flannel.1",
+                    "onlink")
+    ep = _containers(topo, mtu)
+    _wait_traffic(topo, ep, "vxlan")
+    return ep
+
+
+def _configure_tun(topo: Topology, netns: str, dev: str, address: str, mtu: int) -> None:
+    """What flanneld's Go side does around its proxy: /32 address, MTU, whole-Network route."""
+    topo.ip(netns, "addr", "add", f"{address}/32", "dev", dev)
+    topo.ip(netns, "link", "set", dev, "mtu", str(mtu), "up")
+    topo.ip(netns, "route", "replace", NETWORK, "dev", dev)
+
+
+def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def setup_baseline(topo: Topology, ctx: Context) -> Endpoints:
+    """The flanneld-style one-packet-per-syscall forwarder (bench/baseline_fwd.c)."""
+    if ctx.baseline_bin is None:
+        raise PathError("baseline forwarder was not built")
+    mtu = topo.mtu - UDP_OVERHEAD
+    for h in topo.hosts:
+        routes = [f"{host_subnet(p.index)}={p.ip}" for p in topo.hosts if p is not h]
+        name = f"h{h.index}-baseline"
+        proc = topo.popen(h.netns, str(ctx.baseline_bin), "flannel0", str(h.ip), str(UDP_PORT),
+                          *routes, name=name)
+        ctx.forwarder_pids.append(proc.pid)
+        if not _wait_for(lambda: "ready" in topo.log_tail(name, 5) or proc.poll() is not None, 10):
+            raise PathError(f"baseline forwarder on h{h.index} never became ready\n"
+                            + topo.log_tail(name, 10))
+        if proc.poll() is not None:
+            raise PathError(f"baseline forwarder on h{h.index} exited with {proc.returncode}\n"
+                            + topo.log_tail(name, 10))
+        _configure_tun(topo, h.netns, "flannel0", str(host_subnet(h.index).network_address), mtu)
+    ep = _containers(topo, mtu)
+    _wait_traffic(topo, ep, "baseline")
+    return ep
+
+
+def _start_daemons(topo: Topology, ctx: Context, label: str, argv0: list[str]) -> Endpoints:
+    """Run one overlay daemon per host with flanneld's flags; ready = subnet file + traffic."""
+    if ctx.etcd_endpoint is None:
+        raise PathError(f"{label} needs etcd")
+    files: list[Path] = []
+    procs = []
+    for h in topo.hosts:
+        subnet_file = topo.workdir / f"h{h.index}" / "subnet.env"
+        subnet_file.parent.mkdir(parents=True, exist_ok=True)
+        name = f"h{h.index}-{label}"
+        proc = topo.popen(h.netns, *argv0, "-etcd-endpoints", ctx.etcd_endpoint,
+                          "-iface", h.ifname, "-subnet-file", str(subnet_file), name=name)
+        ctx.forwarder_pids.append(proc.pid)
+        files.append(subnet_file)
+        procs.append((h, name, proc))
+    for (h, name, proc), subnet_file in zip(procs, files):
+        ok = _wait_for(lambda: subnet_file.exists() or proc.poll() is not None, ctx.ready_timeout)
+        if proc.poll() is not None:
+            raise PathError(f"{label} on h{h.index} exited with status {proc.returncode} "
+                            f"before it was ready; last log lines:\n{topo.log_tail(name, 12)}")
+        if not ok:
+            raise PathError(f"{label} on h{h.index} never became ready (no {subnet_file} after "
+                            f"{ctx.ready_timeout:g}s); last log lines:\n{topo.log_tail(name, 12)}")
+        topo.add_container(h, subnet_file)
+    ep = _container_endpoints(topo)
+    try:
+        _wait_traffic(topo, ep, label, timeout=ctx.ready_timeout)
+    except PathError as exc:
+        tails = "\n".join(f"--- {n}\n{topo.log_tail(n, 8)}" for _, n, _ in procs)
+        raise PathError(f"{exc}; daemons' last log lines:\n{tails}") from None
+    return ep
+
+
+def setup_udp(topo: Topology, ctx: Context) -> Endpoints:
+    """Real fastlane daemons, Backend udp."""
+    return _start_daemons(topo, ctx, "fastlane", ctx.fastlane_cmd)
+
+
+def setup_flanneld(topo: Topology, ctx: Context) -> Endpoints:
+    """A flanneld binary supplied by the user, on the same topology and etcd config."""
+    if ctx.flanneld_bin is None:
+        raise PathError("flanneld path needs --flanneld PATH")
+    return _start_daemons(topo, ctx, "flanneld", [str(ctx.flanneld_bin)])
+
+
+SETUPS: dict[str, Callable[[Topology, Context], Endpoints]] = {
+    "underlay": setup_underlay,
+    "udp": setup_udp,
+    "vxlan": setup_vxlan,
+    "host-gw": setup_host_gw,
+    "baseline": setup_baseline,
+    "flanneld": setup_flanneld,
+}
+
+
+def fastlane_command() -> list[str]:
+    """The installed `fastlane` next to this interpreter (the venv's), else `python -m`."""
+    exe = Path(sys.executable).parent / "fastlane"
+    if exe.exists() and os.access(exe, os.X_OK):
+        return [str(exe)]
+    found = shutil.which("fastlane")
+    return [found] if found else [sys.executable, "-m", "fastlane"]
+
+
+def build_baseline(outdir: Path) -> Path:
+    """Compile bench/baseline_fwd.c with gcc into `outdir` (a temp dir of this run)."""
+    src = Path(__file__).resolve().parents[2] / "bench" / "baseline_fwd.c"
+    if not src.exists():
+        raise PathError(f"baseline source missing: {src}")
+    if shutil.which("gcc") is None:
+        raise PathError("gcc not found (needed for the baseline path): apt-get install -y gcc")
+    out = outdir / "baseline_fwd"
+    res = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines()
+        raise PathError(f"compiling {src.name} failed: {lines[-1] if lines else res.returncode}")
+    return out
+
+
+def write_config(etcdctl: Callable[..., str], backend: str = "udp") -> None:
+    cfg = json.dumps({"Network": NETWORK, "Backend": {"Type": backend}})
+    try:
+        etcdctl("put", CONFIG_KEY, cfg)
+    except RuntimeError as exc:
+        raise PathError(f"writing the network config failed: {exc}") from None
+
+
+__all__ = [
+    "ALL_PATHS", "DEFAULT_PATHS", "ETCD_PATHS", "SETUPS", "Context", "PathError",
+    "build_baseline", "fastlane_command", "host_subnet", "write_config", "TopologyError",
+]
