@@ -16,20 +16,27 @@ reconnect backoff (so a restarted etcd is usable again within a second or two).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
 import re
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-import grpc
-import grpc.aio
+# gRPC's C core logs handshake and connection failures straight to stderr; we report them
+# as one-line errors instead. GRPC_VERBOSITY=DEBUG in the environment still turns them on.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-import etcd3aio
-from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub
+import grpc  # noqa: E402
+import grpc.aio  # noqa: E402
+
+import etcd3aio  # noqa: E402
+from etcd3aio._protobuf import Compare, WatchCreateRequest, WatchRequest, WatchStub, rpc_pb2
 from etcd3aio.auth import AuthService
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
@@ -234,6 +241,20 @@ def _credentials(tls: TLSFiles | None) -> tuple[Any, bool]:
     ca = _read_pem(tls.cafile, "cafile") if tls.cafile else None
     cert = _read_pem(tls.certfile, "certfile")
     key = _read_pem(tls.keyfile, "keyfile")
+    # gRPC only says "Failed to create security handshaker" for a bad pair; check it here so
+    # the operator learns which file is wrong.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_cert_chain(tls.certfile, tls.keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise EtcdError(f"etcd certfile {tls.certfile!r} and keyfile {tls.keyfile!r} are not a "
+                        f"valid certificate/key pair ({_one_line(str(exc), 120)})") from None
+    if tls.cafile:
+        try:
+            ctx.load_verify_locations(cafile=tls.cafile)
+        except (ssl.SSLError, OSError) as exc:
+            raise EtcdError(f"etcd cafile {tls.cafile!r} holds no usable CA certificate "
+                            f"({_one_line(str(exc), 120)})") from None
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
                                         certificate_chain=cert), True
 
@@ -343,11 +364,14 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
     # Without this, gRPC's reconnect backoff grows to 2 minutes during an outage and calls keep
     # failing fast long after etcd is back.
+    # (Not grpc.min_reconnect_backoff_ms: gRPC also uses it as the connect-attempt timeout.)
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+
+# How often an idle watch asks etcd for a progress notification (a liveness probe).
+_PROGRESS_INTERVAL = 5.0
 
 _WATCH_METADATA = (("hasleader", "true"),)  # etcd cancels the watch if its member loses the leader
 
@@ -406,7 +430,8 @@ class Store:
     """
 
     def __init__(self, endpoints: list[Endpoint], *, tls: TLSFiles | None, username: str | None,
-                 password: str | None, timeout: float) -> None:
+                 password: str | None, timeout: float,
+                 progress_interval: float = _PROGRESS_INTERVAL) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints given")
         self._endpoints = list(endpoints)
@@ -414,6 +439,7 @@ class Store:
         self._username = username or None
         self._password = password or ""
         self._timeout = float(timeout)
+        self._progress_interval = float(progress_interval)
         self._conn: _Conn | None = None
         self._select_lock = asyncio.Lock()
         self._auth_lock = asyncio.Lock()
@@ -433,10 +459,16 @@ class Store:
     @classmethod
     async def connect(cls, endpoints: list[Endpoint], *, tls: TLSFiles | None = None,
                       username: str | None = None, password: str | None = None,
-                      timeout: float = 5.0) -> Store:
+                      timeout: float = 5.0,
+                      progress_interval: float = _PROGRESS_INTERVAL) -> Store:
         """Connect to the first endpoint that answers within ``timeout`` (EtcdUnavailable if none,
-        EtcdAuthError if the credentials are refused)."""
-        store = cls(endpoints, tls=tls, username=username, password=password, timeout=timeout)
+        EtcdAuthError if the credentials are refused).
+
+        ``progress_interval``: how often an idle watch asks etcd for a progress notification;
+        a watch that hears nothing for that plus ``timeout`` raises WatchInterrupted.
+        """
+        store = cls(endpoints, tls=tls, username=username, password=password, timeout=timeout,
+                    progress_interval=progress_interval)
         await store._current()
         return store
 
@@ -475,35 +507,34 @@ class Store:
             raise
 
     async def _select(self) -> _Conn:
-        """Probe every endpoint at once and keep the first that answers."""
-        tasks = {asyncio.ensure_future(self._probe(ep)): ep for ep in self._endpoints}
+        """Probe every endpoint at once and keep the first that answers (ties: list order)."""
+        tasks = [asyncio.ensure_future(self._probe(ep)) for ep in self._endpoints]
         errors: dict[Endpoint, BaseException] = {}
         winner: _Conn | None = None
         try:
             async with asyncio.timeout(self._timeout):
                 pending = set(tasks)
                 while pending and winner is None:
-                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        if task.exception() is None and winner is None:
+                    _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for ep, task in zip(self._endpoints, tasks):
+                        if not task.done() or ep in errors:
+                            continue
+                        exc = task.exception()
+                        if exc is not None:
+                            errors[ep] = exc
+                        elif winner is None:
                             winner = task.result()
-                        elif task.exception() is None:
-                            await task.result().close()
-                        else:
-                            errors[tasks[task]] = task.exception()  # type: ignore[assignment]
         except TimeoutError:
             pass
         finally:
+            leftovers = [t for t in tasks if not t.done()]
+            for task in leftovers:
+                task.cancel()  # a cancelled probe closes its own channel
+            if leftovers:
+                await asyncio.gather(*leftovers, return_exceptions=True)
             for task in tasks:
-                if not task.done():
-                    task.cancel()
-            for task in tasks:
-                if not task.done() or task.cancelled():
-                    try:
-                        await task
-                    except BaseException:  # noqa: BLE001 - cancelled probes
-                        pass
-                elif task.exception() is None and task.result() is not winner:
+                if (task.done() and not task.cancelled() and task.exception() is None
+                        and task.result() is not winner):
                     await task.result().close()
         if winner is not None:
             if len(self._endpoints) > 1:
@@ -520,7 +551,8 @@ class Store:
             else:
                 reasons.append(f"{ep} ({_short_reason(err)})")
         raise EtcdUnavailable(
-            f"no etcd endpoint answered within {self._timeout:g}s: {'; '.join(reasons)}")
+            f"cannot reach any etcd endpoint (waited up to {self._timeout:g}s): "
+            f"{'; '.join(reasons)}")
 
     async def _current(self) -> _Conn:
         if self._closed:
@@ -694,19 +726,25 @@ class Store:
         async def requests() -> AsyncIterator[Any]:
             yield WatchRequest(create_request=WatchCreateRequest(
                 key=raw, range_end=prefix_range_end(raw), start_revision=start_revision))
-            await stop.wait()  # keep the request side open: closing it ends the watch
+            # Keep the request side open (closing it ends the watch) and ask for progress now
+            # and then, so that a hung server is noticed (see the read timeout below).
+            while not stop.is_set():
+                try:
+                    async with asyncio.timeout(self._progress_interval):
+                        await stop.wait()
+                except TimeoutError:
+                    yield WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())
 
         call = conn.watch_stub.Watch(requests(), metadata=conn.watch_metadata())
         expected = start_revision
         try:
             try:
                 async with asyncio.timeout(self._timeout):
-                    first = await call.read()
+                    resp = await call.read()
             except TimeoutError:
                 await self._drop(conn)
                 raise WatchInterrupted(f"{what}: not established within {self._timeout:g}s") \
                     from None
-            resp = first
             while True:
                 if resp is grpc.aio.EOF:
                     raise WatchInterrupted(f"{what}: the server ended the stream")
@@ -716,6 +754,10 @@ class Store:
                         compacted=True, compact_revision=int(resp.compact_revision))
                 if resp.canceled:
                     reason = _one_line(resp.cancel_reason) or "no reason given"
+                    if self._username is not None and "invalid auth token" in reason:
+                        # Refresh now so that the caller's next watch works straight away.
+                        with contextlib.suppress(EtcdError):
+                            await self._reauth(conn, conn.token_generation)
                     raise WatchInterrupted(f"{what}: cancelled by etcd ({reason})")
                 if resp.events:
                     batch = []
@@ -729,7 +771,16 @@ class Store:
                                            key=_key_str(ev.kv.key), value=bytes(ev.kv.value),
                                            mod_revision=rev))
                     yield batch
-                resp = await call.read()
+                # We ask for progress every progress_interval s; silence beyond that plus the
+                # deadline means the server (or the path to it) is gone even if TCP is not.
+                silence = self._progress_interval + self._timeout
+                try:
+                    async with asyncio.timeout(silence):
+                        resp = await call.read()
+                except TimeoutError:
+                    await self._drop(conn)
+                    raise WatchInterrupted(f"{what}: no answer from etcd for {silence:g}s") \
+                        from None
         except WatchInterrupted:
             raise
         except asyncio.CancelledError:
@@ -771,6 +822,10 @@ def _short_reason(exc: BaseException) -> str:
     """The gist of why one endpoint failed, for the "no endpoint answered" message."""
     rpc = _rpc_error(exc)
     text = (rpc.details() or rpc.code().name) if rpc is not None else str(exc)
+    # "failed to connect to all addresses; last error: UNKNOWN: ipv4:1.2.3.4:5: <the reason>"
+    m = re.search(r"last error: \w+: (?:ipv4:)?[\w.\-]+:\d+: (.*)", text)
+    if m:
+        text = m.group(1)
     low = text.lower()
     if "connection refused" in low:
         return "connection refused"
@@ -778,8 +833,12 @@ def _short_reason(exc: BaseException) -> str:
         return "timed out"
     if "no route to host" in low or "network is unreachable" in low:
         return "unreachable"
+    if "certificate_verify_failed" in low:
+        return "TLS: server certificate not trusted by the CA"
     if "handshake" in low or "ssl" in low or "certificate" in low:
-        return "TLS handshake failed: " + _one_line(text, 160)
+        return "TLS handshake failed: " + _one_line(text, 120)
+    if "socket closed" in low:
+        return "connection closed by the server (TLS-only server, or not etcd?)"
     return _one_line(text, 160)
 
 

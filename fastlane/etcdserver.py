@@ -8,6 +8,7 @@ fixtures and from the bench driver alike without an event loop.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -230,11 +231,14 @@ class EtcdServer:
                     pass
         except OSError:
             return False
+        # `endpoint status` rather than `endpoint health`: health does a read that fails once
+        # auth is enabled, status needs no credentials. A leader means raft is up.
         try:
-            self._run_etcdctl(("endpoint", "health"), timeout=3.0, command_timeout="1s")
-        except RuntimeError:
+            out = self._run_etcdctl(("endpoint", "status", "-w", "json"), timeout=3.0,
+                                    command_timeout="1s")
+            return any(item.get("Status", {}).get("leader", 0) for item in json.loads(out))
+        except (RuntimeError, ValueError, AttributeError, TypeError):
             return False
-        return True
 
     def _terminate(self, sig: int, grace: float = 5.0) -> None:
         proc = self._proc

@@ -12,10 +12,12 @@ from hypothesis import strategies as st
 
 from fastlane.etcd import (
     Endpoint,
+    EtcdAuthError,
     EtcdError,
     EtcdUnavailable,
     Event,
     Store,
+    TLSFiles,
     WatchInterrupted,
     parse_endpoints,
 )
@@ -317,3 +319,168 @@ async def test_errors_after_server_death_are_mapped(etcd: EtcdServer, prefix: st
         await st.close()
     with pytest.raises(EtcdError):
         await st.get(f"{prefix}/k")
+
+
+# -------------------------------------------------------------------------------------------
+# TLS and auth
+
+
+async def test_tls_with_client_certificates(etcd_tls, prefix: str) -> None:
+    server, files, pki = etcd_tls
+    eps = parse_endpoints(server.endpoint)
+    assert eps[0].tls
+    st = await Store.connect(eps, tls=files, timeout=3.0)
+    try:
+        await st.put(f"{prefix}/k", b"over tls")
+        assert server.etcdctl("get", "--print-value-only", f"{prefix}/k").strip() == "over tls"
+        kvs, rev = await st.list(prefix)
+        assert len(kvs) == 1
+    finally:
+        await st.close()
+    # "localhost" must verify against the DNS SAN, the IP against the IP SAN.
+    st = await Store.connect(parse_endpoints(f"https://localhost:{server.client_port}"),
+                             tls=files, timeout=3.0)
+    await st.close()
+
+
+async def test_tls_failures_are_one_line_errors(etcd_tls) -> None:
+    server, files, pki = etcd_tls
+    eps = parse_endpoints(server.endpoint)
+    # A CA that did not sign the server's certificate.
+    wrong_ca = TLSFiles(pki["other-ca.pem"], files.certfile, files.keyfile)
+    with pytest.raises(EtcdUnavailable) as info:
+        await Store.connect(eps, tls=wrong_ca, timeout=2.0)
+    assert "\n" not in str(info.value) and str(server.client_port) in str(info.value)
+    # No client certificate: flanneld then does not use the CA either; the server refuses us.
+    with pytest.raises(EtcdUnavailable):
+        await Store.connect(eps, tls=TLSFiles(files.cafile, None, None), timeout=2.0)
+    # Plain http against a TLS-only server.
+    with pytest.raises(EtcdUnavailable):
+        await Store.connect(parse_endpoints(f"http://127.0.0.1:{server.client_port}"),
+                            tls=files, timeout=2.0)
+    with pytest.raises(EtcdError, match="cannot read etcd cafile"):
+        await Store.connect(eps, tls=TLSFiles("/nonexistent/ca.pem", files.certfile,
+                                              files.keyfile), timeout=2.0)
+
+
+async def test_auth_and_token_refresh_after_restart(etcd: EtcdServer, prefix: str) -> None:
+    etcd.etcdctl("user", "add", "root:rootpw")
+    etcd.etcdctl("auth", "enable")
+    eps = parse_endpoints(etcd.endpoint)
+    with pytest.raises(EtcdAuthError) as info:
+        await Store.connect(eps, username="root", password="wrong", timeout=3.0)
+    assert "\n" not in str(info.value) and "root" in str(info.value)
+    anonymous = await Store.connect(eps, timeout=3.0)
+    try:
+        with pytest.raises(EtcdAuthError):
+            await anonymous.get(f"{prefix}/k")
+    finally:
+        await anonymous.close()
+
+    st = await Store.connect(eps, username="root", password="rootpw", timeout=3.0)
+    try:
+        await st.put(f"{prefix}/k", b"1")
+        # Simple tokens live in etcd's memory: after a restart ours is unknown. The store must
+        # authenticate again by itself, for unary calls and for watches.
+        await asyncio.to_thread(etcd.restart)
+        kv = await st.get(f"{prefix}/k")
+        assert kv is not None and kv.value == b"1"
+        await asyncio.to_thread(etcd.restart)
+        events: list[Event] = []
+        try:
+            await asyncio.wait_for(_collect(st, prefix, kv.mod_revision, 1, events), 5)
+        except WatchInterrupted:
+            # Allowed once (stale token); the next watch must work without other calls.
+            await asyncio.wait_for(_collect(st, prefix, kv.mod_revision, 1, events), 5)
+        assert events[0].value == b"1"
+    finally:
+        await st.close()
+
+
+# -------------------------------------------------------------------------------------------
+# Several endpoints, hung servers
+
+
+async def test_failover_between_endpoints(etcd: EtcdServer, prefix: str) -> None:
+    with EtcdServer(name="fastlane-second") as second:
+        dead = _dead_port()
+        # The dead endpoint comes first: connect must skip it.
+        spec = f"http://127.0.0.1:{dead},{etcd.endpoint},{second.endpoint}"
+        st = await Store.connect(parse_endpoints(spec), timeout=2.0)
+        try:
+            assert st.endpoint is not None and st.endpoint.port in (etcd.client_port,
+                                                                    second.client_port)
+            first_port = st.endpoint.port
+            other = second if first_port == etcd.client_port else etcd
+            other.etcdctl("put", f"{prefix}/where", str(other.client_port))
+            assert await st.get(f"{prefix}/where") is None  # talking to the first one
+            # The one in use dies: the next call moves to the other without an error.
+            await asyncio.to_thread((etcd if other is second else second).kill)
+            kv = await st.get(f"{prefix}/where")
+            assert kv is not None and kv.value == str(other.client_port).encode()
+            assert st.endpoint is not None and st.endpoint.port == other.client_port
+        finally:
+            await st.close()
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_connect_to_a_silent_server_times_out() -> None:
+    import socket
+
+    # Accepts TCP (the kernel does, via the backlog) but never speaks HTTP/2.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(EtcdUnavailable) as info:
+            await Store.connect(parse_endpoints(f"127.0.0.1:{port}"), timeout=1.0)
+        assert 0.9 < time.monotonic() - t0 < 3.0
+        assert str(port) in str(info.value) and "\n" not in str(info.value)
+
+
+async def test_watch_notices_a_hung_server(etcd: EtcdServer, prefix: str) -> None:
+    import os
+    import signal
+
+    st = await Store.connect(parse_endpoints(etcd.endpoint), timeout=1.0, progress_interval=0.5)
+    stopped = False
+    try:
+        _, rev = await st.list(prefix)
+        events: list[Event] = []
+        task = asyncio.create_task(_collect(st, prefix, rev + 1, 99, events))
+        await asyncio.sleep(2.0)  # idle longer than progress_interval + timeout: still alive
+        assert not task.done()
+        await st.put(f"{prefix}/k", b"1")
+        await asyncio.sleep(0.3)
+        assert [e.value for e in events] == [b"1"]
+        assert etcd.pid is not None
+        os.kill(etcd.pid, signal.SIGSTOP)  # our own etcd: alive for TCP, silent for gRPC
+        stopped = True
+        t0 = time.monotonic()
+        with pytest.raises(WatchInterrupted, match="no answer"):
+            await asyncio.wait_for(task, 10)
+        assert time.monotonic() - t0 < 4.0
+        # A new watch cannot be established either, and says so within the deadline.
+        t0 = time.monotonic()
+        with pytest.raises(WatchInterrupted):
+            async for _ in st.watch(prefix, rev + 1):
+                pass
+        assert time.monotonic() - t0 < 3.0
+        with pytest.raises(EtcdUnavailable):
+            await st.get(f"{prefix}/k")
+        os.kill(etcd.pid, signal.SIGCONT)
+        stopped = False
+        kv = await st.get(f"{prefix}/k")
+        assert kv is not None and kv.value == b"1"
+    finally:
+        if stopped and etcd.pid is not None:
+            os.kill(etcd.pid, signal.SIGCONT)
+        await st.close()
