@@ -246,14 +246,20 @@ class Topology:
                 for pid in _netns_pids(ns):
                     _kill_pid(pid)
                 _run(["ip", "netns", "del", ns], check=False)
-            self._namespaces.clear()
+            existing = set(_list_netns())
+            self._namespaces = [ns for ns in self._namespaces if ns in existing]
             self._up = False
             if self._own_workdir and not os.environ.get("FASTLANE_KEEP_LOGS"):
                 shutil.rmtree(self.workdir, ignore_errors=True)
-            try:
-                self._manifest.unlink()
-            except FileNotFoundError:
-                pass
+            if self._namespaces:
+                # Could not delete everything: keep the manifest so that cleanup_stale()
+                # of a later run (once we are gone) finds and retries what is left.
+                self._write_manifest()
+            else:
+                try:
+                    self._manifest.unlink()
+                except FileNotFoundError:
+                    pass
         finally:
             restore()
 
