@@ -16,6 +16,7 @@ reconnect backoff (so a restarted etcd is usable again within a second or two).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ipaddress
 import logging
@@ -516,7 +517,7 @@ class Store:
                 pending = set(tasks)
                 while pending and winner is None:
                     _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                    for ep, task in zip(self._endpoints, tasks):
+                    for ep, task in zip(self._endpoints, tasks, strict=True):
                         if not task.done() or ep in errors:
                             continue
                         exc = task.exception()
@@ -617,7 +618,7 @@ class Store:
                                                                  timeout=self._timeout))
         return _kv(resp.kvs[0]) if resp.kvs else None
 
-    async def list(self, prefix: str) -> tuple[list[KeyValue], int]:
+    async def list(self, prefix: str) -> tuple[builtins.list[KeyValue], int]:
         """Every key under ``prefix`` (sorted by key) and the revision they were read at."""
         raw = _key_bytes(prefix)
         resp = await self._call(f"list {prefix}", lambda c: c.kv.get(
@@ -704,7 +705,7 @@ class Store:
 
     # -- watch --------------------------------------------------------------------------------
 
-    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+    async def watch(self, prefix: str, start_revision: int) -> AsyncIterator[builtins.list[Event]]:
         """Yield batches of events under ``prefix`` in revision order from ``start_revision``.
 
         Raises WatchInterrupted whenever continuity is in doubt (stream error, etcd restart,

@@ -18,6 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from types import TracebackType
+from typing import BinaryIO
 
 _NOT_FOUND = "etcd not found: apt-get install -y etcd-server etcd-client"
 
@@ -81,7 +82,7 @@ class EtcdServer:
         self._client_port: int | None = None
         self._peer_port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     # -- facts about the running server -------------------------------------------------------
 
@@ -137,7 +138,11 @@ class EtcdServer:
             self._data_dir = os.path.join(self._tmp_dir, "data")
             self._log_path = os.path.join(self._tmp_dir, "etcd.log")
         elif self._log_path is None:
-            os.makedirs(self._data_dir, exist_ok=True)
+            try:
+                os.makedirs(self._data_dir, exist_ok=True)
+            except OSError as exc:
+                raise RuntimeError(f"etcd data dir {self._data_dir!r} is unusable: "
+                                   f"{exc.strerror or exc}") from None
             # Beside the data dir, not in it: etcd warns about foreign files in its data dir.
             self._log_path = os.path.abspath(self._data_dir).rstrip("/") + ".etcd.log"
 
@@ -196,14 +201,15 @@ class EtcdServer:
 
     def _spawn_and_wait(self, timeout: float) -> None:
         assert self._log_path is not None
-        self._log_file = open(self._log_path, "ab")
-        self._log_file.write(f"--- fastlane: starting etcd at {time.ctime()}\n".encode())
-        self._log_file.flush()
+        log_file = open(self._log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        log_file.write(f"--- fastlane: starting etcd at {time.ctime()}\n".encode())
+        log_file.flush()
+        self._log_file = log_file
         try:
             self._proc = subprocess.Popen(
                 self._command(),
                 stdin=subprocess.DEVNULL,
-                stdout=self._log_file,
+                stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C aimed at pytest must not kill it mid-test
             )

@@ -484,3 +484,52 @@ async def test_watch_notices_a_hung_server(etcd: EtcdServer, prefix: str) -> Non
         if stopped and etcd.pid is not None:
             os.kill(etcd.pid, signal.SIGCONT)
         await st.close()
+
+
+# -------------------------------------------------------------------------------------------
+# The throwaway server itself
+
+
+def test_etcd_server_lifecycle(tmp_path) -> None:
+    data = tmp_path / "etcd-data"
+    server = EtcdServer(data_dir=str(data), name="fastlane-lifecycle")
+    try:
+        server.start()
+        port, pid = server.client_port, server.pid
+        assert port not in (2379, 2380) and server.peer_port not in (2379, 2380, port)
+        assert server.endpoint == f"http://127.0.0.1:{port}"
+        server.etcdctl("put", "/k", "kept")
+        server.restart()
+        assert server.client_port == port and server.pid != pid
+        assert server.etcdctl("get", "--print-value-only", "/k").strip() == "kept"
+        server.kill()
+        assert not server.running()
+        server.kill()
+        server.stop()  # idempotent
+        with pytest.raises(RuntimeError, match="etcdctl get /k failed"):
+            server.etcdctl("get", "/k")
+    finally:
+        server.cleanup()
+    assert (data / "member").is_dir()  # a data dir we were given is never removed
+    assert "starting etcd" in (tmp_path / "etcd-data.etcd.log").read_text()
+
+
+def test_etcd_server_temp_dir_is_removed() -> None:
+    import os
+
+    with EtcdServer() as server:
+        data_dir = server.data_dir
+        assert os.path.isdir(data_dir)
+    assert not os.path.exists(data_dir)
+
+
+def test_etcd_server_start_failures_are_one_line(tmp_path, monkeypatch) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("not an etcd data dir")
+    with pytest.raises(RuntimeError) as info:
+        EtcdServer(data_dir=str(not_a_dir)).start(timeout=10)
+    assert "\n" not in str(info.value) and str(info.value).startswith("etcd ")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match=r"^etcd not found: apt-get install -y etcd-server "
+                                           r"etcd-client$"):
+        EtcdServer().start()
