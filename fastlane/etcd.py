@@ -159,6 +159,9 @@ def _parse_one(item: str, resolve: Callable[[str], str]) -> Endpoint:
     host = parts.hostname
     if not host:
         raise ValueError("missing host")
+    port_text = parts.netloc.rpartition("]")[2].rpartition(":")[2] if ":" in parts.netloc else ""
+    if port is not None and not re.fullmatch(r"[0-9]{1,5}", port_text):
+        raise ValueError(f"invalid port {port_text!r}")
     if port is None:
         if parts.netloc.endswith(":"):
             raise ValueError("empty port")
@@ -331,8 +334,10 @@ def _map_error(exc: BaseException, what: str, where: str, timeout: float) -> Etc
             return EtcdAuthError(msg)
         if any(d in detail.lower() for d in _AUTH_DETAILS):
             return EtcdAuthError(msg)
-        if code == grpc.StatusCode.CANCELLED and "closed" in detail.lower():
+        if code == grpc.StatusCode.CANCELLED and "channel closed" in detail.lower():
             return EtcdError(f"{prefix}: the store is closed")
+        if code == grpc.StatusCode.CANCELLED or "too many requests" in detail.lower():
+            return EtcdUnavailable(msg)  # server shutting down / overloaded: retry later
         return EtcdError(msg)
     if isinstance(exc, etcd3aio.EtcdConnectionError | etcd3aio.EtcdTransientError):
         return EtcdUnavailable(f"{prefix}: {_one_line(str(exc))}")
