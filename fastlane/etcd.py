@@ -597,7 +597,14 @@ class Store:
             try:
                 return await fn(conn)
             except asyncio.CancelledError:
-                raise
+                if _really_cancelled():
+                    raise
+                # grpc.aio raises CancelledError when the channel under the call is closed.
+                if self._closed:
+                    raise EtcdError(f"etcd {what} at {conn.endpoint}: the store is closed") \
+                        from None
+                raise EtcdUnavailable(f"etcd {what} at {conn.endpoint}: call cancelled "
+                                      "(connection closed)") from None
             except Exception as exc:  # noqa: BLE001 - everything is mapped
                 if attempt == 1 and self._username is not None and _token_expired(exc):
                     await self._reauth(conn, generation)
@@ -790,7 +797,11 @@ class Store:
         except WatchInterrupted:
             raise
         except asyncio.CancelledError:
-            raise
+            if _really_cancelled():
+                raise
+            # grpc.aio raises CancelledError when the channel under the stream is closed.
+            reason = "the store is closed" if self._closed else "connection closed"
+            raise WatchInterrupted(f"{what}: {reason}") from None
         except Exception as exc:  # noqa: BLE001 - every stream failure means "re-list"
             err = _map_error(exc, f"watch {prefix} from revision {start_revision}", where,
                              self._timeout)
@@ -846,6 +857,13 @@ def _short_reason(exc: BaseException) -> str:
     if "socket closed" in low:
         return "connection closed by the server (TLS-only server, or not etcd?)"
     return _one_line(text, 160)
+
+
+def _really_cancelled() -> bool:
+    """True if our task was asked to stop, as opposed to grpc.aio raising CancelledError
+    because the channel under a call was closed."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _close_soon(conn: _Conn) -> None:

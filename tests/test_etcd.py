@@ -533,3 +533,29 @@ def test_etcd_server_start_failures_are_one_line(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=r"^etcd not found: apt-get install -y etcd-server "
                                            r"etcd-client$"):
         EtcdServer().start()
+
+
+async def test_credentials_for_a_server_without_auth_are_ignored(etcd_server: EtcdServer,
+                                                                 prefix: str, caplog) -> None:
+    st = await Store.connect(parse_endpoints(etcd_server.endpoint), username="flannel",
+                             password="secret", timeout=3.0)
+    try:
+        await st.put(f"{prefix}/k", b"1")
+        assert (await st.get(f"{prefix}/k")) is not None
+        assert "authentication is not enabled" in caplog.text
+        await st.delete(f"{prefix}/k")
+    finally:
+        await st.close()
+
+
+async def test_closing_the_store_ends_its_watches(etcd_server: EtcdServer, prefix: str) -> None:
+    st = await Store.connect(parse_endpoints(etcd_server.endpoint), timeout=3.0)
+    _, rev = await st.list(prefix)
+    events: list[Event] = []
+    task = asyncio.create_task(_collect(st, prefix, rev + 1, 1, events))
+    await asyncio.sleep(0.2)
+    await st.close()
+    with pytest.raises(WatchInterrupted):
+        await asyncio.wait_for(task, 5)
+    with pytest.raises(EtcdError, match="closed"):
+        await st.put(f"{prefix}/k", b"1")
