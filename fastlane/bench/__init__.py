@@ -205,7 +205,8 @@ def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: rep
                 for what in MEASUREMENTS:
                     progress.start(_label(mtu, path, what, rep, opts.repeat))
                     try:
-                        text = _one(topo, ep, what, opts.duration, count, path, mtu, results)
+                        text = _one(topo, ep, what, opts.duration, count, path, mtu, results,
+                                    ctx.forwarder_pids)
                     except measure.MeasureError as exc:
                         results.error(path, mtu, f"{what}: {exc}")
                         progress.finish(f"failed: {exc}")
@@ -220,17 +221,22 @@ def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: rep
 
 
 def _one(topo: Topology, ep: measure.Endpoints, what: str, duration: float, count: int,
-         path: str, mtu: int, results: report.Results) -> str:
+         path: str, mtu: int, results: report.Results, forwarders: list[int]) -> str:
     if what == "rtt_us":
         med, p99 = measure.rtt(topo, ep, count)
         results.add(path, mtu, "rtt_us", med)
         results.add(path, mtu, "rtt_p99_us", p99)
         return f"{med:.0f} us median, {p99:.0f} us p99"
     if what in ("tcp_1", "tcp_4"):
-        r = measure.tcp(topo, ep, duration, 1 if what == "tcp_1" else 4)
+        r = measure.tcp(topo, ep, duration, 1 if what == "tcp_1" else 4, forwarders)
         results.add(path, mtu, what, r.gbit_s)
         if what == "tcp_1":
             results.add(path, mtu, "cpu_s_per_gbit", r.cpu_s_per_gbit)
+            fwd = r.fwd_cpu_s_per_gbit
+            if fwd is not None:
+                results.add(path, mtu, "fwd_cpu_s_per_gbit", fwd)
+                return (f"{r.gbit_s:.2f} Gbit/s, {r.cpu_s_per_gbit:.2f} CPU s/Gbit "
+                        f"({fwd:.2f} in forwarders)")
             return f"{r.gbit_s:.2f} Gbit/s, {r.cpu_s_per_gbit:.2f} CPU s/Gbit"
         return f"{r.gbit_s:.2f} Gbit/s"
     pps = measure.udp_pps(topo, ep, duration)

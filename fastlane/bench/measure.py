@@ -38,11 +38,19 @@ class TcpResult:
     gbit_s: float
     bytes: int
     cpu_s: float  # whole-machine busy CPU seconds during the run
+    fwd_cpu_s: float | None = None  # CPU seconds of the forwarding processes (userspace paths)
 
     @property
     def cpu_s_per_gbit(self) -> float:
         gbit = self.bytes * 8 / 1e9
         return self.cpu_s / gbit if gbit > 0 else math.nan
+
+    @property
+    def fwd_cpu_s_per_gbit(self) -> float | None:
+        gbit = self.bytes * 8 / 1e9
+        if self.fwd_cpu_s is None:
+            return None
+        return self.fwd_cpu_s / gbit if gbit > 0 else math.nan
 
 
 class IperfServer:
@@ -105,16 +113,32 @@ def read_cpu_busy() -> float:
     return busy / os.sysconf("SC_CLK_TCK")
 
 
-def tcp(topo: Topology, ep: Endpoints, duration: float, streams: int = 1) -> TcpResult:
+def read_process_cpu(pids: list[int]) -> float:
+    """utime+stime (all threads) of the given processes, in seconds; gone ones count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def tcp(topo: Topology, ep: Endpoints, duration: float, streams: int = 1,
+        forwarders: list[int] | None = None) -> TcpResult:
     args = ["-P", str(streams)] if streams > 1 else []
     cpu0 = read_cpu_busy()
+    fwd0 = read_process_cpu(forwarders) if forwarders else 0.0
     data = _iperf_client(topo, ep, args, duration)
     cpu1 = read_cpu_busy()
+    fwd1 = read_process_cpu(forwarders) if forwarders else 0.0
     recv = data.get("end", {}).get("sum_received", {})
     bps, nbytes = recv.get("bits_per_second"), recv.get("bytes")
     if bps is None or nbytes is None:
         raise MeasureError("iperf3 JSON lacks end.sum_received")
-    return TcpResult(gbit_s=bps / 1e9, bytes=int(nbytes), cpu_s=cpu1 - cpu0)
+    return TcpResult(gbit_s=bps / 1e9, bytes=int(nbytes), cpu_s=cpu1 - cpu0,
+                     fwd_cpu_s=(fwd1 - fwd0) if forwarders else None)
 
 
 def udp_pps(topo: Topology, ep: Endpoints, duration: float) -> float:

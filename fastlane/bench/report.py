@@ -29,6 +29,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "rtt_us": ("us", "round-trip time, median of ping -i 0.002"),
     "rtt_p99_us": ("us", "round-trip time, 99th percentile"),
     "cpu_s_per_gbit": ("s/Gbit", "whole-machine busy CPU seconds per Gbit moved (tcp_1 run)"),
+    "fwd_cpu_s_per_gbit": ("s/Gbit", "CPU seconds of the userspace forwarders (daemons of all "
+                                     "hosts) per Gbit moved (tcp_1 run); userspace paths only"),
 }
 
 
@@ -174,15 +176,16 @@ def _cell(results: Results, path: str, mtu: int, metric: str) -> str:
 
 def table(results: Results, mtus: list[int], paths: list[str]) -> str:
     head = ["MTU", "path", "tcp_1 Gbit/s", "tcp_4 Gbit/s", "udp pps", "rtt us", "p99 us",
-            "CPU s/Gbit"]
-    metrics = ["tcp_1", "tcp_4", "udp_pps", "rtt_us", "rtt_p99_us", "cpu_s_per_gbit"]
+            "CPU s/Gbit", "fwd CPU s/Gbit"]
+    metrics = ["tcp_1", "tcp_4", "udp_pps", "rtt_us", "rtt_p99_us", "cpu_s_per_gbit",
+               "fwd_cpu_s_per_gbit"]
     rows = [head]
     for mtu in mtus:
         for path in paths:
             if not any((path, mtu, m) in results.samples for m in metrics):
                 failed = [e for e in results.errors if e["path"] == path and e["underlay_mtu"] == mtu]
                 if failed:
-                    rows.append([str(mtu), path, "failed", "", "", "", "", ""])
+                    rows.append([str(mtu), path, "failed"] + [""] * (len(head) - 3))
                 continue
             rows.append([str(mtu), path] + [_cell(results, path, mtu, m) for m in metrics])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
