@@ -1,0 +1,368 @@
+"""The kernel backends (vxlan, host-gw) end to end, against flanneld's exact kernel state.
+
+Daemons run in host namespaces against a real etcd; the neighbour/FDB/route entries are
+read back with iproute2 (an independent oracle), and traffic is real: ping both ways and
+a TCP transfer checked with sha256. Fake peers are plain `etcdctl put`s of leases in
+flannel's format, which is also how a flanneld node would appear.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import signal
+import sys
+
+import pytest
+
+from fastlane.backend.base import BackendContext, BackendError
+from fastlane.config import parse_config
+from fastlane.etcdserver import EtcdServer
+from fastlane.iface import Interface
+from fastlane.topology import Topology
+from tests.daemon_helpers import Node, leases, wait_until
+from tests.test_udp import SINK, SOURCE
+
+PREFIX = "/coreos.com/network"
+VXLAN = '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}'
+HOSTGW = '{"Network":"10.7.0.0/16","Backend":{"Type":"host-gw"}}'
+
+
+def _overlay(config: str, name: str, tmp_path_factory):
+    topo = Topology(hosts=2, mtu=1500)
+    etcd = None
+    nodes: list[Node] = []
+    try:
+        topo.setup()
+        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name=f"fastlane-{name}-tests")
+        etcd.start()
+        etcd.etcdctl("put", f"{PREFIX}/config", config)
+        work = tmp_path_factory.mktemp(name)
+        nodes = [Node(topo, h, etcd, PREFIX, work, "-v=1") for h in topo.hosts]
+        for n in nodes:
+            n.start()
+        for i, n in enumerate(nodes):
+            n.wait_subnet_file()
+            topo.add_container(i, n.subnet_file)
+        yield topo, etcd, nodes
+    finally:
+        for n in nodes:
+            n.stop(signal.SIGKILL)
+        if etcd is not None:
+            etcd.cleanup()
+        topo.teardown()
+
+
+@pytest.fixture(scope="module")
+def vxlan(net_capable, tmp_path_factory):
+    yield from _overlay(VXLAN, "vxlan", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def hostgw(net_capable, tmp_path_factory):
+    yield from _overlay(HOSTGW, "hostgw", tmp_path_factory)
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+def _subnet(node: Node) -> ipaddress.IPv4Network:
+    return ipaddress.IPv4Interface(node.wait_subnet_file()["FLANNEL_SUBNET"]).network
+
+
+def _lease_value(etcd, node: Node) -> str:
+    s = _subnet(node)
+    return leases(etcd, PREFIX)[f"{PREFIX}/subnets/{s.network_address}-{s.prefixlen}"]
+
+
+def _mac(topo, netns: str, dev: str = "flannel.1") -> str:
+    out = topo.ip(netns, "-o", "link", "show", dev)
+    return re.search(r"link/ether ([0-9a-f:]{17})", out).group(1)
+
+
+def _neigh(topo, netns):
+    return topo.ip(netns, "neigh", "show", "dev", "flannel.1")
+
+
+def _fdb(topo, netns):
+    return topo.run(netns, "bridge", "fdb", "show", "dev", "flannel.1").stdout
+
+
+def _routes(topo, netns):
+    return topo.ip(netns, "route", "show")
+
+
+def _vxlan_state(topo, netns, subnet, mac, ip) -> tuple[bool, bool, bool]:
+    dst = subnet.network_address
+    return (
+        f"{dst} lladdr {mac} PERMANENT" in _neigh(topo, netns),
+        f"{mac} dst {ip} self permanent" in _fdb(topo, netns),
+        f"{subnet} via {dst} dev flannel.1 onlink" in _routes(topo, netns),
+    )
+
+
+def _transfer(topo, src, dst, size, port):
+    sink = topo.popen(dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"ksink{port}")
+    try:
+        assert wait_until(lambda: "listening" in topo.log_tail(f"ksink{port}"), 10)
+        res = topo.run(src.netns, sys.executable, "-c", SOURCE, str(dst.ip), str(port), str(size), "0",
+                       timeout=120)
+        assert wait_until(lambda: len(topo.log_tail(f"ksink{port}").split()) >= 3, 30)
+        return res.stdout.split(), topo.log_tail(f"ksink{port}").split()[-2:]
+    finally:
+        topo.stop(sink)
+
+
+def _put_lease(etcd, subnet: str, value: dict) -> str:
+    key = f"{PREFIX}/subnets/{subnet.replace('/', '-')}"
+    etcd.etcdctl("put", key, json.dumps(value, separators=(",", ":")))
+    return key
+
+
+def _ctx(config: str, public_ip: str = "192.168.100.1") -> BackendContext:
+    iface = Interface("eth0", 2, ipaddress.IPv4Address("192.168.100.1"), 1500)
+    return BackendContext(parse_config(config), iface, ipaddress.IPv4Address(public_ip))
+
+
+# ---- options (no kernel needed) --------------------------------------------------------
+
+@pytest.mark.parametrize("backend,err", [
+    ('{"Type":"vxlan","VNI":"1"}', "Backend.VNI must be an integer"),
+    ('{"Type":"vxlan","VNI":16777216}', "Backend.VNI must be an integer"),
+    ('{"Type":"vxlan","VNI":12345678}', "exceeds 15 characters"),
+    ('{"Type":"vxlan","Port":70000}', "Backend.Port must be an integer"),
+    ('{"Type":"vxlan","MTU":100}', "Backend.MTU must be an integer"),
+    ('{"Type":"vxlan","DirectRouting":"yes"}', "Backend.DirectRouting must be true or false"),
+    ('{"Type":"vxlan","gbp":1}', "Backend.GBP must be true or false"),
+])
+def test_vxlan_bad_options_are_one_line_errors(backend, err):
+    from fastlane.backend.vxlan import VxlanBackend
+    with pytest.raises(BackendError, match=re.escape(err)) as exc:
+        VxlanBackend(_ctx('{"Network":"10.6.0.0/16","Backend":%s}' % backend))
+    assert "\n" not in str(exc.value)
+
+
+def test_vxlan_options_like_flannel():
+    from fastlane.backend.vxlan import VxlanBackend
+    be = VxlanBackend(_ctx('{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan"}}'))
+    assert (be.vni, be.port, be.mtu, be.ifname, be.learning, be.gbp) == (1, 8472, 1450, "flannel.1", False, False)
+    be = VxlanBackend(_ctx('{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan","vni":42,"port":4789,"mtu":9000}}'))
+    assert (be.vni, be.port, be.mtu, be.ifname) == (42, 4789, 8950, "flannel.42")
+
+
+def test_vtep_mac_parsing_accepts_go_forms():
+    from fastlane.backend.vxlan import vtep_mac
+    assert vtep_mac({"VtepMAC": "C6:D2:32:6F:8F:44"}) == "c6:d2:32:6f:8f:44"
+    assert vtep_mac({"vtepmac": "c6-d2-32-6f-8f-44"}) == "c6:d2:32:6f:8f:44"
+    assert vtep_mac({"VtepMAC": "c6d2.326f.8f44"}) == "c6:d2:32:6f:8f:44"
+    assert vtep_mac({"VtepMAC": "c6:d2:32:6f:8f"}) is None
+    assert vtep_mac({"VtepMAC": 5}) is None
+    assert vtep_mac(None) is None
+
+
+def test_hostgw_refuses_nat_public_ip_without_kernel():
+    from fastlane.backend.hostgw import HostGwBackend
+    with pytest.raises(BackendError, match="probably you're on a NAT"):
+        HostGwBackend(_ctx(HOSTGW, public_ip="203.0.113.9"))
+
+
+# ---- vxlan -----------------------------------------------------------------------------
+
+def test_vxlan_lease_value_and_device_match_flanneld(vxlan):
+    topo, etcd, nodes = vxlan
+    for i, node in enumerate(nodes):
+        h = topo.hosts[i]
+        mac = _mac(topo, h.netns)
+        assert _lease_value(etcd, node) == (
+            f'{{"PublicIP":"{h.ip}","PublicIPv6":null,"BackendType":"vxlan",'
+            f'"BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}'
+        )
+        assert node.wait_subnet_file()["FLANNEL_MTU"] == "1450"
+        link = topo.ip(h.netns, "-d", "link", "show", "flannel.1")
+        assert "mtu 1450" in link and re.search(r"<[^>]*\bUP\b", link), link
+        assert f"vxlan id 1 local {h.ip} dev eth0" in link
+        assert "dstport 8472" in link and "nolearning" in link
+        addrs = topo.ip(h.netns, "-o", "-4", "addr", "show", "dev", "flannel.1")
+        assert addrs.count("inet ") == 1 and f"inet {_subnet(node).network_address}/32" in addrs
+
+
+def test_vxlan_peer_entries_like_flanneld(vxlan):
+    topo, etcd, nodes = vxlan
+    for me, peer in ((0, 1), (1, 0)):
+        subnet, mac = _subnet(nodes[peer]), _mac(topo, topo.hosts[peer].netns)
+        assert wait_until(lambda: all(_vxlan_state(topo, topo.hosts[me].netns, subnet, mac,
+                                                   topo.hosts[peer].ip)), 10), (
+            _neigh(topo, topo.hosts[me].netns) + _fdb(topo, topo.hosts[me].netns)
+            + _routes(topo, topo.hosts[me].netns))
+
+
+def test_vxlan_ping_both_ways_at_overlay_mtu(vxlan):
+    topo, _, _ = vxlan
+    a, b = topo.hosts[0].container, topo.hosts[1].container
+    assert topo.wait_ping(a.netns, b.ip, 20), "no connectivity c0 -> c1"
+    assert topo.ping(b.netns, a.ip, count=2)
+    res = topo.run(a.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1450 - 28), str(b.ip), check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_vxlan_tcp_transfer_sha256_matches(vxlan):
+    topo, _, _ = vxlan
+    a, b = topo.hosts[0].container, topo.hosts[1].container
+    sent, got = _transfer(topo, a, b, 20 * 1024 * 1024, port=5101)
+    assert sent == got and sent[0] == str(20 * 1024 * 1024)
+    sent, got = _transfer(topo, b, a, 4 * 1024 * 1024, port=5102)
+    assert sent == got
+
+
+def test_vxlan_fake_peer_added_changed_ignored_and_removed(vxlan):
+    topo, etcd, nodes = vxlan
+    ns = topo.hosts[0].netns
+    taken = {_subnet(n) for n in nodes}
+    subnet = next(ipaddress.IPv4Network(f"10.6.{i}.0/24") for i in range(250, 200, -1)
+                  if ipaddress.IPv4Network(f"10.6.{i}.0/24") not in taken)
+    other = next(ipaddress.IPv4Network(f"10.6.{i}.0/24") for i in range(199, 150, -1)
+                 if ipaddress.IPv4Network(f"10.6.{i}.0/24") not in taken)
+    peer_ip = "192.168.100.200"
+    key = _put_lease(etcd, str(subnet), {"PublicIP": peer_ip, "PublicIPv6": None, "BackendType": "vxlan",
+                                         "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:01"}})
+    # A peer of another backend type is ignored, as flanneld does.
+    key2 = _put_lease(etcd, str(other), {"PublicIP": "192.168.100.201", "PublicIPv6": None,
+                                         "BackendType": "host-gw"})
+    try:
+        assert wait_until(lambda: all(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:01", peer_ip)), 10)
+        assert str(other) not in _routes(topo, ns)
+        assert "ignoring non-vxlan subnet" in nodes[0].log()
+        # Its VtepMAC changes (the peer re-created its device): no stale FDB entry remains.
+        _put_lease(etcd, str(subnet), {"PublicIP": peer_ip, "PublicIPv6": None, "BackendType": "vxlan",
+                                       "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:02"}})
+        assert wait_until(lambda: all(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:02", peer_ip)), 10)
+        assert "0a:00:00:00:00:01" not in _fdb(topo, ns)
+        etcd.etcdctl("del", key)
+        assert wait_until(lambda: not any(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:02", peer_ip)), 10)
+        assert str(subnet.network_address) not in _neigh(topo, ns)
+        assert "0a:00:00:00:00:02" not in _fdb(topo, ns)
+        assert str(subnet) not in _routes(topo, ns)
+    finally:
+        etcd.etcdctl("del", key)
+        etcd.etcdctl("del", key2)
+
+
+def test_vxlan_device_deleted_is_recreated_with_same_mac(vxlan):
+    topo, _, nodes = vxlan
+    h = topo.hosts[0]
+    mac = _mac(topo, h.netns)
+    topo.ip(h.netns, "link", "del", "flannel.1")
+    assert wait_until(lambda: "flannel.1" in topo.ip(h.netns, "-o", "link", "show"), 15), nodes[0].log()[-2000:]
+    assert _mac(topo, h.netns) == mac
+    assert topo.wait_ping(h.container.netns, topo.hosts[1].container.ip, 15), nodes[0].log()[-2000:]
+
+
+def test_vxlan_restart_keeps_vtep_mac_and_sweeps_stale_entries(vxlan):
+    topo, etcd, nodes = vxlan
+    h = topo.hosts[1]
+    mac = _mac(topo, h.netns)
+    before = _lease_value(etcd, nodes[1])
+    nodes[1].stop(signal.SIGTERM)
+    # flanneld leaves the device and the entries in place: traffic keeps flowing meanwhile.
+    assert topo.ping(topo.hosts[0].container.netns, h.container.ip, count=2)
+    # Entries for a subnet nobody holds (its lease vanished while we were down).
+    topo.ip(h.netns, "neigh", "replace", "10.6.249.0", "lladdr", "0a:00:00:00:00:09", "dev", "flannel.1",
+            "nud", "permanent")
+    topo.run(h.netns, "bridge", "fdb", "replace", "0a:00:00:00:00:09", "dev", "flannel.1", "dst",
+             "192.168.100.209", "self", "permanent")
+    topo.ip(h.netns, "route", "replace", "10.6.249.0/24", "via", "10.6.249.0", "dev", "flannel.1", "onlink")
+    nodes[1].subnet_file.unlink()
+    nodes[1].start()
+    nodes[1].wait_subnet_file()
+    assert wait_until(lambda: "10.6.249.0" not in _routes(topo, h.netns), 15), nodes[1].log()[-2000:]
+    assert "0a:00:00:00:00:09" not in _fdb(topo, h.netns)
+    assert "10.6.249.0" not in _neigh(topo, h.netns)
+    assert _mac(topo, h.netns) == mac
+    assert _lease_value(etcd, nodes[1]) == before
+    assert topo.wait_ping(h.container.netns, topo.hosts[0].container.ip, 15)
+
+
+def test_vxlan_incompatible_device_is_recreated_keeping_mac(vxlan):
+    topo, etcd, nodes = vxlan
+    h, other = topo.hosts[1], topo.hosts[0]
+    nodes[1].stop(signal.SIGKILL)
+    topo.ip(h.netns, "link", "del", "flannel.1")
+    topo.ip(h.netns, "link", "add", "flannel.1", "address", "02:aa:bb:cc:dd:ee", "type", "vxlan", "id", "1",
+            "local", str(h.ip), "dev", "eth0", "dstport", "4789")
+    nodes[1].subnet_file.unlink()
+    nodes[1].start()
+    nodes[1].wait_subnet_file()
+    link = topo.ip(h.netns, "-d", "link", "show", "flannel.1")
+    assert "dstport 8472" in link and "nolearning" in link
+    assert _mac(topo, h.netns) == "02:aa:bb:cc:dd:ee"
+    assert json.loads(_lease_value(etcd, nodes[1]))["BackendData"]["VtepMAC"] == "02:aa:bb:cc:dd:ee"
+    assert "incompatible configuration" in nodes[1].log()
+    # The other node follows the lease change; traffic flows both ways again.
+    assert wait_until(lambda: "02:aa:bb:cc:dd:ee" in _fdb(topo, other.netns), 10)
+    assert topo.wait_ping(other.container.netns, h.container.ip, 15)
+    assert topo.ping(h.container.netns, other.container.ip, count=2)
+
+
+# ---- host-gw ---------------------------------------------------------------------------
+
+def test_hostgw_lease_value_mtu_and_routes_match_flanneld(hostgw):
+    topo, etcd, nodes = hostgw
+    for i, node in enumerate(nodes):
+        h, peer = topo.hosts[i], topo.hosts[1 - i]
+        assert _lease_value(etcd, node) == f'{{"PublicIP":"{h.ip}","PublicIPv6":null,"BackendType":"host-gw"}}'
+        assert node.wait_subnet_file()["FLANNEL_MTU"] == "1500"
+        want = f"{_subnet(nodes[1 - i])} via {peer.ip} dev eth0"
+        assert wait_until(lambda: want in _routes(topo, h.netns), 10), _routes(topo, h.netns)
+
+
+def test_hostgw_ping_and_tcp_transfer(hostgw):
+    topo, _, _ = hostgw
+    a, b = topo.hosts[0].container, topo.hosts[1].container
+    assert topo.wait_ping(a.netns, b.ip, 20)
+    assert topo.ping(b.netns, a.ip, count=2)
+    res = topo.run(a.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1500 - 28), str(b.ip), check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    sent, got = _transfer(topo, b, a, 20 * 1024 * 1024, port=5201)
+    assert sent == got and sent[0] == str(20 * 1024 * 1024)
+
+
+def test_hostgw_fake_peer_added_ignored_removed_and_repaired(hostgw):
+    topo, etcd, nodes = hostgw
+    ns = topo.hosts[0].netns
+    taken = {_subnet(n) for n in nodes}
+    subnet = next(ipaddress.IPv4Network(f"10.7.{i}.0/24") for i in range(250, 200, -1)
+                  if ipaddress.IPv4Network(f"10.7.{i}.0/24") not in taken)
+    other = next(ipaddress.IPv4Network(f"10.7.{i}.0/24") for i in range(199, 150, -1)
+                 if ipaddress.IPv4Network(f"10.7.{i}.0/24") not in taken)
+    key = _put_lease(etcd, str(subnet), {"PublicIP": "192.168.100.200", "PublicIPv6": None,
+                                         "BackendType": "host-gw"})
+    key2 = _put_lease(etcd, str(other), {"PublicIP": "192.168.100.201", "PublicIPv6": None,
+                                         "BackendType": "vxlan",
+                                         "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:03"}})
+    want = f"{subnet} via 192.168.100.200 dev eth0"
+    try:
+        assert wait_until(lambda: want in _routes(topo, ns), 10)
+        assert str(other) not in _routes(topo, ns)
+        # Someone deletes our route: the periodic check puts it back (flanneld: routeCheck).
+        topo.ip(ns, "route", "del", str(subnet))
+        assert wait_until(lambda: want in _routes(topo, ns), 15), nodes[0].log()[-2000:]
+        etcd.etcdctl("del", key)
+        assert wait_until(lambda: str(subnet) not in _routes(topo, ns), 10)
+    finally:
+        etcd.etcdctl("del", key)
+        etcd.etcdctl("del", key2)
+
+
+def test_hostgw_refuses_public_ip_not_on_interface(hostgw, tmp_path):
+    topo, etcd, _ = hostgw
+    before = leases(etcd, PREFIX)
+    node = Node(topo, topo.hosts[0], etcd, PREFIX, tmp_path, "-public-ip=192.168.100.77")
+    node.start()
+    try:
+        assert node.wait_exit(20) == 1, node.log()
+        log = node.log()
+        assert "probably you're on a NAT" in log
+        assert "Traceback" not in log
+        assert leases(etcd, PREFIX) == before
+    finally:
+        node.stop(signal.SIGKILL)
