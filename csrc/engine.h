@@ -1,4 +1,222 @@
+/* fastlane data-plane engine: declarations shared by the csrc/ C files.
+ *
+ * Why the split: packet.c holds pure functions over bytes (checks, TTL, ICMP, TSO split, TCP
+ * coalescing) so the tests can drive them through cffi without I/O; route.c holds the route
+ * table and its RCU-like swap; engine.c holds the threads and the syscalls.
+ *
+ * Direction names: "tx" = TUN -> UDP (encapsulation), "rx" = UDP -> TUN (decapsulation).
+ * Addresses are host order inside the engine except in packet bytes.
+ */
 #ifndef FASTLANE_ENGINE_H
 #define FASTLANE_ENGINE_H
-const char *fl_engine_version(void);
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdatomic.h>
+#include <sys/uio.h>
+
+#define FL_MAX_QUEUES 16
+
+struct fl_route {
+    uint32_t net;
+    uint8_t len;
+    uint32_t next_hop;
+    uint16_t port;
+};
+
+struct fl_config {
+    int tun_fds[FL_MAX_QUEUES];
+    int n_tun;
+    int udp_fd;
+    int mtu;
+    uint32_t tun_addr;
+    int check_source;
+    int offload;
+    int icmp_rate;
+    int icmp_burst;
+    int verbose;
+};
+
+struct fl_features {
+    int vnet_hdr;
+    int tso;
+    int gso;
+    int gro;
+    int coalesce;
+    int multiqueue;
+    int queues;
+};
+
+/* Counters: one array per worker, summed on read. Drop reasons are counter indices too, so a
+ * pure function can return "why" as the index it bumped. Keep in sync with fl_counter_names. */
+enum {
+    C_NONE = 0, /* 0 means "forward" in verdicts */
+    C_TX_PACKETS,
+    C_TX_BYTES,
+    C_RX_PACKETS,
+    C_RX_BYTES,
+    C_TX_BATCHES,
+    C_TX_BATCH_READS,
+    C_TX_SENDMMSG,
+    C_TX_MSGS,
+    C_TX_GSO_MSGS,
+    C_TX_TSO_FRAMES,
+    C_TX_TSO_SEGMENTS,
+    C_RX_BATCHES,
+    C_RX_BATCH_MSGS,
+    C_RX_GRO_MSGS,
+    C_RX_TUN_WRITES,
+    C_RX_COALESCED_FRAMES,
+    C_RX_COALESCED_SEGMENTS,
+    C_ICMP_SENT,
+    C_ICMP_SUPPRESSED,
+    C_ROUTE_UPDATES,
+    C_TX_EAGAIN_WAITS,
+    C_DROP_FIRST,
+    D_TX_NOT_IPV4 = C_DROP_FIRST,
+    D_TX_MALFORMED,
+    D_TX_NO_ROUTE,
+    D_TX_TTL_EXPIRED,
+    D_TX_TOO_BIG,
+    D_TX_OVERSIZE,
+    D_TX_BAD_VNET,
+    D_TX_SEND_ERROR,
+    D_RX_FOREIGN_SOURCE,
+    D_RX_NOT_IPV4,
+    D_RX_MALFORMED,
+    D_RX_BAD_CHECKSUM,
+    D_RX_TRUNCATED,
+    D_RX_TUN_WRITE_ERROR,
+    C_COUNT
+};
+
+/* virtio_net_hdr as the TUN speaks it with IFF_VNET_HDR (10 bytes, little endian host). */
+struct fl_vnet_hdr {
+    uint8_t flags;
+    uint8_t gso_type;
+    uint16_t hdr_len;
+    uint16_t gso_size;
+    uint16_t csum_start;
+    uint16_t csum_offset;
+} __attribute__((packed));
+#define FL_VNET_HDR_LEN 10
+#define FL_VNET_F_NEEDS_CSUM 1
+#define FL_VNET_GSO_NONE 0
+#define FL_VNET_GSO_TCPV4 1
+#define FL_VNET_GSO_ECN 0x80
+
+/* Route table: one hash per distinct prefix length, longest first. Immutable once published. */
+struct fl_rt_entry {
+    uint32_t net; /* masked, host order; net == 0 && len == 0 is the default route */
+    uint32_t next_hop;
+    uint16_t port;
+    uint8_t used;
+};
+struct fl_rt_level {
+    uint8_t len;
+    uint32_t mask;
+    uint32_t cap; /* power of two */
+    struct fl_rt_entry *slots;
+};
+struct fl_rtable {
+    int n_levels;
+    struct fl_rt_level levels[33];
+    uint32_t hop_cap; /* power of two; a hash set of next hops for the source check */
+    uint32_t *hops;   /* 0 = empty slot (0.0.0.0 is never a valid peer) */
+    uint8_t *hop_used;
+    int n_routes;
+};
+
+#define FL_QS_OFFLINE UINT64_MAX
+
+/* A worker's private state. Pure-function calls from Python use e->test_worker. */
+struct fl_worker {
+    struct fl_engine *e;
+    pthread_t thread;
+    int kind; /* 0 = tx (TUN reader), 1 = rx (UDP reader), 2 = test */
+    int queue;
+    int running;
+    _Atomic uint64_t qs; /* last grace-period generation seen, or FL_QS_OFFLINE */
+    _Atomic uint64_t c[C_COUNT];
+    double icmp_tokens;
+    uint64_t icmp_last_ns;
+    void *io; /* engine.c's buffers */
+};
+
+#define FL_MAX_WORKERS (FL_MAX_QUEUES + 2)
+
+struct fl_engine {
+    struct fl_config cfg;
+    struct fl_features feat;
+    int stop_fd; /* eventfd: wakes the workers for stop */
+    int started;
+    _Atomic(struct fl_rtable *) table;
+    _Atomic uint64_t gen;
+    pthread_mutex_t wlock; /* serialises writers of the table only */
+    int n_workers;
+    struct fl_worker workers[FL_MAX_WORKERS];
+    struct fl_worker test_worker;
+    _Atomic uint64_t c_engine[C_COUNT]; /* counters bumped outside workers */
+};
+
+static inline void fl_cnt(struct fl_worker *w, int i, uint64_t v)
+{
+    /* single writer per array: a relaxed load+store is an atomic counter for readers */
+    atomic_store_explicit(&w->c[i], atomic_load_explicit(&w->c[i], memory_order_relaxed) + v,
+                          memory_order_relaxed);
+}
+
+/* public API (mirrored for cffi in engine_cdef.h) */
+struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errlen);
+int fl_engine_set_routes(struct fl_engine *e, const struct fl_route *r, int n);
+int fl_engine_start(struct fl_engine *e);
+void fl_engine_stop(struct fl_engine *e);
+void fl_engine_free(struct fl_engine *e);
+void fl_engine_features(struct fl_engine *e, struct fl_features *out);
+int fl_counter_count(void);
+const char *fl_counter_name(int i);
+void fl_engine_counters(struct fl_engine *e, uint64_t *out, int n);
+int fl_lookup(struct fl_engine *e, uint32_t dst, uint32_t *next_hop, uint16_t *port);
+int fl_tx_packet(struct fl_engine *e, uint8_t *pkt, int len, uint32_t *next_hop, uint16_t *port,
+                 uint8_t *icmp, int *icmp_len);
+int fl_rx_packet(struct fl_engine *e, const uint8_t *pkt, int len, uint32_t src);
+int fl_test_split(struct fl_engine *e, const uint8_t *frame, int len, uint8_t *out, int cap,
+                  int *lens, int max);
+int fl_test_coalesce(const uint8_t *pkts, const int *lens, int n, uint8_t *out, int cap,
+                     int *out_lens, int max);
+
+/* route.c */
+struct fl_rtable *fl_rt_build(const struct fl_route *r, int n);
+void fl_rt_free(struct fl_rtable *t);
+const struct fl_rt_entry *fl_rt_lookup(const struct fl_rtable *t, uint32_t dst);
+int fl_rt_has_hop(const struct fl_rtable *t, uint32_t hop);
+void fl_rcu_online(struct fl_worker *w);
+void fl_rcu_offline(struct fl_worker *w);
+struct fl_rtable *fl_rcu_table(struct fl_worker *w);
+
+/* packet.c */
+uint32_t fl_csum_partial(const uint8_t *p, int len, uint32_t sum);
+uint16_t fl_csum_fold(uint32_t sum);
+uint16_t fl_checksum(const uint8_t *p, int len);
+int fl_ip_check(const uint8_t *p, int len, int exact); /* 0 ok, else 1 = not v4, 2 = malformed */
+int fl_make_icmp(struct fl_worker *w, const uint8_t *orig, int orig_len, uint8_t type, uint8_t code,
+                 uint16_t mtu, uint8_t *out);
+int fl_tx_one(struct fl_worker *w, uint8_t *pkt, int len, int gso_size_hint, uint32_t *next_hop,
+              uint16_t *port, uint8_t *icmp, int *icmp_len);
+int fl_rx_one(struct fl_worker *w, const struct fl_rtable *t, const uint8_t *pkt, int len,
+              uint32_t src);
+int fl_vnet_finish_csum(uint8_t *pkt, int len, const struct fl_vnet_hdr *vh);
+
+/* TSO split: fills per-segment headers (hdr_out, stride FL_SEG_HDR_MAX) and iovecs
+ * (2 per segment: header, payload slice of pkt). Returns the segment count or -reason. */
+#define FL_SEG_HDR_MAX 128
+int fl_tso_split(uint8_t *pkt, int len, uint16_t gso_size, int first_seg, int max_segs,
+                 uint8_t *hdr_out, struct iovec *iov, int *seg_len);
+
+/* RX coalescing: given packets (iov of one packet each), groups runs; for each output frame
+ * calls emit(ctx, iov, n_iov, total_len) with iov[0] = vnet header. */
+typedef int (*fl_emit_fn)(void *ctx, struct iovec *iov, int n_iov, int total);
+int fl_coalesce(uint8_t *const *pkts, const int *lens, int n, uint8_t *scratch, struct iovec *iov,
+                int iov_cap, fl_emit_fn emit, void *ctx, uint64_t *frames, uint64_t *segs);
+
 #endif

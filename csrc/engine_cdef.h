@@ -1,2 +1,65 @@
-/* The whole C boundary as cffi sees it (no preprocessor lines here). */
-const char *fl_engine_version(void);
+/* The whole C boundary as cffi sees it (no preprocessor lines here).
+ * Addresses are host-order uint32 (Python's int(IPv4Address)); ports host order. */
+
+#define FL_MAX_QUEUES 16
+
+struct fl_route {
+    uint32_t net;
+    uint8_t len;
+    uint32_t next_hop;
+    uint16_t port;
+};
+
+struct fl_config {
+    int tun_fds[16];     /* one fd per TUN queue (IFF_MULTI_QUEUE when more than one) */
+    int n_tun;           /* 0 = no I/O (pure packet functions only, for tests) */
+    int udp_fd;
+    int mtu;             /* overlay MTU (TUN MTU) */
+    uint32_t tun_addr;   /* source of the ICMP errors we write into the TUN */
+    int check_source;    /* drop datagrams whose source is not a next hop of the table */
+    int offload;         /* try UDP GSO/GRO and, on a vnet_hdr TUN, TSO */
+    int icmp_rate;       /* ICMP errors per second per worker (0 = 100) */
+    int icmp_burst;      /* bucket size (0 = icmp_rate) */
+    int verbose;
+};
+
+struct fl_features {
+    int vnet_hdr;        /* the TUN fds carry virtio_net_hdr */
+    int tso;             /* TUNSETOFFLOAD(CSUM|TSO4) accepted: 64 KiB frames from the TUN */
+    int gso;             /* UDP_SEGMENT on send */
+    int gro;             /* UDP_GRO on receive */
+    int coalesce;        /* TCP segments merged into GSO frames written to the TUN */
+    int multiqueue;      /* more than one TUN queue, one worker each */
+    int queues;
+};
+
+struct fl_engine;
+
+struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errlen);
+int fl_engine_set_routes(struct fl_engine *e, const struct fl_route *r, int n);
+int fl_engine_start(struct fl_engine *e);
+void fl_engine_stop(struct fl_engine *e);
+void fl_engine_free(struct fl_engine *e);
+void fl_engine_features(struct fl_engine *e, struct fl_features *out);
+
+int fl_counter_count(void);
+const char *fl_counter_name(int i);
+void fl_engine_counters(struct fl_engine *e, uint64_t *out, int n);
+
+/* Pure per-packet functions (no I/O) used by the workers and by the tests. */
+int fl_lookup(struct fl_engine *e, uint32_t dst, uint32_t *next_hop, uint16_t *port);
+/* Encap side: pkt is modified in place (TTL). Returns 0 = forward to *next_hop:*port,
+ * else a counter index (a drop reason); *icmp_len > 0 when an ICMP error was produced into icmp. */
+int fl_tx_packet(struct fl_engine *e, uint8_t *pkt, int len, uint32_t *next_hop, uint16_t *port,
+                 uint8_t *icmp, int *icmp_len);
+/* Decap side: 0 = write to the TUN, else a counter index (drop reason). */
+int fl_rx_packet(struct fl_engine *e, const uint8_t *pkt, int len, uint32_t src);
+/* TSO split as the TX worker does it, for tests: frame = virtio_net_hdr + packet.
+ * Writes the wire packets back to back into out; returns their count (or -reason). */
+int fl_test_split(struct fl_engine *e, const uint8_t *frame, int len, uint8_t *out, int cap,
+                  int *lens, int max);
+/* RX coalescing as the RX worker does it, for tests: pkts back to back (lens[i]); writes the
+ * frames the TUN would get (virtio_net_hdr + packet each) into out; returns their count. */
+int fl_test_coalesce(const uint8_t *pkts, const int *lens, int n, uint8_t *out, int cap,
+                     int *out_lens, int max);
+uint16_t fl_checksum(const uint8_t *p, int len);

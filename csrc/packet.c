@@ -1,0 +1,457 @@
+/* Pure per-packet work: header checks, TTL, ICMP errors, TSO splitting and TCP coalescing.
+ *
+ * Nothing here does I/O, so the tests can call every branch through cffi with crafted bytes
+ * and check the verdicts exactly; the workers in engine.c call the same functions.
+ *
+ * Checksums are summed in "native load" order (RFC 1071 §2(B): the one's complement sum is
+ * byte-order independent), so 16-bit fields are loaded and stored with memcpy, never swapped,
+ * and host-order constants added to a sum go through htons first.
+ *
+ * Decisions:
+ * - TTL is decremented on encapsulation only (flanneld also decrements on decapsulation). The
+ *   receiving kernel decrements it again when it forwards out of the TUN, so one overlay crossing
+ *   costs the hops a router path would, and decap never rewrites a packet.
+ * - Decapsulated packets are written to the TUN whatever their inner destination, as flanneld
+ *   does: the kernel's routing/rp_filter decides, and the source check below already limits
+ *   senders to peers in the lease table.
+ * - A packet from the TUN larger than the overlay MTU without DF is dropped and counted
+ *   (tx_oversize) rather than fragmented: with the TUN MTU equal to the overlay MTU the kernel
+ *   never hands one over unless someone raised the TUN MTU by hand.
+ */
+#include <arpa/inet.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine.h"
+
+static inline uint16_t ld16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return v;
+}
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline uint32_t ld32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+
+/* Sum of the bytes as native 16-bit words, not folded past 32 bits. */
+uint32_t fl_csum_partial(const uint8_t *p, int len, uint32_t sum)
+{
+    uint64_t s = sum, c = 0;
+    while (len >= 32) {
+        uint64_t a, b, d, e;
+        memcpy(&a, p, 8);
+        memcpy(&b, p + 8, 8);
+        memcpy(&d, p + 16, 8);
+        memcpy(&e, p + 24, 8);
+        s += a;
+        c += s < a;
+        s += b;
+        c += s < b;
+        s += d;
+        c += s < d;
+        s += e;
+        c += s < e;
+        p += 32;
+        len -= 32;
+    }
+    while (len >= 8) {
+        uint64_t a;
+        memcpy(&a, p, 8);
+        s += a;
+        c += s < a;
+        p += 8;
+        len -= 8;
+    }
+    while (len >= 2) {
+        s += ld16(p);
+        c += s < ld16(p);
+        p += 2;
+        len -= 2;
+    }
+    if (len) {
+        uint8_t tmp[2] = {p[0], 0};
+        s += ld16(tmp);
+        c += s < ld16(tmp);
+    }
+    /* end-around carries: 2^64 = 1 (mod 0xffff) */
+    uint64_t t = (s & 0xffffffffU) + (s >> 32) + c;
+    t = (t & 0xffffffffU) + (t >> 32);
+    t = (t & 0xffffffffU) + (t >> 32);
+    return (uint32_t)t;
+}
+
+uint16_t fl_csum_fold(uint32_t sum)
+{
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+/* The checksum to store (native order) for these bytes. */
+static inline uint16_t csum_final(uint32_t sum) { return (uint16_t)~fl_csum_fold(sum); }
+
+/* Exported for tests: the Internet checksum as a number (0 when the bytes verify). */
+uint16_t fl_checksum(const uint8_t *p, int len)
+{
+    return ntohs(csum_final(fl_csum_partial(p, len, 0)));
+}
+
+static inline uint32_t pseudo_sum(const uint8_t *ip, uint8_t proto, int l4_len)
+{
+    uint64_t s = (uint64_t)ld16(ip + 12) + ld16(ip + 14) + ld16(ip + 16) + ld16(ip + 18) +
+                 htons(proto) + htons((uint16_t)l4_len);
+    return (uint32_t)s;
+}
+
+static inline void ip_set_csum(uint8_t *ip, int ihl_bytes)
+{
+    st16(ip + 10, 0);
+    st16(ip + 10, csum_final(fl_csum_partial(ip, ihl_bytes, 0)));
+}
+
+int fl_ip_check(const uint8_t *p, int len, int exact)
+{
+    if (len < 1)
+        return 2;
+    if ((p[0] >> 4) != 4)
+        return 1;
+    if (len < 20)
+        return 2;
+    int ihl = (p[0] & 15) * 4;
+    if (ihl < 20 || ihl > len)
+        return 2;
+    int tot = ntohs(ld16(p + 2));
+    if (tot < ihl || (exact ? tot != len : tot > len))
+        return 2;
+    return 0;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static int icmp_allowed(const uint8_t *o, int len)
+{
+    uint32_t src = ntohl(ld32(o + 12)), dst = ntohl(ld32(o + 16));
+    if (ntohs(ld16(o + 6)) & 0x1fff) /* non-first fragment */
+        return 0;
+    if (src == 0 || src == 0xffffffffU || (src >> 28) == 0xe || (src >> 24) == 127)
+        return 0;
+    if (dst == 0xffffffffU || (dst >> 28) == 0xe)
+        return 0;
+    int ihl = (o[0] & 15) * 4;
+    if (o[9] == 1) { /* never answer an ICMP error (RFC 1122 3.2.2) */
+        if (len < ihl + 1)
+            return 0;
+        uint8_t type = o[ihl];
+        if (type == 3 || type == 4 || type == 5 || type == 11 || type == 12)
+            return 0;
+    }
+    return 1;
+}
+
+static int icmp_take_token(struct fl_worker *w)
+{
+    const struct fl_config *cfg = &w->e->cfg;
+    double rate = cfg->icmp_rate > 0 ? cfg->icmp_rate : 100;
+    double burst = cfg->icmp_burst > 0 ? cfg->icmp_burst : rate;
+    uint64_t now = now_ns();
+    if (w->icmp_last_ns == 0) {
+        w->icmp_tokens = burst;
+    } else {
+        w->icmp_tokens += (double)(now - w->icmp_last_ns) * 1e-9 * rate;
+        if (w->icmp_tokens > burst)
+            w->icmp_tokens = burst;
+    }
+    w->icmp_last_ns = now;
+    if (w->icmp_tokens < 1.0)
+        return 0;
+    w->icmp_tokens -= 1.0;
+    return 1;
+}
+
+/* Builds an ICMP error about `orig` (a checked IPv4 packet, before the TTL change) into out
+ * (room for 96 bytes). Returns its length, or 0 when none may or need be sent. */
+int fl_make_icmp(struct fl_worker *w, const uint8_t *orig, int orig_len, uint8_t type,
+                 uint8_t code, uint16_t mtu, uint8_t *out)
+{
+    if (!icmp_allowed(orig, orig_len))
+        return 0;
+    if (!icmp_take_token(w)) {
+        fl_cnt(w, C_ICMP_SUPPRESSED, 1);
+        return 0;
+    }
+    int ihl = (orig[0] & 15) * 4;
+    int quote = ihl + 8 < orig_len ? ihl + 8 : orig_len;
+    int tot = 20 + 8 + quote;
+    uint8_t *ip = out, *ic = out + 20;
+    memset(out, 0, 28);
+    ip[0] = 0x45;
+    ip[1] = 0xc0; /* internetwork control precedence, as Linux does for ICMP errors */
+    st16(ip + 2, htons((uint16_t)tot));
+    ip[8] = 64;
+    ip[9] = 1;
+    st32(ip + 12, htonl(w->e->cfg.tun_addr));
+    memcpy(ip + 16, orig + 12, 4);
+    ip_set_csum(ip, 20);
+    ic[0] = type;
+    ic[1] = code;
+    if (type == 3 && code == 4)
+        st16(ic + 6, htons(mtu));
+    memcpy(ic + 8, orig, (size_t)quote);
+    st16(ic + 2, csum_final(fl_csum_partial(ic, 8 + quote, 0)));
+    fl_cnt(w, C_ICMP_SENT, 1);
+    return tot;
+}
+
+static void ttl_decrement(uint8_t *ip)
+{
+    /* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), m the 16-bit word holding TTL and protocol */
+    uint16_t m = ld16(ip + 8);
+    ip[8]--;
+    uint16_t m2 = ld16(ip + 8);
+    uint32_t s = (uint16_t)~ld16(ip + 10);
+    s += (uint16_t)~m;
+    s += m2;
+    st16(ip + 10, (uint16_t)~fl_csum_fold(s));
+}
+
+/* Encap verdict for one packet (or the template of a TSO frame, whose wire packets will be
+ * wire_len bytes each; 0 = len). */
+int fl_tx_one(struct fl_worker *w, uint8_t *pkt, int len, int wire_len, uint32_t *next_hop,
+              uint16_t *port, uint8_t *icmp, int *icmp_len)
+{
+    *icmp_len = 0;
+    int bad = fl_ip_check(pkt, len, 1);
+    if (bad == 1)
+        return D_TX_NOT_IPV4;
+    if (bad)
+        return D_TX_MALFORMED;
+    const struct fl_rt_entry *r = fl_rt_lookup(fl_rcu_table(w), ntohl(ld32(pkt + 16)));
+    if (!r) {
+        *icmp_len = fl_make_icmp(w, pkt, len, 3, 0, 0, icmp);
+        return D_TX_NO_ROUTE;
+    }
+    if (pkt[8] <= 1) {
+        *icmp_len = fl_make_icmp(w, pkt, len, 11, 0, 0, icmp);
+        return D_TX_TTL_EXPIRED;
+    }
+    int mtu = w->e->cfg.mtu;
+    if ((wire_len ? wire_len : len) > mtu) {
+        if (ntohs(ld16(pkt + 6)) & 0x4000) {
+            *icmp_len = fl_make_icmp(w, pkt, len, 3, 4, (uint16_t)mtu, icmp);
+            return D_TX_TOO_BIG;
+        }
+        return D_TX_OVERSIZE;
+    }
+    ttl_decrement(pkt);
+    *next_hop = r->next_hop;
+    *port = r->port;
+    return 0;
+}
+
+int fl_rx_one(struct fl_worker *w, const struct fl_rtable *t, const uint8_t *pkt, int len,
+              uint32_t src)
+{
+    if (w->e->cfg.check_source && !fl_rt_has_hop(t, src))
+        return D_RX_FOREIGN_SOURCE;
+    int bad = fl_ip_check(pkt, len, 1);
+    if (bad == 1)
+        return D_RX_NOT_IPV4;
+    if (bad)
+        return D_RX_MALFORMED;
+    if (fl_csum_fold(fl_csum_partial(pkt, (pkt[0] & 15) * 4, 0)) != 0xffff)
+        return D_RX_BAD_CHECKSUM;
+    return 0;
+}
+
+/* A NEEDS_CSUM packet from the TUN carries only the pseudo-header sum in its L4 checksum
+ * field: finish it, since the wire (and an old flanneld peer) needs complete packets. */
+int fl_vnet_finish_csum(uint8_t *pkt, int len, const struct fl_vnet_hdr *vh)
+{
+    if (!(vh->flags & FL_VNET_F_NEEDS_CSUM))
+        return 0;
+    int start = vh->csum_start, off = vh->csum_offset;
+    if (start > len || start + off + 2 > len)
+        return -1;
+    uint16_t c = csum_final(fl_csum_partial(pkt + start, len - start, 0));
+    if (pkt[9] == 17 && c == 0)
+        c = 0xffff; /* UDP: a computed zero is sent as all ones */
+    st16(pkt + start + off, c);
+    return 0;
+}
+
+int fl_tso_split(uint8_t *pkt, int len, uint16_t gso_size, int first_seg, int max_segs,
+                 uint8_t *hdr_out, struct iovec *iov, int *seg_len)
+{
+    int ihl = (pkt[0] & 15) * 4;
+    if (pkt[9] != 6 || len < ihl + 20 || gso_size == 0)
+        return -D_TX_BAD_VNET;
+    uint8_t *tcp0 = pkt + ihl;
+    int doff = (tcp0[12] >> 4) * 4;
+    int hdr = ihl + doff;
+    if (doff < 20 || hdr > len || hdr > FL_SEG_HDR_MAX)
+        return -D_TX_BAD_VNET;
+    int payload = len - hdr;
+    int nseg = payload == 0 ? 1 : (payload + gso_size - 1) / gso_size;
+    uint16_t id0 = ntohs(ld16(pkt + 4));
+    uint32_t seq0 = ntohl(ld32(tcp0 + 4));
+    uint8_t flags0 = tcp0[13];
+    int n = 0;
+    for (int i = first_seg; i < nseg && n < max_segs; i++, n++) {
+        int off = hdr + i * gso_size;
+        int plen = len - off < gso_size ? len - off : gso_size;
+        uint8_t *h = hdr_out + (size_t)n * FL_SEG_HDR_MAX;
+        memcpy(h, pkt, (size_t)hdr);
+        uint8_t *tcp = h + ihl;
+        st16(h + 2, htons((uint16_t)(hdr + plen)));
+        st16(h + 4, htons((uint16_t)(id0 + i)));
+        ip_set_csum(h, ihl);
+        st32(tcp + 4, htonl(seq0 + (uint32_t)i * gso_size));
+        uint8_t f = flags0;
+        if (i != nseg - 1)
+            f &= (uint8_t)~(0x01 | 0x08); /* FIN, PSH only on the last segment */
+        if (i != 0)
+            f &= (uint8_t)~0x80; /* CWR only on the first */
+        tcp[13] = f;
+        st16(tcp + 16, 0);
+        uint32_t s = pseudo_sum(h, 6, doff + plen);
+        s = fl_csum_partial(tcp, doff, s);
+        s = fl_csum_partial(pkt + off, plen, s);
+        st16(tcp + 16, csum_final(s));
+        iov[2 * n].iov_base = h;
+        iov[2 * n].iov_len = (size_t)hdr;
+        iov[2 * n + 1].iov_base = pkt + off;
+        iov[2 * n + 1].iov_len = (size_t)plen;
+        seg_len[n] = hdr + plen;
+    }
+    return n;
+}
+
+/* ---- RX coalescing ---- */
+
+struct tcp_view {
+    uint8_t *ip, *tcp;
+    int len, hdr, doff, plen;
+    uint32_t seq;
+};
+
+/* A segment that may join a coalesced frame: plain IPv4/TCP, no options in IP, not a fragment,
+ * flags ACK or ACK|PSH, some payload, and a valid TCP checksum (merging would hide a bad one:
+ * the kernel recomputes the checksum of a NEEDS_CSUM frame). */
+static int tcp_mergeable(uint8_t *p, int len, struct tcp_view *v)
+{
+    if (len < 40 || p[0] != 0x45 || p[9] != 6 || (ntohs(ld16(p + 6)) & 0x3fff) ||
+        ntohs(ld16(p + 2)) != len)
+        return 0;
+    uint8_t *t = p + 20;
+    int doff = (t[12] >> 4) * 4;
+    if (doff < 20 || 20 + doff >= len)
+        return 0;
+    if ((t[13] & ~0x08) != 0x10)
+        return 0;
+    uint32_t s = pseudo_sum(p, 6, len - 20);
+    if (fl_csum_fold(fl_csum_partial(t, len - 20, s)) != 0xffff)
+        return 0;
+    v->ip = p;
+    v->tcp = t;
+    v->len = len;
+    v->doff = doff;
+    v->hdr = 20 + doff;
+    v->plen = len - v->hdr;
+    v->seq = ntohl(ld32(t + 4));
+    return 1;
+}
+
+static int same_flow(const struct tcp_view *a, const struct tcp_view *b)
+{
+    /* IP: tos, DF, ttl, proto, addresses; TCP: ports, ack, doff, window, urg, options */
+    if (a->ip[1] != b->ip[1] || ld16(a->ip + 6) != ld16(b->ip + 6) ||
+        ld16(a->ip + 8) != ld16(b->ip + 8) || memcmp(a->ip + 12, b->ip + 12, 8))
+        return 0;
+    if (a->doff != b->doff || memcmp(a->tcp, b->tcp, 4) || memcmp(a->tcp + 8, b->tcp + 8, 5) ||
+        ld16(a->tcp + 14) != ld16(b->tcp + 14) || ld16(a->tcp + 18) != ld16(b->tcp + 18))
+        return 0;
+    return memcmp(a->tcp + 20, b->tcp + 20, (size_t)(a->doff - 20)) == 0;
+}
+
+int fl_coalesce(uint8_t *const *pkts, const int *lens, int n, uint8_t *scratch, struct iovec *iov,
+                int iov_cap, fl_emit_fn emit, void *ctx, uint64_t *frames, uint64_t *segs)
+{
+    struct fl_vnet_hdr *vh = (struct fl_vnet_hdr *)scratch;
+    uint8_t *hdr = scratch + 16;
+    int i = 0, errors = 0;
+    while (i < n) {
+        struct tcp_view head, cur;
+        int j = i + 1;
+        int total = 0;
+        if (tcp_mergeable(pkts[i], lens[i], &head) && !(head.tcp[13] & 0x08)) {
+            total = head.len;
+            int last_plen = head.plen;
+            uint32_t next_seq = head.seq + (uint32_t)head.plen;
+            int psh = 0;
+            while (j < n && 2 + 2 * (j - i) < iov_cap && !psh) {
+                if (last_plen != head.plen || !tcp_mergeable(pkts[j], lens[j], &cur))
+                    break;
+                if (cur.plen > head.plen || cur.seq != next_seq || !same_flow(&head, &cur) ||
+                    total + cur.plen > 65535)
+                    break;
+                total += cur.plen;
+                next_seq += (uint32_t)cur.plen;
+                last_plen = cur.plen;
+                psh = cur.tcp[13] & 0x08;
+                j++;
+            }
+        } else {
+            j = i + 1;
+        }
+        memset(vh, 0, FL_VNET_HDR_LEN);
+        iov[0].iov_base = vh;
+        iov[0].iov_len = FL_VNET_HDR_LEN;
+        int r;
+        if (j - i == 1) {
+            iov[1].iov_base = pkts[i];
+            iov[1].iov_len = (size_t)lens[i];
+            r = emit(ctx, iov, 2, lens[i]);
+        } else {
+            memcpy(hdr, head.ip, (size_t)head.hdr);
+            uint8_t *t = hdr + 20;
+            st16(hdr + 2, htons((uint16_t)total));
+            ip_set_csum(hdr, 20);
+            if (pkts[j - 1][20 + 13] & 0x08)
+                t[13] |= 0x08;
+            st16(t + 16, fl_csum_fold(pseudo_sum(hdr, 6, total - 20)));
+            vh->flags = FL_VNET_F_NEEDS_CSUM;
+            vh->gso_type = FL_VNET_GSO_TCPV4;
+            vh->hdr_len = (uint16_t)head.hdr;
+            vh->gso_size = (uint16_t)head.plen;
+            vh->csum_start = 20;
+            vh->csum_offset = 16;
+            iov[1].iov_base = hdr;
+            iov[1].iov_len = (size_t)head.hdr;
+            int k = 2;
+            for (int m = i; m < j; m++) {
+                int h = 20 + (pkts[m][32] >> 4) * 4;
+                iov[k].iov_base = pkts[m] + h;
+                iov[k].iov_len = (size_t)(lens[m] - h);
+                k++;
+            }
+            r = emit(ctx, iov, k, total);
+            (*frames)++;
+            *segs += (uint64_t)(j - i);
+        }
+        if (r < 0)
+            errors++;
+        i = j;
+    }
+    return errors;
+}
