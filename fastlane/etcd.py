@@ -230,8 +230,8 @@ def _read_pem(path: str, what: str) -> bytes:
         raise EtcdError(f"cannot read etcd {what} {path!r}: {exc.strerror or exc}") from None
 
 
-def _credentials(tls: TLSFiles | None) -> tuple[Any, bool]:
-    """Return (grpc credentials for https endpoints, whether client certs are in use).
+def _credentials(tls: TLSFiles | None) -> Any:
+    """Return the gRPC channel credentials used for https endpoints.
 
     Like flanneld: without both cert and key we do not present a client certificate and the CA
     file is ignored (with a warning). https endpoints then still speak TLS, verified against the
@@ -241,7 +241,7 @@ def _credentials(tls: TLSFiles | None) -> tuple[Any, bool]:
         if tls is not None and (tls.certfile or tls.keyfile or tls.cafile):
             _log.warning("etcd: client certificate or key missing: not using TLS client "
                          "credentials (the CA file is ignored too), like flanneld")
-        return grpc.ssl_channel_credentials(), False
+        return grpc.ssl_channel_credentials()
     ca = _read_pem(tls.cafile, "cafile") if tls.cafile else None
     cert = _read_pem(tls.certfile, "certfile")
     key = _read_pem(tls.keyfile, "keyfile")
@@ -260,7 +260,7 @@ def _credentials(tls: TLSFiles | None) -> tuple[Any, bool]:
             raise EtcdError(f"etcd cafile {tls.cafile!r} holds no usable CA certificate "
                             f"({_one_line(str(exc), 120)})") from None
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                        certificate_chain=cert), True
+                                        certificate_chain=cert)
 
 
 # -------------------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ class Store:
         if not endpoints:
             raise ValueError("no etcd endpoints given")
         self._endpoints = list(endpoints)
-        self._creds, self._client_certs = _credentials(tls)
+        self._creds = _credentials(tls)
         self._username = username or None
         self._password = password or ""
         self._timeout = float(timeout)
@@ -652,7 +652,10 @@ class Store:
         return bool(resp.succeeded)
 
     async def replace(self, key: str, value: bytes, mod_revision: int, lease: int = 0) -> bool:
-        """Compare-and-swap: put only if the key still has ``mod_revision``."""
+        """Compare-and-swap: put only if the key still has ``mod_revision``.
+
+        ``mod_revision=0`` is etcd's "the key does not exist", so it behaves like create().
+        """
         raw = _key_bytes(key)
         compare = Compare(result=Compare.EQUAL, target=Compare.MOD, key=raw,
                           mod_revision=int(mod_revision))
