@@ -303,6 +303,52 @@ def test_vxlan_incompatible_device_is_recreated_keeping_mac(vxlan):
     assert topo.ping(h.container.netns, other.container.ip, count=2)
 
 
+def _restart_all(topo, etcd, nodes, config: str) -> None:
+    etcd.etcdctl("put", f"{PREFIX}/config", config)
+    for n in nodes:
+        n.stop(signal.SIGTERM)
+        n.subnet_file.unlink()
+    for n in nodes:
+        n.start()
+    for n in nodes:
+        n.wait_subnet_file()
+
+
+def test_vxlan_options_vni_port_mtu_gbp(vxlan):
+    topo, etcd, nodes = vxlan
+    _restart_all(topo, etcd, nodes, '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":'
+                 '{"Type":"vxlan","VNI":7,"Port":4789,"MTU":1400,"GBP":true}}')
+    for i, n in enumerate(nodes):
+        h = topo.hosts[i]
+        assert n.wait_subnet_file()["FLANNEL_MTU"] == "1350"
+        link = topo.ip(h.netns, "-d", "link", "show", "flannel.7")
+        assert "mtu 1350" in link and "vxlan id 7 " in link and "dstport 4789" in link and " gbp " in link
+        data = json.loads(_lease_value(etcd, n))["BackendData"]
+        assert data == {"VNI": 7, "VtepMAC": _mac(topo, h.netns, "flannel.7")}
+    a, b = topo.hosts[0].container, topo.hosts[1].container
+    want = f"{_subnet(nodes[1])} via {_subnet(nodes[1]).network_address} dev flannel.7 onlink"
+    assert wait_until(lambda: want in _routes(topo, topo.hosts[0].netns), 10), _routes(topo, topo.hosts[0].netns)
+    assert topo.wait_ping(a.netns, b.ip, 15), nodes[0].log()[-2000:]
+    res = topo.run(b.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1350 - 28), str(a.ip), check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_vxlan_direct_routing_on_same_l2(vxlan):
+    topo, etcd, nodes = vxlan
+    _restart_all(topo, etcd, nodes, '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":'
+                 '{"Type":"vxlan","VNI":7,"Port":4789,"MTU":1400,"GBP":true,"DirectRouting":true}}')
+    for me, peer in ((0, 1), (1, 0)):
+        ns, subnet = topo.hosts[me].netns, _subnet(nodes[peer])
+        want = f"{subnet} via {topo.hosts[peer].ip} dev eth0"
+        assert wait_until(lambda: want in _routes(topo, ns), 10), _routes(topo, ns)
+        # The encapsulated path's entries from the previous run are swept.
+        assert wait_until(lambda: str(subnet.network_address) not in topo.ip(ns, "neigh", "show", "dev", "flannel.7"), 5)
+        assert str(topo.hosts[peer].ip) not in topo.run(ns, "bridge", "fdb", "show", "dev", "flannel.7").stdout
+    a, b = topo.hosts[0].container, topo.hosts[1].container
+    assert topo.wait_ping(a.netns, b.ip, 15)
+    assert topo.ping(b.netns, a.ip, count=2)
+
+
 # ---- host-gw ---------------------------------------------------------------------------
 
 def test_hostgw_lease_value_mtu_and_routes_match_flanneld(hostgw):
