@@ -247,6 +247,39 @@ def test_vxlan_fake_peer_added_changed_ignored_and_removed(vxlan):
         etcd.etcdctl("del", key2)
 
 
+def test_vxlan_burst_of_puts_and_deletes_ends_in_the_right_state(vxlan):
+    """Updates are applied in order: a put followed at once by a delete leaves nothing."""
+    topo, etcd, nodes = vxlan
+    ns = topo.hosts[0].netns
+    taken = {_subnet(n) for n in nodes}
+    subnets = [s for s in (ipaddress.IPv4Network(f"10.6.{i}.0/24") for i in range(100, 160)) if s not in taken][:40]
+    gone, kept = subnets[:20], subnets[20:]
+
+    def value(i: int) -> dict:
+        return {"PublicIP": f"192.168.100.{100 + i}", "PublicIPv6": None, "BackendType": "vxlan",
+                "BackendData": {"VNI": 1, "VtepMAC": f"0a:00:00:00:01:{i:02x}"}}
+
+    keys = []
+    try:
+        for i, s in enumerate(subnets):
+            keys.append(_put_lease(etcd, str(s), value(i)))
+        for s in gone:
+            etcd.etcdctl("del", f"{PREFIX}/subnets/{s.network_address}-24")
+
+        def settled() -> bool:
+            routes, fdb, neigh = _routes(topo, ns), _fdb(topo, ns), _neigh(topo, ns)
+            return (all(f"{s} via" in routes for s in kept) and not any(f"{s} via" in routes for s in gone)
+                    and all(f"0a:00:00:00:01:{i:02x}" in fdb for i in range(20, 40))
+                    and not any(f"0a:00:00:00:01:{i:02x}" in fdb for i in range(20))
+                    and not any(f"{s.network_address} lladdr" in neigh for s in gone))
+        assert wait_until(settled, 15), _routes(topo, ns)
+        assert nodes[0].proc.poll() is None
+    finally:
+        for k in keys:
+            etcd.etcdctl("del", k)
+    assert wait_until(lambda: not any(f"{s} via" in _routes(topo, ns) for s in subnets), 10)
+
+
 def test_vxlan_device_deleted_is_recreated_with_same_mac(vxlan):
     topo, _, nodes = vxlan
     h = topo.hosts[0]
@@ -394,6 +427,10 @@ def test_hostgw_fake_peer_added_ignored_removed_and_repaired(hostgw):
         assert wait_until(lambda: want in _routes(topo, ns), 15), nodes[0].log()[-2000:]
         etcd.etcdctl("del", key)
         assert wait_until(lambda: str(subnet) not in _routes(topo, ns), 10)
+        # A peer that is not on our L2 segment cannot be a gateway: one error line, no crash.
+        _put_lease(etcd, str(subnet), {"PublicIP": "10.99.0.1", "PublicIPv6": None, "BackendType": "host-gw"})
+        assert wait_until(lambda: f"cannot add route {subnet} via 10.99.0.1" in nodes[0].log(), 10)
+        assert nodes[0].proc.poll() is None and "Traceback" not in nodes[0].log()
     finally:
         etcd.etcdctl("del", key)
         etcd.etcdctl("del", key2)
