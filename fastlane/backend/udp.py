@@ -68,6 +68,14 @@ class UdpBackend(Backend):
             ipr.addr("replace", index=idx, address=str(lease.subnet.network_address), prefixlen=32)
             ipr.link("set", index=idx, state="up")
             ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
+        # The engine answers ICMP errors (net unreachable, frag needed, time exceeded) from
+        # the TUN's own address, as flanneld does; without accept_local the kernel drops
+        # them as martians (a local source arriving from outside) and pings hang silently.
+        try:
+            with open(f"/proc/sys/net/ipv4/conf/{ifname}/accept_local", "w") as f:
+                f.write("1")
+        except OSError as exc:
+            log.warning("cannot set accept_local on %s (%s): ICMP errors may be dropped", ifname, exc)
 
     async def start(self, lease: Lease, table: LeaseTable) -> None:
         from fastlane.engine import Engine, Route  # loads the C extension
