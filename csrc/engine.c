@@ -71,6 +71,7 @@ static const char *const counter_names[C_COUNT] = {
     [C_ICMP_SUPPRESSED] = "icmp_suppressed",
     [C_ROUTE_UPDATES] = "route_updates",
     [C_TX_EAGAIN_WAITS] = "tx_eagain_waits",
+    [C_IO_ERRORS] = "io_errors",
     [D_TX_NOT_IPV4] = "drop_tx_not_ipv4",
     [D_TX_MALFORMED] = "drop_tx_malformed",
     [D_TX_NO_ROUTE] = "drop_tx_no_route",
@@ -179,7 +180,19 @@ static int wait_fd(struct fl_engine *e, int fd, short events, int timeout_ms)
         return errno == EINTR ? 0 : -1;
     if (p[1].revents)
         return -1; /* stopping */
+    if (p[0].revents & POLLNVAL)
+        return -2; /* the fd was closed under us: nothing more to do */
     return p[0].revents ? 1 : 0;
+}
+
+/* After an unexpected I/O error (a deleted TUN device polls as always-ready): wait a little,
+ * unless stopping, so a broken fd never turns into a busy loop. Returns -1 when stopping. */
+static int backoff(struct fl_engine *e, struct fl_worker *w)
+{
+    fl_rcu_offline(w);
+    fl_cnt(w, C_IO_ERRORS, 1);
+    struct pollfd p = {.fd = e->stop_fd, .events = POLLIN};
+    return poll(&p, 1, 50) > 0 ? -1 : 0;
 }
 
 /* Writes an ICMP error back into the TUN (with a GSO_NONE vnet header when the TUN wants one). */
@@ -435,11 +448,14 @@ static void *tx_main(void *arg)
     struct fl_engine *e = w->e;
     struct tx_io *io = w->io;
     int fd = e->cfg.tun_fds[w->queue];
+    char name[16];
+    snprintf(name, sizeof(name), "fl-tx%d", w->queue);
+    pthread_setname_np(pthread_self(), name); /* for top/perf */
     for (;;) {
         fl_rcu_offline(w);
         if (wait_fd(e, fd, POLLIN, -1) < 0)
             break;
-        int more = 1;
+        int more = 1, failed = 0;
         while (more) {
             fl_rcu_online(w);
             int reads = 0;
@@ -450,6 +466,8 @@ static void *tx_main(void *arg)
                 if (n < 0) {
                     if (errno == EINTR)
                         continue;
+                    if (errno != EAGAIN)
+                        failed = 1;
                     break; /* EAGAIN: drained */
                 }
                 reads++;
@@ -466,6 +484,8 @@ static void *tx_main(void *arg)
             /* the queued datagrams hold no table pointer: the flush may wait offline */
             tx_flush(w, io);
         }
+        if (failed && backoff(e, w) < 0)
+            break;
     }
     fl_rcu_offline(w);
     return NULL;
@@ -529,6 +549,7 @@ static void *rx_main(void *arg)
     struct fl_engine *e = w->e;
     struct rx_io *io = w->io;
     int ufd = e->cfg.udp_fd, tfd = e->cfg.tun_fds[0];
+    pthread_setname_np(pthread_self(), "fl-rx");
     for (;;) {
         fl_rcu_offline(w);
         if (wait_fd(e, ufd, POLLIN, -1) < 0)
@@ -545,6 +566,15 @@ static void *rx_main(void *arg)
                 h->msg_flags = 0;
             }
             int r = recvmmsg(ufd, io->msgs, RX_MSGS, MSG_DONTWAIT, NULL);
+            if (r < 0 && errno != EAGAIN && errno != EINTR) {
+                /* a pending socket error (e.g. from an ICMP): read it to clear it */
+                int soerr;
+                socklen_t sl = sizeof(soerr);
+                if (getsockopt(ufd, SOL_SOCKET, SO_ERROR, &soerr, &sl) == 0 && soerr)
+                    continue;
+                if (backoff(e, w) < 0)
+                    goto out;
+            }
             if (r <= 0)
                 break;
             fl_rcu_online(w);
@@ -592,6 +622,7 @@ static void *rx_main(void *arg)
                 break;
         }
     }
+out:
     fl_rcu_offline(w);
     return NULL;
 }

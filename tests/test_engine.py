@@ -572,12 +572,13 @@ class Pair:
     """
 
     def __init__(self, *, vnet: bool = True, offload: bool = True, tun_mtu: int = MTU,
-                 engine_mtu: int = MTU, custom_b: bool = False) -> None:
+                 engine_mtu: int = MTU, custom_b: bool = False, queues: int = 1) -> None:
         sfx = secrets.token_hex(3)
         self.ns = [f"fle{sfx}a", f"fle{sfx}b"]
         self.vnet, self.offload = vnet, offload
         self.tun_mtu, self.engine_mtu = tun_mtu, engine_mtu
         self.custom_b = custom_b
+        self.queues = queues
         self.engines: list[Engine] = []
         self.socks: list[socket.socket] = []
         self.tun_fds: list[list[int]] = []
@@ -598,7 +599,7 @@ class Pair:
             sh("ip", "-n", n, "addr", "add", f"{UNDER[i]}/24", "dev", "veth0")
             sh("ip", "-n", n, "link", "set", "veth0", "up")
             vnet = self.vnet and not (i == 1 and self.custom_b)
-            name, fds = in_netns(n, lambda: open_tun("flt%d", vnet_hdr=vnet))
+            name, fds = in_netns(n, lambda: open_tun("flt%d", queues=self.queues, vnet_hdr=vnet))
             self.tun_fds.append(fds)
             self.socks.append(in_netns(n, lambda: open_udp_socket(UNDER[i], PORT)))
             sh("ip", "-n", n, "addr", "add", f"{OVER[i]}/32", "dev", name)
@@ -655,6 +656,7 @@ MODES = {
     "plain": dict(vnet=False, offload=False),
     "gso-gro": dict(vnet=False, offload=True),
     "tso": dict(vnet=True, offload=True),
+    "tso-2queues": dict(vnet=True, offload=True, queues=2),
 }
 
 
@@ -717,8 +719,9 @@ def tcp_transfer(pair: Pair, src: int, dst: int, size: int, seed: int, *, mss: i
 @pytest.mark.parametrize("mode", list(MODES))
 def test_ping_and_tcp_both_ways(pair_factory, mode: str) -> None:
     p = pair_factory(**MODES[mode])
-    if mode == "tso":
+    if mode.startswith("tso"):
         assert p.engines[0].features["vnet_hdr"] and p.engines[0].features["coalesce"]
+    assert p.engines[0].features["multiqueue"] == (p.queues > 1)
     for i in (0, 1):
         r = p.ping(i, OVER[1 - i])
         assert " 0% packet loss" in r.stdout, r.stdout
@@ -738,7 +741,7 @@ def test_ping_and_tcp_both_ways(pair_factory, mode: str) -> None:
     c = p.engines[0].counters()
     assert c["tx_bytes"] > 50 << 20 and c["rx_bytes"] > 50 << 20
     assert c["drop_rx_bad_checksum"] == 0 and c["drop_tx_send_error"] == 0
-    if mode == "tso":
+    if mode.startswith("tso"):
         assert c["tx_tso_frames"] > 0 and c["rx_coalesced_frames"] > 0
 
 
@@ -905,3 +908,32 @@ def test_interoperates_with_a_flanneld_style_peer(pair_factory) -> None:
         peer.close()
     assert not peer.bad, peer.bad[:3]
     assert peer.datagrams > (8 << 20) // MTU
+
+
+def _thread_cpu_seconds(prefix: str) -> float:
+    total = 0.0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith(prefix):
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+@needs_net
+def test_deleted_tun_device_neither_spins_nor_blocks_stop(pair_factory) -> None:
+    p = pair_factory()
+    a = p.engines[0]
+    sh("ip", "-n", p.ns[0], "link", "del", "flt0")
+    time.sleep(0.1)
+    before = _thread_cpu_seconds("fl-tx")
+    time.sleep(0.5)
+    # a busy loop would burn ~0.5 s here; the back-off polls 20 times a second
+    assert _thread_cpu_seconds("fl-tx") - before < 0.2
+    a.stop()
+    assert a.counters()["io_errors"] > 0
