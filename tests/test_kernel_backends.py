@@ -304,10 +304,12 @@ def test_vxlan_restart_keeps_vtep_mac_and_sweeps_stale_entries(vxlan):
     topo.run(h.netns, "bridge", "fdb", "replace", "0a:00:00:00:00:09", "dev", "flannel.1", "dst",
              "192.168.100.209", "self", "permanent")
     topo.ip(h.netns, "route", "replace", "10.6.249.0/24", "via", "10.6.249.0", "dev", "flannel.1", "onlink")
+    topo.ip(h.netns, "route", "replace", "10.6.248.0/24", "via", "192.168.100.248", "dev", "eth0")
     nodes[1].subnet_file.unlink()
     nodes[1].start()
     nodes[1].wait_subnet_file()
     assert wait_until(lambda: "10.6.249.0" not in _routes(topo, h.netns), 15), nodes[1].log()[-2000:]
+    assert "10.6.248.0" not in _routes(topo, h.netns)
     assert "0a:00:00:00:00:09" not in _fdb(topo, h.netns)
     assert "10.6.249.0" not in _neigh(topo, h.netns)
     assert _mac(topo, h.netns) == mac
@@ -380,6 +382,10 @@ def test_vxlan_direct_routing_on_same_l2(vxlan):
     a, b = topo.hosts[0].container, topo.hosts[1].container
     assert topo.wait_ping(a.netns, b.ip, 15)
     assert topo.ping(b.netns, a.ip, count=2)
+    # A direct route deleted by hand comes back on the next periodic check.
+    ns, subnet = topo.hosts[0].netns, _subnet(nodes[1])
+    topo.ip(ns, "route", "del", str(subnet))
+    assert wait_until(lambda: f"{subnet} via {topo.hosts[1].ip} dev eth0" in _routes(topo, ns), 15)
 
 
 # ---- host-gw ---------------------------------------------------------------------------

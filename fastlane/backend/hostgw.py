@@ -69,6 +69,21 @@ def _strerror(exc: NetlinkError) -> str:
         return str(exc)
 
 
+def overlay_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
+    """Routes out of `oif` that look like flannel's: via a gateway, to a SubnetLen subnet of Network."""
+    found: dict[IPv4Network, IPv4Address] = {}
+    if cfg.network is None:
+        return found
+    for r in ipr.get_routes(family=socket.AF_INET, oif=oif, table=MAIN_TABLE):
+        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
+        if dst is None or gw is None or r["dst_len"] != cfg.subnet_len:
+            continue
+        net = IPv4Network((dst, r["dst_len"]))
+        if net.subnet_of(cfg.network):
+            found[net] = IPv4Address(gw)
+    return found
+
+
 class KernelError(Exception):
     """One netlink operation failed (logged as one line, never fatal once running)."""
 
@@ -251,17 +266,7 @@ class HostGwBackend(KernelBackend):
         log.info("subnet removed: %s", lease.subnet)
 
     def _our_routes(self, ipr: IPRoute) -> dict[IPv4Network, IPv4Address]:
-        """Routes on the interface that look like ours: a gateway, dst a subnet of Network."""
-        cfg = self.ctx.config
-        found: dict[IPv4Network, IPv4Address] = {}
-        for r in ipr.get_routes(family=socket.AF_INET, oif=self.ctx.iface.index, table=MAIN_TABLE):
-            dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
-            if dst is None or gw is None or r["dst_len"] != cfg.subnet_len:
-                continue
-            net = IPv4Network((dst, r["dst_len"]))
-            if cfg.network is not None and net.subnet_of(cfg.network):
-                found[net] = IPv4Address(gw)
-        return found
+        return overlay_routes(ipr, self.ctx.iface.index, self.ctx.config)
 
     def _reconcile(self, ipr: IPRoute, leases: list[Lease]) -> None:
         present = self._our_routes(ipr)

@@ -26,7 +26,9 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from fastlane.backend.base import BackendError
-from fastlane.backend.hostgw import MAIN_TABLE, RTPROT_BOOT, KernelBackend, KernelError, netlink_call
+from fastlane.backend.hostgw import (
+    MAIN_TABLE, RTPROT_BOOT, KernelBackend, KernelError, netlink_call, overlay_routes,
+)
 from fastlane.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -384,12 +386,14 @@ class VxlanBackend(KernelBackend):
         fdb = {(f.get_attr("NDA_LLADDR"), f.get_attr("NDA_DST")) for f in ipr.fdb("dump", ifindex=self.index)}
         routes = {r.get_attr("RTA_DST") for r in
                   ipr.get_routes(family=socket.AF_INET, oif=self.index, table=MAIN_TABLE)}
+        direct = overlay_routes(ipr, self.ctx.iface.index, self.ctx.config) if self.direct_routing else {}
         by_subnet = {l.subnet: l for l in leases}
         for subnet, peer in list(self._peers.items()):
-            if peer.direct:
-                continue
             dst = str(subnet.network_address)
-            if dst in neigh and (peer.mac, str(peer.public_ip)) in fdb and dst in routes:
+            if peer.direct:
+                if direct.get(subnet) == peer.public_ip:
+                    continue
+            elif dst in neigh and (peer.mac, str(peer.public_ip)) in fdb and dst in routes:
                 continue
             lease = by_subnet.get(subnet)
             if lease is None:
@@ -413,6 +417,17 @@ class VxlanBackend(KernelBackend):
             netlink_call(f"cannot delete stale route {dst}/{r['dst_len']}",
                          lambda: ipr.route("del", dst=dst, dst_len=r["dst_len"], gateway=gw,
                                            oif=self.index, table=MAIN_TABLE), missing_ok=True)
+        # Direct routes (DirectRouting, or left by a host-gw run) for subnets nobody holds.
+        for net, gw in overlay_routes(ipr, self.ctx.iface.index, self.ctx.config).items():
+            peer = self._peers.get(net)
+            if (peer is not None and peer.direct) or str(net.network_address) == own:
+                continue
+            self._counts["swept"] += 1
+            log.info("removing stale route %s via %s on %s", net, gw, self.ctx.iface.name)
+            netlink_call(f"cannot delete stale route {net}",
+                         lambda: ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
+                                           gateway=str(gw), oif=self.ctx.iface.index, table=MAIN_TABLE),
+                         missing_ok=True)
         for n in ipr.get_neighbours(ifindex=self.index, family=socket.AF_INET):
             dst = n.get_attr("NDA_DST")
             if not n["state"] & NUD_PERMANENT or dst in want_dst:
