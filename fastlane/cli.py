@@ -7,7 +7,6 @@ namespace topology) and `leases` (print the lease table from etcd).
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import sys

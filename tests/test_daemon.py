@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 
 import pytest
 
 from fastlane.etcdserver import EtcdServer
-from fastlane.topology import Topology, cleanup_stale
+from fastlane.topology import Topology
 from tests.daemon_helpers import Node, NotifySocket, lease_ids, leases, wait_until
 
 ALLOC = '{"Network":"10.1.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}'

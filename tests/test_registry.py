@@ -3,7 +3,6 @@
 import asyncio
 import ipaddress
 import json
-import random
 
 import pytest
 

@@ -14,7 +14,7 @@ import pytest
 
 from fastlane.etcdserver import EtcdServer
 from fastlane.topology import Topology
-from tests.daemon_helpers import Node, leases, wait_until
+from tests.daemon_helpers import Node, wait_until
 
 UDP = '{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
 

@@ -10,7 +10,6 @@ into the engine's route table, whole, on every change (one swap per watch batch)
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket

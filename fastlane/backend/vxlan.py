@@ -26,7 +26,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from fastlane.backend.base import BackendError
-from fastlane.backend.hostgw import (
+from fastlane.backend.kernel import (
     MAIN_TABLE, RTPROT_BOOT, KernelBackend, KernelError, netlink_call, overlay_routes,
 )
 from fastlane.lease import Lease

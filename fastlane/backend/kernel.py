@@ -1,0 +1,218 @@
+"""`KernelBackend`: what host-gw and vxlan share. They forward in the kernel, so all they do
+is turn the lease table into netlink state. That work runs on one worker thread (sync
+pyroute2 cannot run inside the event loop, and a single worker keeps updates in the order
+the watcher saw them); the subscriber callback only queues a job, so a slow or failing
+netlink call never blocks or kills the watcher.
+
+Like flanneld, stop() leaves every route in place: peers stay reachable while the
+daemon restarts, and the restarted daemon replaces the entries with identical ones.
+Unlike flanneld, entries that outlived a peer's lease while the daemon was down are
+swept on the first full table, and a route someone deleted is re-added on the next
+periodic check (flanneld does the latter for host-gw only, every 10 s).
+"""
+
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from fastlane.backend.base import Backend, BackendError
+from fastlane.lease import Lease
+from fastlane.watcher import LeaseTable, TableChange
+
+log = logging.getLogger(__name__)
+
+IPv4Network = ipaddress.IPv4Network
+IPv4Address = ipaddress.IPv4Address
+
+#: main routing table; RTPROT_BOOT is what Go's netlink leaves in place (shown as no proto).
+MAIN_TABLE = 254
+RTPROT_BOOT = 3
+
+_TRANSIENT = {errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR}
+_GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV}
+
+
+def netlink_call(what: str, fn: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+    """Run one netlink request; retry transient failures; one-line error otherwise.
+
+    flanneld wraps each call in retry.Do; retrying EINVAL or ENETUNREACH cannot help, so
+    only the errors that can go away by themselves are retried here.
+    """
+    for attempt in range(4):
+        try:
+            return fn()
+        except NetlinkError as exc:
+            if missing_ok and exc.code in _GONE:
+                return None
+            if exc.code in _TRANSIENT and attempt < 3:
+                time.sleep(0.05 * (attempt + 1))
+                continue
+            raise KernelError(f"{what}: {_strerror(exc)}") from None
+
+
+def _strerror(exc: NetlinkError) -> str:
+    try:
+        return exc.args[1] if len(exc.args) > 1 else (str(exc) or errno.errorcode.get(exc.code, "?"))
+    except Exception:  # pragma: no cover - defensive
+        return str(exc)
+
+
+def overlay_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
+    """Routes out of `oif` that look like flannel's: via a gateway, to a SubnetLen subnet of Network."""
+    found: dict[IPv4Network, IPv4Address] = {}
+    if cfg.network is None:
+        return found
+    for r in ipr.get_routes(family=socket.AF_INET, oif=oif, table=MAIN_TABLE):
+        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
+        if dst is None or gw is None or r["dst_len"] != cfg.subnet_len:
+            continue
+        net = IPv4Network((dst, r["dst_len"]))
+        if net.subnet_of(cfg.network):
+            found[net] = IPv4Address(gw)
+    return found
+
+
+class KernelError(Exception):
+    """One netlink operation failed (logged as one line, never fatal once running)."""
+
+
+class KernelBackend(Backend):
+    """A backend whose data plane is kernel state derived from the lease table."""
+
+    #: Seconds between checks that the kernel still holds what we programmed.
+    RECONCILE_INTERVAL = 5.0
+
+    def __init__(self, ctx) -> None:
+        super().__init__(ctx)
+        self.lease: Lease | None = None
+        self._table: LeaseTable | None = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+        self._swept = False
+        self._ignored: set[tuple[IPv4Network, str]] = set()
+        self._counts = {"peers": 0, "netlink_errors": 0, "repairs": 0, "swept": 0}
+        self.log = logging.getLogger(type(self).__module__)  # log lines name the backend
+
+    # ---- hooks for subclasses (all run on the worker thread) ------------------------
+
+    def _setup(self, ipr: IPRoute, lease: Lease) -> None:
+        """Host configuration that must exist before peers are programmed."""
+
+    def _program(self, ipr: IPRoute, lease: Lease) -> None:
+        raise NotImplementedError
+
+    def _unprogram(self, ipr: IPRoute, lease: Lease) -> None:
+        raise NotImplementedError
+
+    def _reconcile(self, ipr: IPRoute, leases: list[Lease]) -> None:
+        """Repair what someone else removed."""
+
+    def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
+        """Remove entries for subnets that are no longer leased."""
+
+    # ---- the worker -------------------------------------------------------------------
+
+    def _run_job(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            with IPRoute() as ipr:
+                fn(ipr, *args)
+        except KernelError as exc:
+            self._counts["netlink_errors"] += 1
+            self.log.error("%s", exc)
+        except Exception:  # a bug here must not stop later updates
+            self._counts["netlink_errors"] += 1
+            self.log.exception("%s backend: unexpected error applying lease changes", self.lease_type)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._worker is None:
+            return
+        try:
+            self._worker.submit(self._run_job, fn, *args)
+        except RuntimeError:  # shut down: the daemon is stopping
+            pass
+
+    def _accepts(self, lease: Lease) -> bool:
+        """flanneld ignores peers of another backend type, with a warning."""
+        btype = lease.attrs.backend_type
+        if btype == self.lease_type:
+            return True
+        if (lease.subnet, btype) not in self._ignored:
+            self._ignored.add((lease.subnet, btype))
+            self.log.warning("ignoring non-%s subnet %s: type=%s", self.lease_type, lease.subnet, btype or '""')
+        return False
+
+    def _apply(self, ipr: IPRoute, change: TableChange, full: list[Lease] | None) -> None:
+        for lease in change.removed:
+            try:
+                self._unprogram(ipr, lease)
+            except KernelError as exc:
+                self._counts["netlink_errors"] += 1
+                self.log.error("%s", exc)
+        for lease in change.added:
+            try:
+                self._program(ipr, lease)
+            except KernelError as exc:
+                self._counts["netlink_errors"] += 1
+                self.log.error("%s", exc)
+        if full is not None:
+            self._sweep(ipr, full)
+
+    def _on_change(self, table: LeaseTable, change: TableChange) -> None:
+        # The first call carries the whole table (the watcher's first snapshot): only
+        # then do we know which leftover entries belong to no lease.
+        full = None
+        if not self._swept:
+            self._swept = True
+            full = table.leases()
+        self._submit(self._apply, change, full)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.RECONCILE_INTERVAL)
+            if self._table is not None:
+                self._submit(self._reconcile, self._table.leases())
+
+    async def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a job on the worker and wait for it, letting KernelError out."""
+        def job() -> None:
+            with IPRoute() as ipr:
+                fn(ipr, *args)
+
+        assert self._worker is not None
+        await asyncio.get_running_loop().run_in_executor(self._worker, job)
+
+    # ---- Backend ----------------------------------------------------------------------
+
+    async def start(self, lease: Lease, table: LeaseTable) -> None:
+        self.lease = lease
+        self._table = table
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"{self.lease_type}-netlink")
+        try:
+            await self._call(self._setup, lease)
+        except KernelError as exc:
+            raise BackendError(str(exc)) from None
+        table.subscribe(self._on_change)
+        self._task = asyncio.create_task(self._reconcile_loop(), name=f"{self.lease_type}-reconcile")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            await asyncio.to_thread(worker.shutdown, True)
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._counts)
