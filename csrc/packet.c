@@ -39,10 +39,59 @@ static inline uint32_t ld32(const uint8_t *p)
 }
 static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* The checksum is a tenth of the engine's CPU on the TSO path (perf): with AVX2 the 32-bit words
+ * of 64 bytes are summed per step into eight 64-bit lanes (low and high halves apart), so no carry
+ * handling is needed for any packet size (2^32 additions of 32-bit values fit in 64 bits).
+ * A 32-bit word w = hi * 2^16 + lo is congruent to hi + lo mod 0xffff, so this sum folds to the same
+ * one's complement result as the 16-bit one. */
+__attribute__((target("avx2"))) static uint64_t sum64_avx2(const uint8_t *p, int len, int *done)
+{
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    const __m256i mask = _mm256_set1_epi64x(0xffffffffLL);
+    int n = 0;
+    while (len - n >= 64) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(p + n));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(p + n + 32));
+        lo = _mm256_add_epi64(lo, _mm256_and_si256(a, mask));
+        hi = _mm256_add_epi64(hi, _mm256_srli_epi64(a, 32));
+        lo = _mm256_add_epi64(lo, _mm256_and_si256(b, mask));
+        hi = _mm256_add_epi64(hi, _mm256_srli_epi64(b, 32));
+        n += 64;
+    }
+    __m256i t = _mm256_add_epi64(lo, hi);
+    uint64_t v[4];
+    _mm256_storeu_si256((__m256i *)v, t);
+    *done = n;
+    /* each lane < 2^49 for 64 KiB: the sum of four fits */
+    return v[0] + v[1] + v[2] + v[3];
+}
+
+static int have_avx2 = -1;
+#endif
+
 /* Sum of the bytes as native 16-bit words, not folded past 32 bits. */
 uint32_t fl_csum_partial(const uint8_t *p, int len, uint32_t sum)
 {
     uint64_t s = sum, c = 0;
+#if defined(__x86_64__)
+    if (len >= 256) {
+        if (have_avx2 < 0)
+            have_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+        if (have_avx2) {
+            int done;
+            uint64_t v = sum64_avx2(p, len, &done);
+            /* fold the 64-bit total to 32 bits before it meets the scalar sum */
+            v = (v & 0xffffffffU) + (v >> 32);
+            v = (v & 0xffffffffU) + (v >> 32);
+            s += v;
+            p += done;
+            len -= done;
+        }
+    }
+#endif
     while (len >= 32) {
         uint64_t a, b, d, e;
         memcpy(&a, p, 8);
