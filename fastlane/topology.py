@@ -33,8 +33,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Iterable, Mapping, Sequence
+from typing import IO
 
 __all__ = [
     "MANIFEST_DIR",
@@ -70,7 +71,7 @@ class SubnetEnv:
     ipmasq: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "SubnetEnv":
+    def parse(cls, text: str) -> SubnetEnv:
         values: dict[str, str] = {}
         for raw in text.splitlines():
             line = raw.strip()
@@ -91,14 +92,14 @@ class SubnetEnv:
             raise TopologyError(f"subnet file has a bad value: {exc}") from None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "SubnetEnv":
+    def from_file(cls, path: str | os.PathLike[str]) -> SubnetEnv:
         try:
             return cls.parse(Path(path).read_text())
         except OSError as exc:
             raise TopologyError(f"cannot read subnet file {path}: {exc.strerror}") from None
 
     @classmethod
-    def for_lease(cls, network: str, subnet: str, mtu: int, ipmasq: bool = False) -> "SubnetEnv":
+    def for_lease(cls, network: str, subnet: str, mtu: int, ipmasq: bool = False) -> SubnetEnv:
         """Build the file flanneld would write for a lease (subnet given as 10.5.3.0/24)."""
         net = ipaddress.IPv4Network(subnet)
         first = ipaddress.IPv4Interface(f"{net.network_address + 1}/{net.prefixlen}")
@@ -189,7 +190,7 @@ class Topology:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         try:
             self.setup()
         except BaseException:
@@ -232,8 +233,8 @@ class Topology:
     def teardown(self) -> None:
         """Kill what we started (by PID), delete what we created. Never raises; idempotent.
 
-        SIGINT is ignored meanwhile (when called from the main thread) so that a second
-        Ctrl-C cannot leave half a topology behind.
+        SIGINT/SIGTERM are ignored meanwhile (when called from the main thread) so that a
+        second Ctrl-C cannot leave half a topology behind.
         """
         restore = _ignore_sigint()
         try:
@@ -563,12 +564,24 @@ def _kill_pid(pid: int, timeout: float = 3.0) -> None:
         pass
 
 
-def _ignore_sigint():  # type: ignore[no-untyped-def]
-    try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        return lambda: None
-    return lambda: signal.signal(signal.SIGINT, old)
+def _ignore_sigint() -> Callable[[], None]:
+    """Ignore SIGINT and SIGTERM until the returned function is called.
+
+    Teardown must not be cut short by a second Ctrl-C (or by a SIGTERM that a caller such as
+    the bench turns into KeyboardInterrupt); a signal arriving meanwhile is simply dropped.
+    """
+    saved = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            saved.append((sig, signal.signal(sig, signal.SIG_IGN)))
+        except ValueError:  # not the main thread: nothing to protect against
+            return lambda: None
+
+    def restore() -> None:
+        for sig, handler in saved:
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _require_root_tools() -> None:
@@ -585,7 +598,8 @@ def _run(
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     try:
-        res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, input=input)
+        res = subprocess.run(list(cmd), check=False, capture_output=True, text=True,
+                             timeout=timeout, input=input)
     except FileNotFoundError:
         raise TopologyError(f"{cmd[0]} not found") from None
     except subprocess.TimeoutExpired:

@@ -103,8 +103,8 @@ class BenchRun:
 
     def assert_nothing_left(self) -> None:
         assert self.manifests, "the bench never wrote a topology manifest"
-        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        netns = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link"], check=False, capture_output=True, text=True).stdout
         for prefix, data in self.manifests.items():
             assert prefix not in netns, f"namespaces of {prefix} left behind:\n{netns}"
             assert prefix not in links
@@ -195,7 +195,7 @@ def test_killed_run_is_cleaned_up_by_the_next_one(tmp_path: Path) -> None:
     run.wait(timeout=30)
     prefixes = set(run.manifests)
     assert prefixes
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    netns = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
     assert any(p in netns for p in prefixes)  # the leftovers exist ...
     cleanup_stale()  # ... and what the next `fastlane bench` does first removes them
     run.assert_nothing_left()
@@ -240,7 +240,7 @@ def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments_are_one_line_usage_errors(args: list[str], message: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "fastlane.bench", *args],
+    res = subprocess.run([sys.executable, "-m", "fastlane.bench", *args], check=False,
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
@@ -255,12 +255,12 @@ def test_missing_tools_and_not_root_are_one_line_errors(tmp_path: Path) -> None:
         (bindir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
     env = dict(os.environ, PATH=str(bindir))
     res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--paths", "underlay,vxlan"],
-                         capture_output=True, text=True, timeout=30, env=env)
+                         check=False, capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 1
     assert res.stderr.strip() == "fastlane bench: iperf3 not found: apt-get install -y iperf3"
 
     res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--paths", "udp"],
-                         capture_output=True, text=True, timeout=30, env=env)
+                         check=False, capture_output=True, text=True, timeout=30, env=env)
     assert "apt-get install -y etcd-client etcd-server iperf3" in res.stderr
 
     setpriv = shutil.which("setpriv")
@@ -268,7 +268,7 @@ def test_missing_tools_and_not_root_are_one_line_errors(tmp_path: Path) -> None:
         pytest.skip("setpriv (util-linux) missing")
     res = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
                           sys.executable, "-m", "fastlane.bench", "--quick"],
-                         capture_output=True, text=True, timeout=30, cwd="/")
+                         check=False, capture_output=True, text=True, timeout=30, cwd="/")
     assert res.returncode == 1, res.stderr
     assert res.stderr.strip().startswith("fastlane bench: must run as root"), res.stderr
 

@@ -20,12 +20,12 @@ from fastlane.topology import (
 
 
 def netns_names() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
 def root_links() -> str:
-    return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return subprocess.run(["ip", "-o", "link"], check=False, capture_output=True, text=True).stdout
 
 
 def assert_gone(topo: Topology) -> None:
@@ -85,7 +85,7 @@ def test_teardown_leaves_nothing_and_kills_only_its_processes() -> None:
             assert {ns for ns in netns_names() if ns.startswith(topo.prefix)} == {
                 topo.switch_netns, topo.hosts[0].netns, topo.hosts[1].netns}
         assert proc.poll() is not None
-        assert subprocess.run(["kill", "-0", str(grandchild)], capture_output=True).returncode != 0
+        assert subprocess.run(["kill", "-0", str(grandchild)], check=False, capture_output=True).returncode != 0
         assert_gone(topo)
         assert outsider.poll() is None  # not ours: untouched
     finally:
@@ -95,19 +95,17 @@ def test_teardown_leaves_nothing_and_kills_only_its_processes() -> None:
 
 def test_context_manager_cleans_up_on_error_and_keyboard_interrupt() -> None:
     for exc in (RuntimeError("boom"), KeyboardInterrupt()):
-        with pytest.raises(type(exc)):
-            with Topology(hosts=2) as topo:
-                topo.popen(topo.hosts[0].netns, "sleep", "60")
-                raise exc
+        with pytest.raises(type(exc)), Topology(hosts=2) as topo:
+            topo.popen(topo.hosts[0].netns, "sleep", "60")
+            raise exc
         assert_gone(topo)
 
 
 def test_failed_setup_is_undone() -> None:
     topo = Topology(hosts=2, mtu=1500)
     topo.hosts[1].ifname = "x" * 20  # too long for the kernel: setup fails on host 1
-    with pytest.raises(TopologyError, match="failed"):
-        with topo:
-            pass
+    with pytest.raises(TopologyError, match="failed"), topo:
+        pass
     assert_gone(topo)
 
 
@@ -158,7 +156,7 @@ def test_cleanup_stale_removes_a_killed_run_and_spares_live_ones(net_capable) ->
         assert {f"{prefix}sw", f"{prefix}h0", f"{prefix}h1"} <= set(removed)
         assert not any(ns.startswith(prefix) for ns in netns_names())
         time.sleep(0.1)
-        assert subprocess.run(["kill", "-0", str(sleeper)], capture_output=True).returncode != 0
+        assert subprocess.run(["kill", "-0", str(sleeper)], check=False, capture_output=True).returncode != 0
         # the live topology of this process was spared
         assert live.ping(live.hosts[0].netns, live.switch_ip)
     finally:

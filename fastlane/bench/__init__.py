@@ -24,6 +24,7 @@ from fastlane.bench import measure, report
 from fastlane.bench.paths import (
     ALL_PATHS,
     DEFAULT_PATHS,
+    BACKEND_OF,
     ETCD_PATHS,
     SETUPS,
     Context,
@@ -194,7 +195,7 @@ def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: rep
                     etcd.start()
                 except RuntimeError as exc:
                     raise PathError(f"etcd: {exc}") from None
-                write_config(etcd.etcdctl, "udp")
+                write_config(etcd.etcdctl, BACKEND_OF[path])
                 ctx.etcd_endpoint = etcd.endpoint
             ep = SETUPS[path](topo, ctx)
             server = measure.IperfServer(topo, ep)
@@ -286,7 +287,7 @@ def run(opts: Options) -> int:
     config = {"hosts": opts.hosts, "mtus": opts.mtus, "paths": opts.paths,
               "duration_s": opts.duration, "repeat": opts.repeat, "quick": opts.quick,
               "flanneld": str(opts.flanneld) if opts.flanneld else None}
-    print("", file=sys.stdout)
+    print(file=sys.stdout)
     print(report.table(results, opts.mtus, opts.paths), file=sys.stdout)
     if opts.json is not None:
         report.write_json(opts.json, results, env, config)

@@ -18,9 +18,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from fastlane.bench.measure import Endpoints
 from fastlane.topology import SubnetEnv, Topology, TopologyError
@@ -31,9 +32,14 @@ VXLAN_OVERHEAD = 50
 UDP_OVERHEAD = 28
 UDP_PORT = 8285
 
-ALL_PATHS = ("underlay", "udp", "vxlan", "host-gw", "baseline", "flanneld")
+ALL_PATHS = ("underlay", "udp", "vxlan", "host-gw", "baseline", "flanneld",
+             "fastlane-vxlan", "fastlane-host-gw")
 DEFAULT_PATHS = ("underlay", "udp", "vxlan", "host-gw", "baseline")
-ETCD_PATHS = frozenset({"udp", "flanneld"})
+# path -> Backend.Type written to etcd for the paths that run daemons
+BACKEND_OF = {"udp": "udp", "flanneld": "udp", "fastlane-vxlan": "vxlan",
+              "fastlane-host-gw": "host-gw"}
+ETCD_PATHS = frozenset(BACKEND_OF)
+USERSPACE_PATHS = frozenset({"udp", "baseline", "flanneld"})
 
 
 class PathError(RuntimeError):
@@ -143,6 +149,14 @@ def _wait_for(cond: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+def _said_ready_or_died(topo: Topology, log: str, proc: subprocess.Popen[bytes]) -> bool:
+    return "ready" in topo.log_tail(log, 5) or proc.poll() is not None
+
+
+def _file_or_died(path: Path, proc: subprocess.Popen[bytes]) -> bool:
+    return path.exists() or proc.poll() is not None
+
+
 def setup_baseline(topo: Topology, ctx: Context) -> Endpoints:
     """The flanneld-style one-packet-per-syscall forwarder (bench/baseline_fwd.c)."""
     if ctx.baseline_bin is None:
@@ -154,7 +168,7 @@ def setup_baseline(topo: Topology, ctx: Context) -> Endpoints:
         proc = topo.popen(h.netns, str(ctx.baseline_bin), "flannel0", str(h.ip), str(UDP_PORT),
                           *routes, name=name)
         ctx.forwarder_pids.append(proc.pid)
-        if not _wait_for(lambda: "ready" in topo.log_tail(name, 5) or proc.poll() is not None, 10):
+        if not _wait_for(partial(_said_ready_or_died, topo, name, proc), 10):
             raise PathError(f"baseline forwarder on h{h.index} never became ready\n"
                             + topo.log_tail(name, 10))
         if proc.poll() is not None:
@@ -166,7 +180,8 @@ def setup_baseline(topo: Topology, ctx: Context) -> Endpoints:
     return ep
 
 
-def _start_daemons(topo: Topology, ctx: Context, label: str, argv0: list[str]) -> Endpoints:
+def _start_daemons(topo: Topology, ctx: Context, label: str, argv0: list[str],
+                   forwards: bool = True) -> Endpoints:
     """Run one overlay daemon per host with flanneld's flags; ready = subnet file + traffic."""
     if ctx.etcd_endpoint is None:
         raise PathError(f"{label} needs etcd")
@@ -178,11 +193,12 @@ def _start_daemons(topo: Topology, ctx: Context, label: str, argv0: list[str]) -
         name = f"h{h.index}-{label}"
         proc = topo.popen(h.netns, *argv0, "-etcd-endpoints", ctx.etcd_endpoint,
                           "-iface", h.ifname, "-subnet-file", str(subnet_file), name=name)
-        ctx.forwarder_pids.append(proc.pid)
+        if forwards:  # a kernel backend's daemon moves no packets: not a forwarder
+            ctx.forwarder_pids.append(proc.pid)
         files.append(subnet_file)
         procs.append((h, name, proc))
     for (h, name, proc), subnet_file in zip(procs, files):
-        ok = _wait_for(lambda: subnet_file.exists() or proc.poll() is not None, ctx.ready_timeout)
+        ok = _wait_for(partial(_file_or_died, subnet_file, proc), ctx.ready_timeout)
         if proc.poll() is not None:
             raise PathError(f"{label} on h{h.index} exited with status {proc.returncode} "
                             f"before it was ready; last log lines:\n{topo.log_tail(name, 12)}")
@@ -204,6 +220,12 @@ def setup_udp(topo: Topology, ctx: Context) -> Endpoints:
     return _start_daemons(topo, ctx, "fastlane", ctx.fastlane_cmd)
 
 
+def setup_fastlane_kernel(topo: Topology, ctx: Context) -> Endpoints:
+    """fastlane daemons with a kernel backend (vxlan or host-gw): checks that fastlane programs
+    the kernel as well as the hand-made configuration above does."""
+    return _start_daemons(topo, ctx, "fastlane", ctx.fastlane_cmd, forwards=False)
+
+
 def setup_flanneld(topo: Topology, ctx: Context) -> Endpoints:
     """A flanneld binary supplied by the user, on the same topology and etcd config."""
     if ctx.flanneld_bin is None:
@@ -218,6 +240,8 @@ SETUPS: dict[str, Callable[[Topology, Context], Endpoints]] = {
     "host-gw": setup_host_gw,
     "baseline": setup_baseline,
     "flanneld": setup_flanneld,
+    "fastlane-vxlan": setup_fastlane_kernel,
+    "fastlane-host-gw": setup_fastlane_kernel,
 }
 
 
@@ -239,7 +263,7 @@ def build_baseline(outdir: Path) -> Path:
         raise PathError("gcc not found (needed for the baseline path): apt-get install -y gcc")
     out = outdir / "baseline_fwd"
     res = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)],
-                         capture_output=True, text=True)
+                         check=False, capture_output=True, text=True)
     if res.returncode != 0:
         lines = res.stderr.strip().splitlines()
         raise PathError(f"compiling {src.name} failed: {lines[-1] if lines else res.returncode}")
@@ -255,6 +279,16 @@ def write_config(etcdctl: Callable[..., str], backend: str = "udp") -> None:
 
 
 __all__ = [
-    "ALL_PATHS", "DEFAULT_PATHS", "ETCD_PATHS", "SETUPS", "Context", "PathError",
-    "build_baseline", "fastlane_command", "host_subnet", "write_config", "TopologyError",
+    "ALL_PATHS",
+    "DEFAULT_PATHS",
+    "BACKEND_OF",
+    "ETCD_PATHS",
+    "SETUPS",
+    "Context",
+    "PathError",
+    "TopologyError",
+    "build_baseline",
+    "fastlane_command",
+    "host_subnet",
+    "write_config",
 ]

@@ -14,8 +14,9 @@ import platform
 import shutil
 import statistics
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import fastlane
 
@@ -89,7 +90,7 @@ def _first_line(cmd: list[str]) -> str | None:
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = (res.stdout or res.stderr).strip().splitlines()
@@ -109,6 +110,12 @@ def environment(flanneld: Path | None = None) -> dict[str, Any]:
     repo = Path(fastlane.__file__).resolve().parents[1]
     if (repo / ".git").exists():
         git = _first_line(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
+        # Figures from uncommitted code must say so: they belong to no commit.
+        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
+                                 "fastlane", "csrc", "bench", "build.py"],
+                                check=False, capture_output=True, text=True)
+        if git and status.stdout.strip():
+            git += "-dirty"
     versions = {
         "fastlane": fastlane.__version__,
         "fastlane_git": git,
@@ -121,7 +128,7 @@ def environment(flanneld: Path | None = None) -> dict[str, Any]:
     if flanneld is not None:
         versions["flanneld"] = _first_line([str(flanneld), "-version"])
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "kernel": platform.release(),
         "cpu_model": cpu,
         "nproc": os.cpu_count(),
@@ -198,13 +205,13 @@ def table(results: Results, mtus: list[int], paths: list[str]) -> str:
     ratios = results.ratios(mtus)
     if ratios:
         lines.append("")
-        for r in ratios:
+        for ratio in ratios:
             tgt = ""
-            if r["target"] is not None:
-                ok = r["ratio"] >= r["target"]
-                tgt = f"   (target >= {r['target']:g}x: {'met' if ok else 'NOT met'})"
-            lines.append(f"MTU {r['underlay_mtu']}: udp tcp_1 = {r['ratio']:.2f}x "
-                         f"{r['denominator']}{tgt}")
+            if ratio["target"] is not None:
+                ok = ratio["ratio"] >= ratio["target"]
+                tgt = f"   (target >= {ratio['target']:g}x: {'met' if ok else 'NOT met'})"
+            lines.append(f"MTU {ratio['underlay_mtu']}: udp tcp_1 = {ratio['ratio']:.2f}x "
+                         f"{ratio['denominator']}{tgt}")
     return "\n".join(lines)
 
 
@@ -248,6 +255,8 @@ def plot(path: Path, results: Results, mtus: list[int], paths: list[str], title:
             for x, m in zip(pos, meds):
                 if m:
                     ax.annotate(f"{m:.3g}", (x, m), ha="center", va="bottom", fontsize=7)
+        if metric == "rtt_us":
+            ax.set_yscale("log")  # p99 of a userspace path is 10-100x the kernel's median
         ax.set_title(label)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(paths)
