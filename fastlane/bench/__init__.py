@@ -175,9 +175,9 @@ def preflight(opts: Options) -> None:
 # running
 
 
-def _label(mtu: int, path: str, what: str, rep: int, repeat: int) -> str:
+def _label(mtu: int, path: str, what: str, rep: int, repeat: int, width: int) -> str:
     r = f" rep {rep + 1}/{repeat}" if repeat > 1 else ""
-    return f"MTU {mtu:<5} {path:<9} {what:<7}{r}"
+    return f"MTU {mtu:<5} {path:<{width}} {what:<7}{r}"
 
 
 def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: report.Results,
@@ -185,7 +185,8 @@ def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: rep
     with Topology(hosts=opts.hosts, mtu=mtu) as topo:
         etcd = None
         try:
-            progress.start(f"MTU {mtu:<5} {path:<9} setting up")
+            width = max(9, *(len(p) for p in opts.paths))
+            progress.start(f"MTU {mtu:<5} {path:<{width}} setting up")
             if path in ETCD_PATHS:
                 from fastlane.etcdserver import EtcdServer
 
@@ -204,7 +205,7 @@ def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: rep
             count = max(50, min(5000, int(opts.duration * 250)))
             for rep in range(opts.repeat):
                 for what in MEASUREMENTS:
-                    progress.start(_label(mtu, path, what, rep, opts.repeat))
+                    progress.start(_label(mtu, path, what, rep, opts.repeat, width))
                     try:
                         text = _one(topo, ep, what, opts.duration, count, path, mtu, results,
                                     ctx.forwarder_pids)
