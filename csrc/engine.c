@@ -442,6 +442,37 @@ static int tx_handle(struct fl_worker *w, struct tx_io *io, int tun_fd, uint8_t 
     return 0;
 }
 
+/* One TX round: up to TX_READS reads, then one flush. Returns the reads done; a read error
+ * other than EAGAIN sets *failed. */
+static int tx_round(struct fl_worker *w, struct tx_io *io, int fd, int *failed)
+{
+    fl_rcu_online(w);
+    int reads = 0;
+    while (reads < TX_READS) {
+        uint8_t *buf = io->slots + (size_t)reads * SLOT_SIZE;
+        ssize_t n = read(fd, buf, SLOT_SIZE);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN)
+                *failed = 1;
+            break; /* EAGAIN: drained */
+        }
+        reads++;
+        int v = tx_handle(w, io, fd, buf, (int)n);
+        if (v)
+            fl_cnt(w, v, 1);
+    }
+    if (reads) {
+        fl_cnt(w, C_TX_BATCHES, 1);
+        fl_cnt(w, C_TX_BATCH_READS, (uint64_t)reads);
+    }
+    /* the queued datagrams hold no table pointer: the flush may wait offline */
+    tx_flush(w, io);
+    fl_rcu_offline(w);
+    return reads;
+}
+
 static void *tx_main(void *arg)
 {
     struct fl_worker *w = arg;
@@ -455,35 +486,9 @@ static void *tx_main(void *arg)
         fl_rcu_offline(w);
         if (wait_fd(e, fd, POLLIN, -1) < 0)
             break;
-        int more = 1, failed = 0;
-        while (more) {
-            fl_rcu_online(w);
-            int reads = 0;
-            more = 0;
-            while (reads < TX_READS) {
-                uint8_t *buf = io->slots + (size_t)reads * SLOT_SIZE;
-                ssize_t n = read(fd, buf, SLOT_SIZE);
-                if (n < 0) {
-                    if (errno == EINTR)
-                        continue;
-                    if (errno != EAGAIN)
-                        failed = 1;
-                    break; /* EAGAIN: drained */
-                }
-                reads++;
-                int v = tx_handle(w, io, fd, buf, (int)n);
-                if (v)
-                    fl_cnt(w, v, 1);
-            }
-            if (reads == TX_READS)
-                more = 1;
-            if (reads) {
-                fl_cnt(w, C_TX_BATCHES, 1);
-                fl_cnt(w, C_TX_BATCH_READS, (uint64_t)reads);
-            }
-            /* the queued datagrams hold no table pointer: the flush may wait offline */
-            tx_flush(w, io);
-        }
+        int failed = 0;
+        while (tx_round(w, io, fd, &failed) == TX_READS)
+            ;
         if (failed && backoff(e, w) < 0)
             break;
     }
@@ -543,86 +548,128 @@ static void rx_setup(struct rx_io *io)
     }
 }
 
+/* One RX round: one recvmmsg, checks, writes to the TUN. Returns the datagrams received; a
+ * socket error that is not a pending SO_ERROR sets *failed. */
+static int rx_round(struct fl_worker *w, struct rx_io *io, int ufd, int tfd, int *failed)
+{
+    for (int i = 0; i < RX_MSGS; i++) {
+        struct msghdr *h = &io->msgs[i].msg_hdr;
+        h->msg_name = &io->addrs[i];
+        h->msg_namelen = sizeof(io->addrs[i]);
+        h->msg_iov = &io->iov[i];
+        h->msg_iovlen = 1;
+        h->msg_control = io->cmsgs[i];
+        h->msg_controllen = sizeof(io->cmsgs[i]);
+        h->msg_flags = 0;
+    }
+    int r = recvmmsg(ufd, io->msgs, RX_MSGS, MSG_DONTWAIT, NULL);
+    if (r < 0) {
+        if (errno != EAGAIN && errno != EINTR) {
+            /* a pending socket error (e.g. from an ICMP): reading it clears it */
+            int soerr = 0;
+            socklen_t sl = sizeof(soerr);
+            if (getsockopt(ufd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0 || !soerr)
+                *failed = 1;
+        }
+        return 0;
+    }
+    fl_rcu_online(w);
+    const struct fl_rtable *t = fl_rcu_table(w);
+    fl_cnt(w, C_RX_BATCHES, 1);
+    fl_cnt(w, C_RX_BATCH_MSGS, (uint64_t)r);
+    int n = 0;
+    for (int i = 0; i < r; i++) {
+        struct msghdr *h = &io->msgs[i].msg_hdr;
+        int len = (int)io->msgs[i].msg_len;
+        uint8_t *buf = io->iov[i].iov_base;
+        if (h->msg_flags & MSG_TRUNC) {
+            fl_cnt(w, D_RX_TRUNCATED, 1);
+            continue;
+        }
+        int seg = len;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
+            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
+                int gs;
+                memcpy(&gs, CMSG_DATA(c), sizeof(gs));
+                if (gs > 0 && gs < len)
+                    seg = gs;
+            }
+        }
+        if (seg < len)
+            fl_cnt(w, C_RX_GRO_MSGS, 1);
+        uint32_t src = ntohl(io->addrs[i].sin_addr.s_addr);
+        for (int off = 0; off < len; off += seg) {
+            int l = len - off < seg ? len - off : seg;
+            int v = fl_rx_one(w, t, buf + off, l, src);
+            if (v) {
+                fl_cnt(w, v, 1);
+                continue;
+            }
+            fl_cnt(w, C_RX_PACKETS, 1);
+            fl_cnt(w, C_RX_BYTES, (uint64_t)l);
+            io->pkts[n] = buf + off;
+            io->lens[n] = l;
+            n++;
+        }
+    }
+    fl_rcu_offline(w); /* packets are checked: no table needed to write them */
+    rx_deliver(w, io, tfd, n);
+    return r;
+}
+
 static void *rx_main(void *arg)
 {
     struct fl_worker *w = arg;
     struct fl_engine *e = w->e;
-    struct rx_io *io = w->io;
+    struct rx_io *io = w->io2;
     int ufd = e->cfg.udp_fd, tfd = e->cfg.tun_fds[0];
     pthread_setname_np(pthread_self(), "fl-rx");
     for (;;) {
         fl_rcu_offline(w);
         if (wait_fd(e, ufd, POLLIN, -1) < 0)
             break;
-        for (;;) {
-            for (int i = 0; i < RX_MSGS; i++) {
-                struct msghdr *h = &io->msgs[i].msg_hdr;
-                h->msg_name = &io->addrs[i];
-                h->msg_namelen = sizeof(io->addrs[i]);
-                h->msg_iov = &io->iov[i];
-                h->msg_iovlen = 1;
-                h->msg_control = io->cmsgs[i];
-                h->msg_controllen = sizeof(io->cmsgs[i]);
-                h->msg_flags = 0;
-            }
-            int r = recvmmsg(ufd, io->msgs, RX_MSGS, MSG_DONTWAIT, NULL);
-            if (r < 0 && errno != EAGAIN && errno != EINTR) {
-                /* a pending socket error (e.g. from an ICMP): read it to clear it */
-                int soerr;
-                socklen_t sl = sizeof(soerr);
-                if (getsockopt(ufd, SOL_SOCKET, SO_ERROR, &soerr, &sl) == 0 && soerr)
-                    continue;
-                if (backoff(e, w) < 0)
-                    goto out;
-            }
-            if (r <= 0)
-                break;
-            fl_rcu_online(w);
-            const struct fl_rtable *t = fl_rcu_table(w);
-            fl_cnt(w, C_RX_BATCHES, 1);
-            fl_cnt(w, C_RX_BATCH_MSGS, (uint64_t)r);
-            int n = 0;
-            for (int i = 0; i < r; i++) {
-                struct msghdr *h = &io->msgs[i].msg_hdr;
-                int len = (int)io->msgs[i].msg_len;
-                uint8_t *buf = io->iov[i].iov_base;
-                if (h->msg_flags & MSG_TRUNC) {
-                    fl_cnt(w, D_RX_TRUNCATED, 1);
-                    continue;
-                }
-                int seg = len;
-                for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
-                    if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
-                        int gs;
-                        memcpy(&gs, CMSG_DATA(c), sizeof(gs));
-                        if (gs > 0 && gs < len)
-                            seg = gs;
-                    }
-                }
-                if (seg < len)
-                    fl_cnt(w, C_RX_GRO_MSGS, 1);
-                uint32_t src = ntohl(io->addrs[i].sin_addr.s_addr);
-                for (int off = 0; off < len; off += seg) {
-                    int l = len - off < seg ? len - off : seg;
-                    int v = fl_rx_one(w, t, buf + off, l, src);
-                    if (v) {
-                        fl_cnt(w, v, 1);
-                        continue;
-                    }
-                    fl_cnt(w, C_RX_PACKETS, 1);
-                    fl_cnt(w, C_RX_BYTES, (uint64_t)l);
-                    io->pkts[n] = buf + off;
-                    io->lens[n] = l;
-                    n++;
-                }
-            }
-            fl_rcu_offline(w); /* packets are checked: no table needed to write them */
-            rx_deliver(w, io, tfd, n);
-            if (r < RX_MSGS)
-                break;
-        }
+        int failed = 0;
+        while (rx_round(w, io, ufd, tfd, &failed) == RX_MSGS)
+            ;
+        if (failed && backoff(e, w) < 0)
+            break;
     }
-out:
+    fl_rcu_offline(w);
+    return NULL;
+}
+
+/* Queue 0's worker when RX has no thread of its own: one poll over the TUN and the socket, then
+ * alternate both directions until both are drained (flanneld's loop, batched). On 2 vCPUs this
+ * saves the wake-ups of a thread that would only carry the other direction's ACKs. */
+static void *both_main(void *arg)
+{
+    struct fl_worker *w = arg;
+    struct fl_engine *e = w->e;
+    struct tx_io *tio = w->io;
+    struct rx_io *rio = w->io2;
+    int tfd = e->cfg.tun_fds[0], ufd = e->cfg.udp_fd;
+    pthread_setname_np(pthread_self(), "fl-txrx0");
+    for (;;) {
+        fl_rcu_offline(w);
+        struct pollfd p[3] = {{.fd = tfd, .events = POLLIN},
+                              {.fd = ufd, .events = POLLIN},
+                              {.fd = e->stop_fd, .events = POLLIN}};
+        if (poll(p, 3, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        if (p[2].revents || (p[0].revents & POLLNVAL) || (p[1].revents & POLLNVAL))
+            break;
+        int failed = 0, busy;
+        do {
+            int a = tx_round(w, tio, tfd, &failed);
+            int b = rx_round(w, rio, ufd, tfd, &failed);
+            busy = a || b;
+        } while (busy && !failed);
+        if (failed && backoff(e, w) < 0)
+            break;
+    }
     fl_rcu_offline(w);
     return NULL;
 }
@@ -682,7 +729,7 @@ struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errl
     pthread_mutex_init(&e->wlock, NULL);
     atomic_store(&e->gen, 1);
     e->test_worker.e = e;
-    e->test_worker.kind = 2;
+    e->test_worker.kind = FL_W_TEST;
     atomic_store(&e->test_worker.qs, FL_QS_OFFLINE);
     if (cfg->n_tun < 0 || cfg->n_tun > FL_MAX_QUEUES)
         FAIL("queue count %d out of range 0..%d", cfg->n_tun, FL_MAX_QUEUES);
@@ -704,17 +751,20 @@ struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errl
     for (int q = 0; q < cfg->n_tun; q++) {
         struct fl_worker *w = &e->workers[e->n_workers++];
         w->e = e;
-        w->kind = 0;
+        w->kind = (q == 0 && !cfg->rx_thread) ? FL_W_BOTH : FL_W_TX;
         w->queue = q;
         atomic_store(&w->qs, FL_QS_OFFLINE);
         if (!(w->io = tx_io_new()))
             FAIL("out of memory");
     }
     if (cfg->n_tun > 0) {
-        struct fl_worker *w = &e->workers[e->n_workers++];
-        w->e = e;
-        w->kind = 1;
-        atomic_store(&w->qs, FL_QS_OFFLINE);
+        struct fl_worker *w = &e->workers[0];
+        if (cfg->rx_thread) {
+            w = &e->workers[e->n_workers++];
+            w->e = e;
+            w->kind = FL_W_RX;
+            atomic_store(&w->qs, FL_QS_OFFLINE);
+        }
         struct rx_io *io = calloc(1, sizeof(*io));
         if (io)
             io->slots = malloc((size_t)RX_MSGS * SLOT_SIZE);
@@ -723,12 +773,13 @@ struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errl
             FAIL("out of memory");
         }
         rx_setup(io);
-        w->io = io;
+        w->io2 = io;
     }
     if (cfg->verbose)
         fprintf(stderr,
-                "fastlane engine: queues=%d vnet_hdr=%d tso=%d gso=%d gro=%d coalesce=%d mtu=%d\n",
-                e->feat.queues, e->feat.vnet_hdr, e->feat.tso, e->feat.gso, e->feat.gro,
+                "fastlane engine: queues=%d rx_thread=%d vnet_hdr=%d tso=%d gso=%d gro=%d "
+                "coalesce=%d mtu=%d\n",
+                e->feat.queues, cfg->rx_thread, e->feat.vnet_hdr, e->feat.tso, e->feat.gso, e->feat.gro,
                 e->feat.coalesce, cfg->mtu);
     return e;
 fail:
@@ -743,7 +794,8 @@ int fl_engine_start(struct fl_engine *e)
         return 0;
     for (int i = 0; i < e->n_workers; i++) {
         struct fl_worker *w = &e->workers[i];
-        int r = pthread_create(&w->thread, NULL, w->kind == 0 ? tx_main : rx_main, w);
+        void *(*fn)(void *) = w->kind == FL_W_TX ? tx_main : w->kind == FL_W_RX ? rx_main : both_main;
+        int r = pthread_create(&w->thread, NULL, fn, w);
         if (r) {
             e->started = 1;
             fl_engine_stop(e);
@@ -783,11 +835,11 @@ void fl_engine_free(struct fl_engine *e)
         return;
     fl_engine_stop(e);
     for (int i = 0; i < e->n_workers; i++) {
-        if (e->workers[i].kind == 0) {
-            tx_io_free(e->workers[i].io);
-        } else if (e->workers[i].io) {
-            free(((struct rx_io *)e->workers[i].io)->slots);
-            free(e->workers[i].io);
+        tx_io_free(e->workers[i].io);
+        struct rx_io *rio = e->workers[i].io2;
+        if (rio) {
+            free(rio->slots);
+            free(rio);
         }
     }
     tx_io_free(e->test_worker.io);

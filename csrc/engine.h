@@ -35,6 +35,7 @@ struct fl_config {
     int icmp_rate;
     int icmp_burst;
     int verbose;
+    int rx_thread;
 };
 
 struct fl_features {
@@ -130,18 +131,21 @@ struct fl_rtable {
 
 #define FL_QS_OFFLINE UINT64_MAX
 
+enum { FL_W_TX, FL_W_RX, FL_W_TEST, FL_W_BOTH };
+
 /* A worker's private state. Pure-function calls from Python use e->test_worker. */
 struct fl_worker {
     struct fl_engine *e;
     pthread_t thread;
-    int kind; /* 0 = tx (TUN reader), 1 = rx (UDP reader), 2 = test */
+    int kind; /* FL_W_* */
     int queue;
     int running;
     _Atomic uint64_t qs; /* last grace-period generation seen, or FL_QS_OFFLINE */
     _Atomic uint64_t c[C_COUNT];
     double icmp_tokens;
     uint64_t icmp_last_ns;
-    void *io; /* engine.c's buffers */
+    void *io;  /* engine.c's TX buffers */
+    void *io2; /* engine.c's RX buffers */
 };
 
 #define FL_MAX_WORKERS (FL_MAX_QUEUES + 2)

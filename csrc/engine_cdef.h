@@ -21,6 +21,7 @@ struct fl_config {
     int icmp_rate;       /* ICMP errors per second per worker (0 = 100) */
     int icmp_burst;      /* bucket size (0 = icmp_rate) */
     int verbose;
+    int rx_thread;       /* 1 = a thread of its own for UDP -> TUN; 0 = queue 0's worker does both */
 };
 
 struct fl_features {

@@ -77,6 +77,7 @@ class Engine:
         verbose: int = 0,
         icmp_rate: int = 100,
         icmp_burst: int = 0,
+        rx_thread: bool = False,
     ) -> None:
         if len(tun_fds) > lib.FL_MAX_QUEUES:
             raise EngineError(f"at most {lib.FL_MAX_QUEUES} TUN queues, not {len(tun_fds)}")
@@ -92,6 +93,7 @@ class Engine:
         cfg.icmp_rate = icmp_rate
         cfg.icmp_burst = icmp_burst
         cfg.verbose = verbose
+        cfg.rx_thread = int(rx_thread)
         err = ffi.new("char[]", _ERRLEN)
         e = lib.fl_engine_new(cfg, err, _ERRLEN)
         if e == ffi.NULL:

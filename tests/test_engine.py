@@ -590,13 +590,15 @@ class Pair:
     """
 
     def __init__(self, *, vnet: bool = True, offload: bool = True, tun_mtu: int = MTU,
-                 engine_mtu: int = MTU, custom_b: bool = False, queues: int = 1) -> None:
+                 engine_mtu: int = MTU, custom_b: bool = False, queues: int = 1,
+                 rx_thread: bool = False) -> None:
         sfx = secrets.token_hex(3)
         self.ns = [f"fle{sfx}a", f"fle{sfx}b"]
         self.vnet, self.offload = vnet, offload
         self.tun_mtu, self.engine_mtu = tun_mtu, engine_mtu
         self.custom_b = custom_b
         self.queues = queues
+        self.rx_thread = rx_thread
         self.engines: list[Engine] = []
         self.socks: list[socket.socket] = []
         self.tun_fds: list[list[int]] = []
@@ -629,7 +631,7 @@ class Pair:
             if i == 1 and self.custom_b:
                 continue
             e = Engine(fds, self.socks[i].fileno(), self.engine_mtu, IP(OVER[i]),
-                       offload=self.offload)
+                       offload=self.offload, rx_thread=self.rx_thread)
             e.set_routes(self.routes())
             e.start()
             self.engines.append(e)
@@ -676,6 +678,7 @@ MODES = {
     "vnet-no-offload": dict(vnet=True, offload=False),
     "tso": dict(vnet=True, offload=True),
     "tso-2queues": dict(vnet=True, offload=True, queues=2),
+    "tso-rx-thread": dict(vnet=True, offload=True, rx_thread=True),
 }
 
 
