@@ -586,6 +586,10 @@ static int rx_round(struct fl_worker *w, struct rx_io *io, int ufd, int tfd, int
             fl_cnt(w, D_RX_TRUNCATED, 1);
             continue;
         }
+        if (len == 0) {
+            fl_cnt(w, D_RX_MALFORMED, 1);
+            continue;
+        }
         int seg = len;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
             if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
