@@ -1,12 +1,13 @@
 /* Engine lifecycle, worker threads and the syscalls of the data plane.
  *
- * Threads: one TX worker per TUN queue (reads the TUN until EAGAIN, up to TX_READS reads per
- * batch, sends the batch with sendmmsg grouped by destination, with UDP GSO for runs of same-size
- * datagrams) and one RX worker on the UDP socket (recvmmsg of up to RX_MSGS datagrams, UDP GRO
- * buffers split by their segment size, each packet written to the TUN; on a vnet_hdr TUN, runs of
- * TCP segments of one flow are written as one GSO frame). With TSO on, a TX read returns up to
- * 64 KiB of one TCP flow which is split here into MTU-sized packets whose headers live in an arena
- * and whose payloads are iovecs into the frame: the payload is never copied in userspace.
+ * Threads (csrc/README.md has the measurements behind the choices): queue 0's worker carries both
+ * directions unless rx_thread asks for a separate RX worker; extra TUN queues get TX-only workers.
+ * A TX round reads the TUN until EAGAIN (bounded by count and bytes) and sends the batch with one
+ * sendmmsg grouped by destination, with UDP GSO for runs of same-size datagrams. An RX round is
+ * one recvmmsg; UDP GRO buffers are split by their segment size and each packet is written to the
+ * TUN (on a vnet_hdr TUN, runs of TCP segments of one flow as one GSO frame). With TSO on, a TUN
+ * read returns up to 64 KiB of one TCP flow, split here into MTU-sized packets whose headers live
+ * in an arena and whose payloads are iovecs into the frame: no payload copy in userspace.
  *
  * Every wire datagram is one plain IPv4 packet of at most the overlay MTU: GSO only lets one
  * syscall carry many of them.
