@@ -313,6 +313,10 @@ def test_results_rows_ratios_and_table() -> None:
     ratios = {x["denominator"]: x for x in r.ratios([1500])}
     assert ratios["vxlan"]["ratio"] == pytest.approx(0.2) and ratios["vxlan"]["target"] == 0.6
     assert ratios["baseline"]["ratio"] == pytest.approx(4.0)
+    r.add("udp", 9000, "tcp_1", 5.98)
+    r.add("vxlan", 9000, "tcp_1", 10.0)
+    # just under the target must not print as if it were on it
+    assert "0.598x vxlan   (target >= 0.6x: NOT met)" in report.table(r, [9000], ["udp"])
     text = report.table(r, [1500], ["udp", "vxlan", "host-gw", "baseline"])
     assert "2.00 (1.00-3.00)" in text and "failed" in text
-    assert "0.20x vxlan   (target >= 0.6x: NOT met)" in text
+    assert "0.2x vxlan   (target >= 0.6x: NOT met)" in text

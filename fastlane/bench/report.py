@@ -210,7 +210,7 @@ def table(results: Results, mtus: list[int], paths: list[str]) -> str:
             if ratio["target"] is not None:
                 ok = ratio["ratio"] >= ratio["target"]
                 tgt = f"   (target >= {ratio['target']:g}x: {'met' if ok else 'NOT met'})"
-            lines.append(f"MTU {ratio['underlay_mtu']}: udp tcp_1 = {ratio['ratio']:.2f}x "
+            lines.append(f"MTU {ratio['underlay_mtu']}: udp tcp_1 = {ratio['ratio']:.3g}x "
                          f"{ratio['denominator']}{tgt}")
     return "\n".join(lines)
 
