@@ -71,10 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true",
                    help="short run: 2 s per measurement, 1 repetition (unless given)")
-    p.add_argument("--json", metavar="PATH", default="fastlane-bench.json",
+    p.add_argument("--json", metavar="PATH", default="bench-results/fastlane-bench.json",
                    help="write every sample and the environment here (default: %(default)s; "
                         "'' for none)")
-    p.add_argument("--plot", metavar="PATH", default="fastlane-bench.png",
+    p.add_argument("--plot", metavar="PATH", default="bench-results/fastlane-bench.png",
                    help="write a PNG plot here (default: %(default)s; '' for none)")
     p.add_argument("--hosts", type=int, default=2, metavar="N", help="hosts (default: 2)")
     p.add_argument("--mtu", default="1500,9000", metavar="LIST",

@@ -34,7 +34,7 @@ UDP_PORT = 8285
 
 ALL_PATHS = ("underlay", "udp", "vxlan", "host-gw", "baseline", "flanneld",
              "fastlane-vxlan", "fastlane-host-gw")
-DEFAULT_PATHS = ("underlay", "udp", "vxlan", "host-gw", "baseline")
+DEFAULT_PATHS = ("underlay", "udp", "vxlan", "fastlane-vxlan", "host-gw", "fastlane-host-gw", "baseline")
 # path -> Backend.Type written to etcd for the paths that run daemons
 BACKEND_OF = {"udp": "udp", "flanneld": "udp", "fastlane-vxlan": "vxlan",
               "fastlane-host-gw": "host-gw"}
