@@ -15,38 +15,9 @@
 #include <stdatomic.h>
 #include <sys/uio.h>
 
-#define FL_MAX_QUEUES 16
+/* The public types and functions: one copy, also read by cffi (build.py). */
+#include "engine_cdef.h"
 
-struct fl_route {
-    uint32_t net;
-    uint8_t len;
-    uint32_t next_hop;
-    uint16_t port;
-};
-
-struct fl_config {
-    int tun_fds[FL_MAX_QUEUES];
-    int n_tun;
-    int udp_fd;
-    int mtu;
-    uint32_t tun_addr;
-    int check_source;
-    int offload;
-    int icmp_rate;
-    int icmp_burst;
-    int verbose;
-    int rx_thread;
-};
-
-struct fl_features {
-    int vnet_hdr;
-    int tso;
-    int gso;
-    int gro;
-    int coalesce;
-    int multiqueue;
-    int queues;
-};
 
 /* Counters: one array per worker, summed on read. Drop reasons are counter indices too, so a
  * pure function can return "why" as the index it bumped. Keep in sync with fl_counter_names. */
@@ -170,25 +141,6 @@ static inline void fl_cnt(struct fl_worker *w, int i, uint64_t v)
     atomic_store_explicit(&w->c[i], atomic_load_explicit(&w->c[i], memory_order_relaxed) + v,
                           memory_order_relaxed);
 }
-
-/* public API (mirrored for cffi in engine_cdef.h) */
-struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errlen);
-int fl_engine_set_routes(struct fl_engine *e, const struct fl_route *r, int n);
-int fl_engine_start(struct fl_engine *e);
-void fl_engine_stop(struct fl_engine *e);
-void fl_engine_free(struct fl_engine *e);
-void fl_engine_features(struct fl_engine *e, struct fl_features *out);
-int fl_counter_count(void);
-const char *fl_counter_name(int i);
-void fl_engine_counters(struct fl_engine *e, uint64_t *out, int n);
-int fl_lookup(struct fl_engine *e, uint32_t dst, uint32_t *next_hop, uint16_t *port);
-int fl_tx_packet(struct fl_engine *e, uint8_t *pkt, int len, uint32_t *next_hop, uint16_t *port,
-                 uint8_t *icmp, int *icmp_len);
-int fl_rx_packet(struct fl_engine *e, const uint8_t *pkt, int len, uint32_t src);
-int fl_test_split(struct fl_engine *e, const uint8_t *frame, int len, uint8_t *out, int cap,
-                  int *lens, int max);
-int fl_test_coalesce(const uint8_t *pkts, const int *lens, int n, uint8_t *out, int cap,
-                     int *out_lens, int max);
 
 /* route.c */
 struct fl_rtable *fl_rt_build(const struct fl_route *r, int n);

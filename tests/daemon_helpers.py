@@ -79,6 +79,34 @@ class Node:
             return None
 
 
+def overlay(config: str, name: str, workdir: Path, hosts: int = 2, started: int = 2,
+            prefix: str = "/coreos.com/network"):
+    """Generator for module fixtures: a topology, etcd on its switch, `config` in etcd, and a
+    daemon (with a container behind it) on each of the first `started` hosts. Yields
+    (topo, etcd, nodes); everything is torn down afterwards, pass or fail."""
+    topo = Topology(hosts=hosts, mtu=1500)
+    etcd = None
+    nodes: list[Node] = []
+    try:
+        topo.setup()
+        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name=f"fastlane-{name}-tests")
+        etcd.start()
+        etcd.etcdctl("put", f"{prefix}/config", config)
+        nodes = [Node(topo, h, etcd, prefix, workdir, "-v=1") for h in topo.hosts]
+        for n in nodes[:started]:
+            n.start()
+        for i, n in enumerate(nodes[:started]):
+            n.wait_subnet_file()
+            topo.add_container(i, n.subnet_file)
+        yield topo, etcd, nodes
+    finally:
+        for n in nodes:
+            n.stop(signal.SIGKILL)
+        if etcd is not None:
+            etcd.cleanup()
+        topo.teardown()
+
+
 def leases(etcd: EtcdServer, prefix: str) -> dict[str, str]:
     """key -> value under <prefix>/subnets/, read with etcdctl (an independent oracle)."""
     out = etcd.etcdctl("get", "--prefix", f"{prefix}/subnets/", "-w", "json")

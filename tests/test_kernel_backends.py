@@ -18,10 +18,8 @@ import pytest
 
 from fastlane.backend.base import BackendContext, BackendError
 from fastlane.config import parse_config
-from fastlane.etcdserver import EtcdServer
 from fastlane.iface import Interface
-from fastlane.topology import Topology
-from tests.daemon_helpers import Node, leases, wait_until
+from tests.daemon_helpers import Node, leases, overlay, wait_until
 from tests.test_udp import SINK, SOURCE
 
 PREFIX = "/coreos.com/network"
@@ -30,28 +28,7 @@ HOSTGW = '{"Network":"10.7.0.0/16","Backend":{"Type":"host-gw"}}'
 
 
 def _overlay(config: str, name: str, tmp_path_factory):
-    topo = Topology(hosts=2, mtu=1500)
-    etcd = None
-    nodes: list[Node] = []
-    try:
-        topo.setup()
-        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name=f"fastlane-{name}-tests")
-        etcd.start()
-        etcd.etcdctl("put", f"{PREFIX}/config", config)
-        work = tmp_path_factory.mktemp(name)
-        nodes = [Node(topo, h, etcd, PREFIX, work, "-v=1") for h in topo.hosts]
-        for n in nodes:
-            n.start()
-        for i, n in enumerate(nodes):
-            n.wait_subnet_file()
-            topo.add_container(i, n.subnet_file)
-        yield topo, etcd, nodes
-    finally:
-        for n in nodes:
-            n.stop(signal.SIGKILL)
-        if etcd is not None:
-            etcd.cleanup()
-        topo.teardown()
+    yield from overlay(config, name, tmp_path_factory.mktemp(name))
 
 
 @pytest.fixture(scope="module")

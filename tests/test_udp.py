@@ -12,9 +12,7 @@ import textwrap
 
 import pytest
 
-from fastlane.etcdserver import EtcdServer
-from fastlane.topology import Topology
-from tests.daemon_helpers import Node, wait_until
+from tests.daemon_helpers import overlay as daemon_overlay, wait_until
 
 UDP = '{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
 
@@ -52,29 +50,7 @@ SOURCE = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def overlay(net_capable, tmp_path_factory):
     """Three hosts; daemons on hosts 0 and 1 with containers; host 2 joins in a test."""
-    topo = Topology(hosts=3, mtu=1500)
-    etcd = None
-    nodes: list[Node] = []
-    try:
-        topo.setup()
-        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-udp-tests")
-        etcd.start()
-        prefix = "/coreos.com/network"
-        etcd.etcdctl("put", f"{prefix}/config", UDP)
-        work = tmp_path_factory.mktemp("udp")
-        nodes = [Node(topo, h, etcd, prefix, work, "-v=1") for h in topo.hosts]
-        for n in nodes[:2]:
-            n.start()
-        for i, n in enumerate(nodes[:2]):
-            n.wait_subnet_file()
-            topo.add_container(i, n.subnet_file)
-        yield topo, etcd, nodes
-    finally:
-        for n in nodes:
-            n.stop(signal.SIGKILL)
-        if etcd is not None:
-            etcd.cleanup()
-        topo.teardown()
+    yield from daemon_overlay(UDP, "udp", tmp_path_factory.mktemp("udp"), hosts=3, started=2)
 
 
 def _c(topo, i):

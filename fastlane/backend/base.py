@@ -31,6 +31,21 @@ class BackendContext:
     verbose: int = 0
 
 
+def int_option(config: NetworkConfig, name: str, default: int, lo: int, hi: int) -> int:
+    """A Backend integer option, checked, with a one-line error naming it."""
+    value = config.backend_option(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BackendError(f"Backend.{name} must be an integer from {lo} to {hi}, not {value!r}")
+    return value
+
+
+def bool_option(config: NetworkConfig, name: str, default: bool = False) -> bool:
+    value = config.backend_option(name, default)
+    if not isinstance(value, bool):
+        raise BackendError(f"Backend.{name} must be true or false, not {value!r}")
+    return value
+
+
 class Backend(ABC):
     #: written as BackendType in the lease value ("" = omitted, as flannel's udp does)
     lease_type: str = ""

@@ -16,7 +16,7 @@ import socket
 
 from pyroute2 import IPRoute
 
-from fastlane.backend.base import Backend, BackendError
+from fastlane.backend.base import Backend, BackendError, bool_option, int_option
 from fastlane.lease import Lease
 from fastlane.watcher import LeaseTable, TableChange
 
@@ -33,22 +33,10 @@ class UdpBackend(Backend):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        port = cfg.backend_option("Port", DEFAULT_PORT)
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise BackendError(f"Backend.Port must be a port number, not {port!r}")
-        self.port = port
-        check = cfg.backend_option("CheckSource", True)
-        if not isinstance(check, bool):
-            raise BackendError(f"Backend.CheckSource must be true or false, not {check!r}")
-        self.check_source = check
-        queues = cfg.backend_option("Queues", 1)
-        if isinstance(queues, bool) or not isinstance(queues, int) or not 1 <= queues <= 16:
-            raise BackendError(f"Backend.Queues must be an integer from 1 to 16, not {queues!r}")
-        self.queues = queues
-        offload = cfg.backend_option("Offload", True)
-        if not isinstance(offload, bool):
-            raise BackendError(f"Backend.Offload must be true or false, not {offload!r}")
-        self.offload = offload
+        self.port = int_option(cfg, "Port", DEFAULT_PORT, 1, 65535)
+        self.check_source = bool_option(cfg, "CheckSource", True)
+        self.queues = int_option(cfg, "Queues", 1, 1, 16)
+        self.offload = bool_option(cfg, "Offload", True)
         self.engine = None
         self.ifname: str | None = None
         self._fds: list[int] = []

@@ -25,7 +25,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from fastlane.backend.base import BackendError
+from fastlane.backend.base import BackendError, bool_option, int_option
 from fastlane.backend.kernel import (
     MAIN_TABLE, RTPROT_BOOT, KernelBackend, KernelError, netlink_call, overlay_routes,
 )
@@ -81,32 +81,18 @@ class Peer:
     direct: bool
 
 
-def _int_option(cfg, name: str, default: int, lo: int, hi: int) -> int:
-    value = cfg.backend_option(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise BackendError(f"Backend.{name} must be an integer from {lo} to {hi}, not {value!r}")
-    return value
-
-
-def _bool_option(cfg, name: str) -> bool:
-    value = cfg.backend_option(name, False)
-    if not isinstance(value, bool):
-        raise BackendError(f"Backend.{name} must be true or false, not {value!r}")
-    return value
-
-
 class VxlanBackend(KernelBackend):
     lease_type = "vxlan"
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        self.vni = _int_option(cfg, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
-        self.port = _int_option(cfg, "Port", 0, 0, 65535) or KERNEL_DEFAULT_PORT
-        self.base_mtu = _int_option(cfg, "MTU", ctx.iface.mtu, 68 + ENCAP_OVERHEAD, 65535)
-        self.gbp = _bool_option(cfg, "GBP")
-        self.learning = _bool_option(cfg, "Learning")
-        self.direct_routing = _bool_option(cfg, "DirectRouting")
+        self.vni = int_option(cfg, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
+        self.port = int_option(cfg, "Port", 0, 0, 65535) or KERNEL_DEFAULT_PORT
+        self.base_mtu = int_option(cfg, "MTU", ctx.iface.mtu, 68 + ENCAP_OVERHEAD, 65535)
+        self.gbp = bool_option(cfg, "GBP")
+        self.learning = bool_option(cfg, "Learning")
+        self.direct_routing = bool_option(cfg, "DirectRouting")
         self.ifname = f"flannel.{self.vni}"
         if len(self.ifname) > 15:
             raise BackendError(f"Backend.VNI {self.vni} is too large: device name {self.ifname} exceeds 15 characters")
