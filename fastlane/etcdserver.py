@@ -287,7 +287,11 @@ class EtcdServer:
             self._client_port = self._peer_port = None
 
     def __enter__(self) -> EtcdServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()  # a failed start must not leave its temp dir behind
+            raise
         return self
 
     def __exit__(

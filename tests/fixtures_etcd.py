@@ -45,23 +45,15 @@ def pytest_asyncio_loop_factories(
 @pytest.fixture(scope="session")
 def etcd_server() -> Iterator[EtcdServer]:
     """One etcd for the whole session; tests isolate themselves by key prefix."""
-    server = EtcdServer(name="fastlane-session")
-    try:
-        server.start()
+    with EtcdServer(name="fastlane-session") as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture
 def etcd() -> Iterator[EtcdServer]:
     """A private etcd for tests that restart, kill or compact it."""
-    server = EtcdServer(name="fastlane-private")
-    try:
-        server.start()
+    with EtcdServer(name="fastlane-private") as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture
