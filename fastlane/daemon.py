@@ -25,7 +25,8 @@ from fastlane.iface import InterfaceError, choose
 from fastlane.lease import SUBNET_TTL, Lease, LeaseAttrs
 from fastlane.notify import sd_notify
 from fastlane.registry import ConfigMissing, LeaseConflict, OutOfSubnets, Registry
-from fastlane.watcher import LeaseTable, Watcher
+from fastlane.leasetable import LeaseTable
+from fastlane.watcher import Watcher
 
 log = logging.getLogger("fastlane")
 

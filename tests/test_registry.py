@@ -10,7 +10,8 @@ from fastlane.config import parse_config
 from fastlane.etcd import Store, parse_endpoints
 from fastlane.lease import LeaseAttrs
 from fastlane.registry import LeaseConflict, OutOfSubnets, Registry
-from fastlane.watcher import LeaseTable, Watcher
+from fastlane.leasetable import LeaseTable
+from fastlane.watcher import Watcher
 
 N = ipaddress.IPv4Network
 A = ipaddress.IPv4Address

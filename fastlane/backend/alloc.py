@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastlane.backend.base import Backend
 from fastlane.lease import Lease
-from fastlane.watcher import LeaseTable
+from fastlane.leasetable import LeaseTable
 
 
 class AllocBackend(Backend):

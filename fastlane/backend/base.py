@@ -16,7 +16,7 @@ from typing import Any
 from fastlane.config import NetworkConfig
 from fastlane.iface import Interface
 from fastlane.lease import Lease
-from fastlane.watcher import LeaseTable
+from fastlane.leasetable import LeaseTable
 
 
 class BackendError(Exception):

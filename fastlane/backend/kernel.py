@@ -28,7 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from fastlane.backend.base import Backend, BackendError
 from fastlane.lease import Lease
-from fastlane.watcher import LeaseTable, TableChange
+from fastlane.leasetable import LeaseTable, TableChange
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pyroute2 import IPRoute
 
 from fastlane.backend.base import Backend, BackendError, bool_option, int_option
 from fastlane.lease import Lease
-from fastlane.watcher import LeaseTable, TableChange
+from fastlane.leasetable import LeaseTable, TableChange
 
 log = logging.getLogger(__name__)
 
