@@ -57,6 +57,7 @@ class Options:
     flanneld: Path | None
     quick: bool
     ready_timeout: float
+    report: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="repetitions per measurement (default: 3, --quick: 1)")
     p.add_argument("--flanneld", metavar="PATH", default=None,
                    help="also measure this flanneld binary (udp backend) on the same topology")
+    p.add_argument("--report", metavar="JSON", default=None,
+                   help="print the Markdown results document of an earlier run's JSON and "
+                        "exit (measures nothing, needs no root); every run also writes it "
+                        "next to its --json as <name>.md")
     p.add_argument("--ready-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
     return p
 
@@ -137,6 +142,7 @@ def parse_args(argv: list[str]) -> Options:
         hosts=a.hosts, mtus=mtus, paths=paths, duration=duration, repeat=repeat,
         json=Path(a.json) if a.json else None, plot=Path(a.plot) if a.plot else None,
         flanneld=flanneld, quick=a.quick, ready_timeout=a.ready_timeout,
+        report=Path(a.report) if a.report else None,
     )
 
 
@@ -301,6 +307,12 @@ def run(opts: Options) -> int:
         except RuntimeError as exc:
             raise BenchError(str(exc)) from None
         print(f"plot: {opts.plot}", file=sys.stdout)
+    if opts.json is not None:
+        # after the plot, so the document links it when it sits next to the JSON
+        try:
+            print(f"results document: {report.write_markdown(opts.json)}", file=sys.stdout)
+        except report.ReportError as exc:
+            raise BenchError(str(exc)) from None
     if results.errors:
         print(f"\n{len(results.errors)} error(s); see above"
               + (f" and 'errors' in {opts.json}" if opts.json else ""), file=sys.stdout)
@@ -315,6 +327,13 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `fastlane bench` (routed here by fastlane.cli)."""
     opts = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if opts.report is not None:
+        try:
+            sys.stdout.write(report.markdown_for(opts.report))
+        except report.ReportError as exc:
+            print(f"fastlane bench: {exc}", file=sys.stderr)
+            return 1
+        return 0
     old = None
     try:
         old = signal.signal(signal.SIGTERM, _sigterm)  # SIGTERM cleans up like Ctrl-C

@@ -268,3 +268,210 @@ def plot(path: Path, results: Results, mtus: list[int], paths: list[str], title:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the results document: Markdown rendered from a run's JSON and nothing else
+#
+# Why: figures copied into prose by hand drift from the run they came from. Every figure in the
+# document comes from the JSON, and a test re-renders the committed document to keep it so.
+
+#: udp's median is divided by the median of each of these paths (when the run has it)
+RATIO_BASES = ("vxlan", "underlay", "baseline", "flanneld")
+
+
+class ReportError(Exception):
+    """The JSON cannot be read or is not a fastlane bench result (one-line message)."""
+
+
+def document_name(json_name: str) -> str:
+    """`full-run.json` -> `full-run.md`; never the JSON's own name."""
+    p = Path(json_name)
+    md = p.with_suffix(".md").name if p.suffix != ".md" else p.name + ".md"
+    return md
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ReportError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ReportError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ReportError(f"{path} is not a fastlane bench result (schema {SCHEMA!r} expected)")
+    return doc
+
+
+def _md(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_cell(row: dict[str, Any], metric: str, repeat: int | None) -> str:
+    med = _fmt(row["median"], metric)
+    n = len(row.get("samples") or [])
+    if n == 1 or (n == 0 and row["min"] == row["max"]):
+        text = med
+    else:
+        text = f"{med} ({_fmt(row['min'], metric)}-{_fmt(row['max'], metric)})"
+    if repeat is not None and n and n != repeat:
+        text += f" [n={n}]"
+    return text
+
+
+def _command(config: dict[str, Any]) -> str:
+    parts = ["fastlane bench"]
+    if config.get("quick"):
+        parts.append("--quick")
+    if "hosts" in config:
+        parts.append(f"--hosts {config['hosts']}")
+    if config.get("mtus"):
+        parts.append("--mtu " + ",".join(str(m) for m in config["mtus"]))
+    if config.get("paths"):
+        parts.append("--paths " + ",".join(config["paths"]))
+    if "duration_s" in config:
+        parts.append(f"--duration {config['duration_s']:g}")
+    if "repeat" in config:
+        parts.append(f"--repeat {config['repeat']}")
+    if config.get("flanneld"):
+        parts.append(f"--flanneld {config['flanneld']}")
+    return " ".join(parts)
+
+
+def _ordered(first: Iterable[Any], seen: Iterable[Any]) -> list[Any]:
+    out = list(dict.fromkeys(first))
+    out += [x for x in dict.fromkeys(seen) if x not in out]
+    return out
+
+
+def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) -> str:
+    """The results document of one run: command, environment, table, ratios, errors.
+
+    Only `doc` (the run's JSON) supplies figures; `json_name` and `plot_name` are file names
+    for the links, relative to the document.
+    """
+    env = doc.get("environment", {})
+    config = doc.get("config", {})
+    units = {m: (doc.get("metrics", {}).get(m) or {}).get("unit", METRICS.get(m, ("",))[0])
+             for m in METRICS}
+    rows = {(r["path"], r["underlay_mtu"], r["metric"]): r for r in doc.get("results", [])}
+    mtus = _ordered(config.get("mtus", []), (k[1] for k in rows))
+    paths = _ordered(config.get("paths", []), (k[0] for k in rows))
+    metrics = [m for m in METRICS if any(k[2] == m for k in rows)]
+    repeat = config.get("repeat")
+    errors = doc.get("errors", [])
+    md_name = document_name(json_name)
+
+    out = [f"# fastlane bench results: {Path(json_name).stem}", ""]
+    out.append(f"Generated from [{json_name}]({json_name}) by "
+               f"`fastlane bench --report {json_name} > {md_name}` (run in this directory). "
+               "Do not edit by hand: every figure below comes from that JSON, and the test "
+               "suite checks that this file is what the JSON renders to.")
+    out.append("")
+    if plot_name:
+        out += [f"Plot: [{plot_name}]({plot_name}).", ""]
+
+    out += ["## Run", "", "Equivalent command line (output options omitted):", "",
+            f"    {_command(config)}", ""]
+    out += ["| field | value |", "|---|---|"]
+    env_rows = [("date", env.get("date")), ("kernel", env.get("kernel")),
+                ("CPU", env.get("cpu_model")), ("CPUs", env.get("nproc")),
+                ("hostname", env.get("hostname"))]
+    env_rows += [(name, v) for name, v in (env.get("versions") or {}).items()]
+    out += [f"| {_md(k)} | {_md(v if v is not None else '-')} |" for k, v in env_rows]
+    complete = doc.get("complete")
+    out += ["", "Complete: " + ("yes, no errors." if complete and not errors
+                                 else f"no, {len(errors)} error(s) (listed at the end)."), ""]
+
+    out += ["## Results", ""]
+    what = "Median (min-max)"
+    if repeat:
+        what += f" of {repeat} repetition{'s' if repeat != 1 else ''}"
+    out += [what + "; `[n=k]` marks a cell with fewer samples. udp_pps in thousands (k). "
+            "The metrics:", ""]
+    for m in metrics:
+        desc = (doc.get("metrics", {}).get(m) or {}).get("description") or METRICS[m][1]
+        out.append(f"- `{m}` ({units[m]}): {_md(desc)}")
+    out.append("")
+    for mtu in mtus:
+        out += [f"### Underlay MTU {mtu}", ""]
+        out.append("| path | " + " | ".join(f"{m} ({units[m]})" for m in metrics) + " |")
+        out.append("|---|" + "---:|" * len(metrics))
+        for path in paths:
+            if not any((path, mtu, m) in rows for m in metrics):
+                failed = [e for e in errors if e.get("path") == path
+                          and e.get("underlay_mtu") == mtu]
+                if failed:
+                    first = str(failed[0].get("error", "")).splitlines()[0:1] or [""]
+                    out.append(f"| {path} | failed: {_md(first[0])} |"
+                               + " |" * (len(metrics) - 1))
+                continue
+            cells = [_md_cell(rows[(path, mtu, m)], m, repeat) if (path, mtu, m) in rows else "-"
+                     for m in metrics]
+            out.append(f"| {path} | " + " | ".join(cells) + " |")
+        out.append("")
+
+    ratio_lines: list[str] = []
+    for mtu in mtus:
+        bases = [b for b in RATIO_BASES if b != "udp"
+                 and any((b, mtu, m) in rows and ("udp", mtu, m) in rows for m in metrics)]
+        if not bases:
+            continue
+        ratio_lines += [f"### Ratios, underlay MTU {mtu}", ""]
+        ratio_lines.append("| metric | " + " | ".join(f"udp / {b}" for b in bases) + " |")
+        ratio_lines.append("|---|" + "---:|" * len(bases))
+        for m in metrics:
+            udp = rows.get(("udp", mtu, m))
+            cells = []
+            for b in bases:
+                ref = rows.get((b, mtu, m))
+                ok = udp is not None and ref is not None and ref["median"]
+                cells.append(f"{udp['median'] / ref['median']:.3g}x" if ok else "-")
+            if any(c != "-" for c in cells):
+                ratio_lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        ratio_lines.append("")
+    if ratio_lines:
+        out += ["## Ratios", "",
+                "fastlane udp's median divided by the other path's median, same MTU and metric. "
+                "Above 1 means udp's figure is the larger: better for throughput and packet "
+                "rate, worse for RTT and CPU per Gbit.", ""]
+        out += ratio_lines
+    targets = [r for r in doc.get("ratios", []) if r.get("target") is not None]
+    if targets:
+        out += ["Targets recorded in the JSON:", ""]
+        for r in targets:
+            ok = r["ratio"] >= r["target"]
+            out.append(f"- MTU {r['underlay_mtu']}, {r['metric']}: {r['numerator']} / "
+                       f"{r['denominator']} = {r['ratio']:.3g}x, target >= {r['target']:g}x: "
+                       f"{'met' if ok else 'NOT met'}")
+        out.append("")
+
+    if errors:
+        out += ["## Errors", ""]
+        for e in errors:
+            first = (str(e.get("error", "")).splitlines() or [""])[0]
+            out.append(f"- MTU {e.get('underlay_mtu')}, {e.get('path')}: {_md(first)}")
+        out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def markdown_for(json_path: Path) -> str:
+    """The document for a JSON file; links the PNG of the same name when it is next to it."""
+    json_path = Path(json_path)
+    doc = load(json_path)
+    png = json_path.with_suffix(".png")
+    return markdown(doc, json_path.name, png.name if png.exists() else None)
+
+
+def write_markdown(json_path: Path) -> Path:
+    """Write `<json stem>.md` next to the JSON; returns its path."""
+    json_path = Path(json_path)
+    out = json_path.with_name(document_name(json_path.name))
+    text = markdown_for(json_path)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise ReportError(f"cannot write {out}: {exc.strerror or exc}") from None
+    return out

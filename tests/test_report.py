@@ -1,0 +1,146 @@
+"""The results document (`fastlane bench --report`): rendered from a run's JSON alone.
+
+No root and no network: these tests only read and render JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fastlane.bench import report
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+
+
+def _row(path: str, mtu: int, metric: str, samples: list[float]) -> dict:
+    s = sorted(samples)
+    return {"path": path, "underlay_mtu": mtu, "metric": metric, "median": s[len(s) // 2],
+            "min": s[0], "max": s[-1], "unit": report.METRICS[metric][0], "samples": samples}
+
+
+def _doc() -> dict:
+    rows = [
+        _row("udp", 1500, "tcp_1", [9.0, 10.0, 11.0]),
+        _row("vxlan", 1500, "tcp_1", [20.0, 19.0, 21.0]),
+        _row("underlay", 1500, "tcp_1", [40.0, 40.0, 40.0]),
+        _row("baseline", 1500, "tcp_1", [2.0, 2.5]),  # one repetition lost
+        _row("udp", 1500, "rtt_us", [60.0, 70.0, 80.0]),
+        _row("vxlan", 1500, "rtt_us", [10.0, 10.0, 10.0]),
+        _row("udp", 1500, "udp_pps", [150000.0, 145000.0, 160000.0]),
+        _row("udp", 1500, "fwd_cpu_s_per_gbit", [0.1, 0.1, 0.1]),
+        _row("baseline", 1500, "fwd_cpu_s_per_gbit", [0.8, 0.8]),
+    ]
+    return {
+        "schema": report.SCHEMA,
+        "environment": {"date": "2026-01-02T03:04:05+00:00", "kernel": "6.1.0-test",
+                        "cpu_model": "Test CPU", "nproc": 4, "hostname": "box",
+                        "versions": {"fastlane": "0.1.0", "fastlane_git": "abc1234",
+                                     "iperf3": "iperf 3.12"}},
+        "config": {"hosts": 3, "mtus": [1500], "paths": ["underlay", "udp", "vxlan", "host-gw",
+                                                          "baseline"],
+                   "duration_s": 2.5, "repeat": 3, "quick": False, "flanneld": None},
+        "metrics": {k: {"unit": u, "description": d} for k, (u, d) in report.METRICS.items()},
+        "results": rows,
+        "ratios": [{"underlay_mtu": 1500, "metric": "tcp_1", "numerator": "udp",
+                    "denominator": "vxlan", "ratio": 0.5, "target": 0.6},
+                   {"underlay_mtu": 1500, "metric": "tcp_1", "numerator": "udp",
+                    "denominator": "baseline", "ratio": 5.0, "target": 5.0}],
+        "errors": [{"path": "host-gw", "underlay_mtu": 1500,
+                    "error": "route add failed\n  log line"}],
+        "complete": False,
+    }
+
+
+def _section(text: str, heading: str) -> list[str]:
+    lines = text.splitlines()
+    start = lines.index(heading) + 1
+    out = []
+    for ln in lines[start:]:
+        if ln.startswith("#"):
+            break
+        out.append(ln)
+    return out
+
+
+def test_synthetic_run_renders_command_environment_table_and_ratios() -> None:
+    text = report.markdown(_doc(), "run.json", "run.png")
+    assert text.startswith("# fastlane bench results: run\n")
+    assert "`fastlane bench --report run.json > run.md`" in text
+    assert "Plot: [run.png](run.png)." in text
+    assert ("    fastlane bench --hosts 3 --mtu 1500 --paths underlay,udp,vxlan,host-gw,baseline "
+            "--duration 2.5 --repeat 3") in text
+    for line in ("| date | 2026-01-02T03:04:05+00:00 |", "| kernel | 6.1.0-test |",
+                 "| CPU | Test CPU |", "| CPUs | 4 |", "| fastlane_git | abc1234 |"):
+        assert line in text
+    assert "Complete: no, 1 error(s)" in text
+
+    table = [ln for ln in _section(text, "### Underlay MTU 1500") if ln.startswith("|")]
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head == ["path", "tcp_1 (Gbit/s)", "udp_pps (packets/s)", "rtt_us (us)",
+                    "fwd_cpu_s_per_gbit (s/Gbit)"]  # only metrics the run has
+    body = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+            for ln in table[2:]}
+    assert list(body) == ["underlay", "udp", "vxlan", "host-gw", "baseline"]  # config order
+    assert body["udp"] == ["10.00 (9.00-11.00)", "150k (145k-160k)", "70 (60-80)",
+                           "0.10 (0.10-0.10)"]
+    assert body["underlay"][1:] == ["-", "-", "-"]
+    assert body["baseline"][0] == "2.50 (2.00-2.50) [n=2]"
+    assert body["host-gw"][0] == "failed: route add failed"
+
+    ratios = [ln for ln in _section(text, "### Ratios, underlay MTU 1500") if ln.startswith("|")]
+    assert ratios[0] == "| metric | udp / vxlan | udp / underlay | udp / baseline |"
+    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+             for ln in ratios[2:]}
+    assert cells["tcp_1"] == ["0.5x", "0.25x", "4x"]
+    assert cells["rtt_us"] == ["7x", "-", "-"]
+    assert cells["fwd_cpu_s_per_gbit"] == ["-", "-", "0.125x"]
+    assert "udp_pps" not in cells  # no other path has it
+    assert "- MTU 1500, tcp_1: udp / vxlan = 0.5x, target >= 0.6x: NOT met" in text
+    assert "- MTU 1500, tcp_1: udp / baseline = 5x, target >= 5x: met" in text
+    assert "- MTU 1500, host-gw: route add failed" in _section(text, "## Errors")
+
+
+def test_every_figure_in_the_document_comes_from_the_json() -> None:
+    """Changing one sample changes the document; nothing is cached or hard-coded."""
+    doc = _doc()
+    before = report.markdown(doc, "run.json")
+    doc["results"][0] = _row("udp", 1500, "tcp_1", [9.0, 12.0, 11.0])
+    after = report.markdown(doc, "run.json")
+    assert "11.00 (9.00-12.00)" in after and "0.55x" in after and before != after
+    assert "Plot:" not in before
+
+
+def test_report_flag_prints_the_document_and_needs_no_root(tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text(json.dumps(_doc()))
+    res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--report",
+                          str(tmp_path / "x.json")], capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == report.markdown(_doc(), "x.json")
+    assert report.write_markdown(tmp_path / "x.json") == tmp_path / "x.md"
+    assert (tmp_path / "x.md").read_text() == res.stdout
+
+    (tmp_path / "bad.json").write_text('{"schema": "other"}')
+    for arg, message in ((tmp_path / "missing.json", "cannot read"),
+                         (tmp_path / "bad.json", "is not a fastlane bench result")):
+        res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--report", str(arg)],
+                             capture_output=True, text=True, timeout=30, check=False)
+        assert res.returncode == 1
+        assert res.stderr.startswith("fastlane bench: ") and message in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_committed_results_document_is_what_its_json_renders_to() -> None:
+    """bench/results/*.md can never drift from the JSON they are generated from."""
+    jsons = sorted(RESULTS.glob("*.json"))
+    assert jsons, "no committed results"
+    for path in jsons:
+        md = path.with_name(report.document_name(path.name))
+        assert md.exists(), f"{md.name} missing: fastlane bench --report {path.name} > {md.name}"
+        assert md.read_text() == report.markdown_for(path), (
+            f"{md.name} differs from what {path.name} renders to; regenerate it with "
+            f"`fastlane bench --report {path.name} > {md.name}` in bench/results/")
