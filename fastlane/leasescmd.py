@@ -23,7 +23,7 @@ async def _show(opts) -> int:
         return 1
     try:
         registry = Registry(store, opts.prefix)
-        leases, revision, warnings = await registry.leases()
+        leases, revision, warnings = await registry.snapshot()
         print(f"{'SUBNET':<20} {'PUBLIC IP':<16} {'BACKEND':<8} EXPIRES")
         for lease in sorted(leases, key=lambda l: l.subnet):
             if lease.is_reservation:

@@ -14,9 +14,11 @@ import ipaddress
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastlane.config import ConfigError, NetworkConfig, parse_config
-from fastlane.etcd import KeyValue, Store
+from fastlane.etcd import Event, KeyValue, Store
 from fastlane.lease import (
     SUBNET_TTL,
     Lease,
@@ -46,6 +48,38 @@ class OutOfSubnets(Exception):
 
 class LeaseConflict(Exception):
     """Our subnet was deleted and someone else holds it now."""
+
+
+@dataclass(frozen=True)
+class LeaseWarning:
+    """A key under the subnets prefix that cannot be read (written by someone else).
+
+    It carries the key and revision so a reader can warn once per bad write rather than
+    on every re-list; str() is the operator's one-line message.
+    """
+
+    key: str
+    mod_revision: int
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class LeaseEvent:
+    """One change under the subnets prefix, decoded.
+
+    `subnet` is None when the key itself is unreadable (nothing to apply). `lease` is None
+    when the subnet was deleted, or when its new value is unreadable (then `warning` says
+    so): either way nobody can be routed to that subnet any more.
+    """
+
+    key: str
+    mod_revision: int
+    subnet: IPv4Network | None
+    lease: Lease | None
+    warning: LeaseWarning | None = None
 
 
 class Registry:
@@ -79,30 +113,61 @@ class Registry:
 
     def decode(self, kv: KeyValue) -> Lease:
         """A lease from its etcd key/value; LeaseValueError names the key when malformed."""
-        name = kv.key[len(self.subnets_prefix):]
+        return self._decode(kv.key, kv.value, kv.mod_revision, kv.lease)
+
+    def _decode(self, key: str, value: bytes, mod_revision: int, etcd_lease: int) -> Lease:
+        name = key[len(self.subnets_prefix):]
         try:
             subnet = parse_subnet_key(name)
-            attrs = LeaseAttrs.decode(kv.value)
+            attrs = LeaseAttrs.decode(value)
         except LeaseValueError as exc:
-            raise LeaseValueError(f"skipping malformed lease {kv.key}: {exc}") from None
+            raise LeaseValueError(f"skipping malformed lease {key}: {exc}") from None
         return Lease(
             subnet=subnet,
             attrs=attrs,
-            etcd_lease=kv.lease,
-            mod_revision=kv.mod_revision,
-            key=kv.key,
+            etcd_lease=etcd_lease,
+            mod_revision=mod_revision,
+            key=key,
         )
 
-    async def leases(self) -> tuple[list[Lease], int, list[str]]:
+    async def snapshot(self) -> tuple[list[Lease], int, list[LeaseWarning]]:
         """All readable leases, the revision they were read at, and one warning per bad key."""
         kvs, revision = await self.store.list(self.subnets_prefix)
-        out, warnings = [], []
+        out: list[Lease] = []
+        warnings: list[LeaseWarning] = []
         for kv in kvs:
             try:
                 out.append(self.decode(kv))
             except LeaseValueError as exc:
-                warnings.append(str(exc))
+                warnings.append(LeaseWarning(kv.key, kv.mod_revision, str(exc)))
         return out, revision, warnings
+
+    def _event(self, ev: Event) -> LeaseEvent:
+        try:
+            subnet = parse_subnet_key(ev.key[len(self.subnets_prefix):])
+        except LeaseValueError as exc:
+            message = f"skipping malformed lease {ev.key}: {exc}"
+            return LeaseEvent(ev.key, ev.mod_revision, None, None,
+                              LeaseWarning(ev.key, ev.mod_revision, message))
+        if ev.type == "delete":
+            return LeaseEvent(ev.key, ev.mod_revision, subnet, None)
+        try:
+            # A watch event does not say which etcd lease the key is attached to; peers'
+            # leases are only routed to, never renewed, so 0 is all the table needs.
+            lease = self._decode(ev.key, ev.value, ev.mod_revision, 0)
+        except LeaseValueError as exc:
+            return LeaseEvent(ev.key, ev.mod_revision, subnet, None,
+                              LeaseWarning(ev.key, ev.mod_revision, str(exc)))
+        return LeaseEvent(ev.key, ev.mod_revision, subnet, lease)
+
+    async def watch(self, start_revision: int) -> AsyncIterator[list[LeaseEvent]]:
+        """Decoded batches of changes to the leases, in order, from `start_revision`.
+
+        Like the store's watch it never resumes by itself: WatchInterrupted means "take a
+        new snapshot and watch again from its revision + 1".
+        """
+        async for batch in self.store.watch(self.subnets_prefix, start_revision):
+            yield [self._event(ev) for ev in batch]
 
     async def _claim(self, subnet: IPv4Network, attrs: LeaseAttrs) -> Lease | None:
         """Create the key only if absent, attached to a fresh etcd lease of `ttl` seconds."""
@@ -149,7 +214,7 @@ class Registry:
     ) -> Lease:
         """flanneld's tryAcquireLease, made race-free; raises OutOfSubnets when full."""
         for _ in range(RACE_RETRIES):
-            leases, _, warnings = await self.leases()
+            leases, _, warnings = await self.snapshot()
             for warning in warnings:
                 log.warning("%s", warning)
             mine = [l for l in leases if l.attrs.public_ip == attrs.public_ip]

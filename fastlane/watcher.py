@@ -14,10 +14,10 @@ import ipaddress
 import logging
 from typing import Awaitable, Callable
 
-from fastlane.etcd import EtcdError, Event, KeyValue, WatchInterrupted
-from fastlane.lease import Lease, LeaseValueError, parse_subnet_key
+from fastlane.etcd import EtcdError, WatchInterrupted
+from fastlane.lease import Lease
 from fastlane.leasetable import LeaseTable
-from fastlane.registry import Registry
+from fastlane.registry import LeaseEvent, LeaseWarning, Registry
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +49,24 @@ class Watcher:
         self._warned: set[tuple[str, int]] = set()
         self.resyncs = 0
 
-    def _warn_once(self, key: str, revision: int, message: str) -> None:
-        if (key, revision) not in self._warned:
-            self._warned.add((key, revision))
-            log.warning("%s", message)
+    def _warn_once(self, warning: LeaseWarning) -> None:
+        """Each bad write is reported once, not again on every re-list."""
+        if (warning.key, warning.mod_revision) not in self._warned:
+            self._warned.add((warning.key, warning.mod_revision))
+            log.warning("%s", warning)
 
     def _own_subnet(self) -> IPv4Network | None:
         lease = self.own()
         return lease.subnet if lease else None
 
     async def _resync(self) -> int:
-        kvs, revision = await self.registry.store.list(self.registry.subnets_prefix)
+        snapshot, revision, warnings = await self.registry.snapshot()
+        for warning in warnings:
+            self._warn_once(warning)
         own = self.own()
-        leases, own_seen = [], None
-        for kv in kvs:
-            try:
-                lease = self.registry.decode(kv)
-            except LeaseValueError as exc:
-                self._warn_once(kv.key, kv.mod_revision, str(exc))
-                continue
+        leases: list[Lease] = []
+        own_seen: Lease | None = None
+        for lease in snapshot:
             if own is not None and lease.subnet == own.subnet:
                 own_seen = lease
                 continue
@@ -82,29 +81,19 @@ class Watcher:
                 await self.on_own("changed", own_seen)
         return revision
 
-    async def _apply(self, events: list[Event]) -> None:
+    async def _apply(self, events: list[LeaseEvent]) -> None:
         own = self._own_subnet()
         puts: dict[IPv4Network, Lease] = {}
         deletes: set[IPv4Network] = set()
         own_events: list[tuple[str, Lease | None]] = []
         for ev in events:
-            name = ev.key[len(self.registry.subnets_prefix):]
-            try:
-                subnet = parse_subnet_key(name)
-            except LeaseValueError as exc:
-                self._warn_once(ev.key, ev.mod_revision, f"skipping malformed lease {ev.key}: {exc}")
+            if ev.warning is not None:
+                self._warn_once(ev.warning)
+            subnet = ev.subnet
+            if subnet is None:
                 continue
-            if ev.type == "delete":
-                lease = None
-            else:
-                try:
-                    lease = self.registry.decode(
-                        KeyValue(ev.key, ev.value, 0, ev.mod_revision, 0)
-                    )
-                except LeaseValueError as exc:
-                    # Unreadable: we no longer know where this subnet lives; drop its route.
-                    self._warn_once(ev.key, ev.mod_revision, str(exc))
-                    lease = None
+            # None: deleted, or unreadable so we no longer know where it lives; drop its route.
+            lease = ev.lease
             if subnet == own:
                 if lease is None:
                     own_events.append(("deleted", None))
@@ -132,9 +121,7 @@ class Watcher:
                     log.info("etcd reachable again; lease table re-synced (%d peers)", len(self.table))
                 failing_since = None
                 backoff = 0.1
-                async for batch in self.registry.store.watch(
-                    self.registry.subnets_prefix, revision + 1
-                ):
+                async for batch in self.registry.watch(revision + 1):
                     await self._apply(batch)
             except WatchInterrupted as exc:
                 log.info("lease watch interrupted (%s); re-listing", exc)

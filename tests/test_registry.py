@@ -41,7 +41,7 @@ async def test_fifty_concurrent_acquires_get_distinct_subnets(store, prefix):
     for i, a in enumerate(subnets):
         assert CONFIG.fits(a)
         assert not any(a.overlaps(b) for b in subnets[i + 1:])
-    listed, _, warnings = await reg.leases()
+    listed, _, warnings = await reg.snapshot()
     assert sorted(l.subnet for l in listed) == sorted(subnets) and warnings == []
 
 
@@ -113,6 +113,39 @@ async def test_out_of_subnets_is_a_clear_error(store, prefix):
     with pytest.raises(OutOfSubnets) as info:
         await reg.acquire(small, attrs("10.8.0.9"))
     assert "out of subnets" in str(info.value) and "\n" not in str(info.value)
+
+
+async def test_snapshot_and_watch_are_decoded_with_warnings_naming_the_key(store, prefix):
+    reg = Registry(store, prefix)
+    sub = f"{prefix}/subnets/"
+    await store.put(sub + "10.1.1.0-24", attrs("10.9.8.1").encode())
+    await store.put(sub + "not-a-subnet", b"{}")
+    await store.put(sub + "10.1.2.0-24", b"junk")
+    leases, revision, warnings = await reg.snapshot()
+    assert [l.subnet for l in leases] == [N("10.1.1.0/24")]
+    assert leases[0].key == sub + "10.1.1.0-24" and leases[0].is_reservation
+    assert sorted(w.key for w in warnings) == [sub + "10.1.2.0-24", sub + "not-a-subnet"]
+    assert all(w.key in str(w) and w.mod_revision <= revision for w in warnings)
+
+    batches = reg.watch(revision + 1)
+    await store.put(sub + "10.1.3.0-24", attrs("10.9.8.3").encode())
+    await store.put(sub + "10.1.4.0-24", b'{"PublicIP":12}')
+    await store.put(sub + "bad", attrs("10.9.8.5").encode())
+    await store.delete(sub + "10.1.1.0-24")
+    events = []
+    async with asyncio.timeout(5):
+        async for batch in batches:
+            events += batch
+            if len(events) >= 4:
+                break
+    await batches.aclose()
+    put, unreadable, bad_key, deleted = events
+    assert put.subnet == N("10.1.3.0/24") and put.lease.attrs == attrs("10.9.8.3")
+    assert put.lease.mod_revision == put.mod_revision and put.warning is None
+    assert unreadable.subnet == N("10.1.4.0/24") and unreadable.lease is None
+    assert "10.1.4.0-24" in str(unreadable.warning)
+    assert bad_key.subnet is None and bad_key.lease is None and "bad" in str(bad_key.warning)
+    assert deleted.subnet == N("10.1.1.0/24") and deleted.lease is None and deleted.warning is None
 
 
 async def _wait_for(pred, timeout=3.0):
