@@ -6,6 +6,7 @@ No root and no network: these tests only read and render JSON.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +145,33 @@ def test_committed_results_document_is_what_its_json_renders_to() -> None:
         assert md.read_text() == report.markdown_for(path), (
             f"{md.name} differs from what {path.name} renders to; regenerate it with "
             f"`fastlane bench --report {path.name} > {md.name}` in bench/results/")
+
+
+def _markdown_section(path: Path, heading: str) -> str:
+    """The text under the first heading that starts with `heading`, up to the next heading of
+    the same or a higher level."""
+    lines = path.read_text().splitlines()
+    level = heading.split(" ", 1)[0]
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(heading))
+    out = []
+    for ln in lines[start + 1:]:
+        mark = ln.split(" ", 1)[0]
+        if ln.startswith("#") and set(mark) == {"#"} and len(mark) <= len(level):
+            break
+        out.append(ln)
+    return "\n".join(out)
+
+
+def test_prose_quotes_only_figures_of_the_committed_run() -> None:
+    """Hand-written sections that quote measurements name full-run.json, and every number in
+    them appears in the document generated from it (a crude check, but it catches a figure
+    left over from an older run)."""
+    number = r"(?<![\w.])\d+(?:\.\d+)?"
+    generated = set(re.findall(number, (RESULTS / "full-run.md").read_text()))
+    for doc, heading in ((REPO / "README.md", "## Measured"),
+                         (REPO / "bench" / "README.md", "### What limits each path")):
+        text = _markdown_section(doc, heading)
+        assert "full-run.json" in text, f"{doc.name} '{heading}' does not name its run"
+        numbers = re.findall(number, text.replace("full-run", ""))
+        stray = [n for n in numbers if n not in generated]
+        assert not stray, f"{doc.name} '{heading}' quotes figures not in full-run.md: {stray}"
