@@ -71,7 +71,7 @@ class Results:
         return out
 
     def ratios(self, mtus: Iterable[int]) -> list[dict[str, Any]]:
-        """fastlane udp single stream against the other paths (issue 3's targets)."""
+        """fastlane udp single stream against the other paths, with its targets where it has one."""
         out = []
         for mtu in mtus:
             udp = self.median("udp", mtu, "tcp_1")
