@@ -1,4 +1,4 @@
-"""Leases as flanneld stores them in etcd, and the choice of a free subnet.
+"""Leases as flanneld stores them in etcd, and the choice of the lease or subnet to acquire.
 
 The key (`<prefix>/subnets/10.1.18.0-24`) and the value (Go's `json.Marshal` of
 `LeaseAttrs`) must be byte-compatible with flanneld's, because flanneld nodes and
@@ -173,3 +173,66 @@ def choose_subnet(
 
 def subnet_in_use(subnet: IPv4Network, taken: Iterable[IPv4Network]) -> bool:
     return _Taken(taken).overlaps(subnet)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to do to acquire a lease, decided from one listing of the leases (no etcd here)
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Re-write our own lease: same subnet, new etcd lease; a reservation stays one."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Create the key of a subnet nobody holds; `from_previous` if the old subnet file named it."""
+
+    subnet: IPv4Network
+    from_previous: bool = False
+
+
+@dataclass(frozen=True)
+class Exhausted:
+    """Every subnet in [SubnetMin, SubnetMax] overlaps someone else's lease."""
+
+
+@dataclass(frozen=True)
+class AcquirePlan:
+    """Delete `drop` (our leases the config no longer allows, in listing order), then `action`."""
+
+    drop: tuple[Lease, ...]
+    action: Reuse | Claim | Exhausted
+
+
+def plan_acquisition(
+    leases: Iterable[Lease],
+    config: NetworkConfig,
+    attrs: LeaseAttrs,
+    previous: IPv4Network | None = None,
+    rng: random.Random | None = None,
+) -> AcquirePlan:
+    """flanneld's tryAcquireLease as a decision, so it can be tested without etcd.
+
+    In listing order, our leases (same PublicIP) that no longer fit the config are dropped
+    until one that fits is found: that one is reused, whatever its kind. With none left,
+    the subnet of the previous subnet file is claimed if it fits and nobody else's lease
+    overlaps it, else a random free one. `rng` is consulted only for that last pick.
+    """
+    listed = list(leases)
+    drop: list[Lease] = []
+    for lease in listed:
+        if lease.attrs.public_ip != attrs.public_ip:
+            continue
+        if config.fits(lease.subnet):
+            return AcquirePlan(tuple(drop), Reuse(lease))
+        drop.append(lease)
+    taken = [l.subnet for l in listed if l.attrs.public_ip != attrs.public_ip]
+    if previous is not None and config.fits(previous) and not subnet_in_use(previous, taken):
+        return AcquirePlan(tuple(drop), Claim(previous, from_previous=True))
+    subnet = choose_subnet(config, taken, rng)
+    if subnet is None:
+        return AcquirePlan(tuple(drop), Exhausted())
+    return AcquirePlan(tuple(drop), Claim(subnet))

@@ -21,12 +21,13 @@ from fastlane.config import ConfigError, NetworkConfig, parse_config
 from fastlane.etcd import Event, KeyValue, Store
 from fastlane.lease import (
     SUBNET_TTL,
+    Claim,
     Lease,
     LeaseAttrs,
     LeaseValueError,
-    choose_subnet,
+    Reuse,
     parse_subnet_key,
-    subnet_in_use,
+    plan_acquisition,
     subnet_key,
 )
 
@@ -212,47 +213,45 @@ class Registry:
         previous: IPv4Network | None = None,
         rng: random.Random | None = None,
     ) -> Lease:
-        """flanneld's tryAcquireLease, made race-free; raises OutOfSubnets when full."""
+        """flanneld's tryAcquireLease, made race-free; raises OutOfSubnets when full.
+
+        The choice is lease.plan_acquisition's; this only carries it out, and lists and
+        decides again when a transaction shows that someone changed the leases meanwhile.
+        """
         for _ in range(RACE_RETRIES):
             leases, _, warnings = await self.snapshot()
             for warning in warnings:
                 log.warning("%s", warning)
-            mine = [l for l in leases if l.attrs.public_ip == attrs.public_ip]
-            for lease in mine:
-                if config.fits(lease.subnet):
-                    got = await self._refresh(lease, attrs)
-                    if got is not None:
-                        kind = "reservation" if got.is_reservation else "lease"
-                        log.info("found %s %s for %s, reusing", kind, got.subnet, attrs.public_ip)
-                        return got
-                    break  # it changed under us: list again
+            plan = plan_acquisition(leases, config, attrs, previous, rng)
+            for lease in plan.drop:
                 log.warning(
                     "deleting lease %s: it no longer fits the network config", lease.subnet
                 )
                 await self.store.delete(self.key_of(lease.subnet))
-            else:
-                taken = [l.subnet for l in leases if l.attrs.public_ip != attrs.public_ip]
-                if (
-                    previous is not None
-                    and config.fits(previous)
-                    and not subnet_in_use(previous, taken)
-                ):
-                    got = await self._claim(previous, attrs)
-                    if got is not None:
-                        log.info("reusing subnet %s from the previous subnet file", previous)
-                        return got
-                    continue
-                subnet = choose_subnet(config, taken, rng)
-                if subnet is None:
-                    lo, hi = config.subnet_bounds()
-                    raise OutOfSubnets(
-                        f"out of subnets: all /{config.subnet_len} subnets from "
-                        f"{lo.network_address} to {hi.network_address} are leased"
-                    )
-                got = await self._claim(subnet, attrs)
+            action = plan.action
+            if isinstance(action, Reuse):
+                got = await self._refresh(action.lease, attrs)
                 if got is not None:
-                    log.info("allocated lease %s", subnet)
+                    kind = "reservation" if got.is_reservation else "lease"
+                    log.info("found %s %s for %s, reusing", kind, got.subnet, attrs.public_ip)
                     return got
+                # it changed under us: list again
+            elif isinstance(action, Claim):
+                got = await self._claim(action.subnet, attrs)
+                if got is not None:
+                    if action.from_previous:
+                        log.info("reusing subnet %s from the previous subnet file", action.subnet)
+                    else:
+                        log.info("allocated lease %s", action.subnet)
+                    return got
+                if action.from_previous:
+                    continue  # taken meanwhile: list again
+            else:
+                lo, hi = config.subnet_bounds()
+                raise OutOfSubnets(
+                    f"out of subnets: all /{config.subnet_len} subnets from "
+                    f"{lo.network_address} to {hi.network_address} are leased"
+                )
             log.info("lost a race for a subnet, retrying")
         raise LeaseConflict(f"could not acquire a lease after {RACE_RETRIES} attempts (contention)")
 
