@@ -71,7 +71,7 @@ class Results:
         return out
 
     def ratios(self, mtus: Iterable[int]) -> list[dict[str, Any]]:
-        """fastlane udp single stream against the other paths, with its targets where it has one."""
+        """fastlane udp single stream against the other paths; targets where udp has one."""
         out = []
         for mtu in mtus:
             udp = self.median("udp", mtu, "tcp_1")
