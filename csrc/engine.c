@@ -48,9 +48,19 @@
 #define GSO_MAX_BYTES 65507
 #define MMSG_MAX 1024
 #define RX_MSGS 64
+#define RX_PKTS (RX_MSGS * GSO_MAX_SEGS) /* packets held before they are written to the TUN */
 /* With GRO (and TSO on the TX side) a batch is bounded by bytes, not datagrams: ~512 KiB stays
  * in L2 between the copy in, the checksum pass and the copy out. */
 #define BATCH_BYTES (512 * 1024)
+/* A full socket send buffer is waited out in slices, for at most FLUSH_WAIT_MAX_MS per flush;
+ * what is still queued then is dropped (counted drop_tx_socket_full), as a full NIC queue
+ * drops. Bounded so neither the other direction nor a stop waits behind a saturated egress. */
+#define FLUSH_WAIT_SLICE_MS 5
+#define FLUSH_WAIT_MAX_MS 100
+/* After a failed UDP GSO send, GSO is off for GSO_RETRY_FIRST_MS, then tried again; each
+ * further failure doubles the pause up to GSO_RETRY_MAX_MS, a success resets it. */
+#define GSO_RETRY_FIRST_MS 1000
+#define GSO_RETRY_MAX_MS 60000
 
 static const char *const counter_names[C_COUNT] = {
     [C_NONE] = "none",
@@ -75,6 +85,8 @@ static const char *const counter_names[C_COUNT] = {
     [C_ICMP_SUPPRESSED] = "icmp_suppressed",
     [C_ROUTE_UPDATES] = "route_updates",
     [C_TX_EAGAIN_WAITS] = "tx_eagain_waits",
+    [C_TX_GSO_FALLBACKS] = "tx_gso_fallbacks",
+    [C_TX_WAIT_RX_ROUNDS] = "tx_wait_rx_rounds",
     [C_IO_ERRORS] = "io_errors",
     [D_TX_NOT_IPV4] = "drop_tx_not_ipv4",
     [D_TX_MALFORMED] = "drop_tx_malformed",
@@ -84,7 +96,10 @@ static const char *const counter_names[C_COUNT] = {
     [D_TX_OVERSIZE] = "drop_tx_oversize",
     [D_TX_BAD_VNET] = "drop_tx_bad_vnet",
     [D_TX_SEND_ERROR] = "drop_tx_send_error",
+    [D_TX_SOCKET_FULL] = "drop_tx_socket_full",
     [D_RX_FOREIGN_SOURCE] = "drop_rx_foreign_source",
+    [D_RX_SOURCE_PORT] = "drop_rx_source_port",
+    [D_RX_INNER_SOURCE] = "drop_rx_inner_source",
     [D_RX_NOT_IPV4] = "drop_rx_not_ipv4",
     [D_RX_MALFORMED] = "drop_rx_malformed",
     [D_RX_BAD_CHECKSUM] = "drop_rx_bad_checksum",
@@ -130,8 +145,8 @@ struct rx_io {
     struct iovec iov[RX_MSGS];
     struct sockaddr_in addrs[RX_MSGS];
     uint8_t cmsgs[RX_MSGS][CMSG_SPACE(sizeof(int))];
-    uint8_t *pkts[RX_MSGS * GSO_MAX_SEGS];
-    int lens[RX_MSGS * GSO_MAX_SEGS];
+    uint8_t *pkts[RX_PKTS];
+    int lens[RX_PKTS];
     uint8_t scratch[256];
     struct iovec wiov[2 + 2 * GSO_MAX_SEGS + 8];
 };
@@ -215,8 +230,41 @@ static void tun_write_icmp(struct fl_worker *w, int fd, uint8_t *icmp, int len)
 
 static int gso_enabled(struct fl_engine *e)
 {
-    return __atomic_load_n(&e->feat.gso, __ATOMIC_RELAXED);
+    if (!e->feat.gso)
+        return 0;
+    uint64_t retry = atomic_load_explicit(&e->gso_retry_ns, memory_order_relaxed);
+    return retry == 0 || fl_now_ns() >= retry;
 }
+
+/* A GSO send failed (the egress cannot segment or checksum): pause GSO, doubling the pause
+ * while it keeps failing, so a route or device change that made it fail is re-probed later
+ * instead of costing GSO for good. */
+static void gso_failed(struct fl_engine *e)
+{
+    uint64_t b = atomic_load(&e->gso_backoff_ns);
+    if (b == 0)
+        b = (uint64_t)GSO_RETRY_FIRST_MS * 1000000ULL;
+    atomic_store(&e->gso_retry_ns, fl_now_ns() + b);
+    b *= 2;
+    if (b > (uint64_t)GSO_RETRY_MAX_MS * 1000000ULL)
+        b = (uint64_t)GSO_RETRY_MAX_MS * 1000000ULL;
+    atomic_store(&e->gso_backoff_ns, b);
+}
+
+static void gso_worked(struct fl_engine *e)
+{
+    if (atomic_load_explicit(&e->gso_backoff_ns, memory_order_relaxed) != 0) {
+        atomic_store(&e->gso_backoff_ns, 0);
+        atomic_store(&e->gso_retry_ns, 0);
+    }
+}
+
+static int stopping(struct fl_engine *e)
+{
+    return atomic_load_explicit(&e->stopping, memory_order_relaxed);
+}
+
+static int rx_round(struct fl_worker *w, struct rx_io *io, int ufd, int tfd, int *failed);
 
 /* Builds up to MMSG_MAX messages from io->out[pos..]; returns the message count. */
 static int tx_build(struct fl_worker *w, struct tx_io *io, int pos, int use_gso)
@@ -292,6 +340,43 @@ static void tx_sink(struct fl_worker *w, struct tx_io *io)
     }
 }
 
+/* Waits up to timeout_ms for room in the socket's send buffer. The worker is offline meanwhile
+ * (the queued datagrams hold copies of their next hop, never a table pointer) and online again,
+ * at a fresh grace period, before this returns: the caller may go on looking up routes. The
+ * combined worker runs its RX rounds while it waits, so a saturated egress cannot starve the
+ * other direction. Returns -1 when stopping, else 0. */
+static int tx_wait_room(struct fl_worker *w, int timeout_ms)
+{
+    struct fl_engine *e = w->e;
+    int ufd = e->cfg.udp_fd, serve_rx = w->kind == FL_W_BOTH && w->io2;
+    int r = 0;
+    fl_rcu_offline(w);
+    for (;;) {
+        struct pollfd p[2] = {{.fd = ufd, .events = POLLOUT | (serve_rx ? POLLIN : 0)},
+                              {.fd = e->stop_fd, .events = POLLIN}};
+        int n = poll(p, 2, timeout_ms);
+        if (n < 0 && errno != EINTR) {
+            r = -1;
+            break;
+        }
+        if (n > 0 && (p[1].revents || (p[0].revents & POLLNVAL))) {
+            r = -1;
+            break;
+        }
+        if (n > 0 && serve_rx && (p[0].revents & POLLIN) && !(p[0].revents & POLLOUT)) {
+            int failed = 0;
+            fl_cnt(w, C_TX_WAIT_RX_ROUNDS, 1);
+            rx_round(w, w->io2, ufd, e->cfg.tun_fds[0], &failed);
+            timeout_ms = 0; /* the slice is spent: let the caller retry the send */
+            if (!failed)
+                continue;
+        }
+        break;
+    }
+    fl_rcu_online(w);
+    return r;
+}
+
 static void tx_flush(struct fl_worker *w, struct tx_io *io)
 {
     struct fl_engine *e = w->e;
@@ -300,7 +385,8 @@ static void tx_flush(struct fl_worker *w, struct tx_io *io)
         io->n_out = io->n_iov = io->n_hdr = 0;
         return;
     }
-    int pos = 0, waits = 0;
+    int pos = 0;
+    uint64_t deadline = 0; /* set at the first EAGAIN: the flush's whole wait budget */
     while (pos < io->n_out) {
         int use_gso = gso_enabled(e);
         int nm = tx_build(w, io, pos, use_gso);
@@ -313,31 +399,36 @@ static void tx_flush(struct fl_worker *w, struct tx_io *io)
                     tx_count_sent(w, io, pos, io->msg_ndg[done + i]);
                     pos += io->msg_ndg[done + i];
                 }
+                if (use_gso)
+                    gso_worked(e);
                 done += r;
-                waits = 0;
                 continue;
             }
             int err = r < 0 ? errno : EAGAIN;
             if (err == EINTR)
                 continue;
-            if ((err == EAGAIN || err == ENOBUFS) && waits < 50) {
+            if (err == EAGAIN || err == ENOBUFS) {
                 /* socket buffer full: wait for room rather than drop a TCP window's worth */
-                fl_cnt(w, C_TX_EAGAIN_WAITS, 1);
-                waits++;
-                fl_rcu_offline(w);
-                int wr = wait_fd(e, e->cfg.udp_fd, POLLOUT, 20);
-                if (wr < 0) {
-                    done = nm;
-                    pos = io->n_out;
-                    break;
+                uint64_t now = fl_now_ns();
+                if (!deadline)
+                    deadline = now + (uint64_t)FLUSH_WAIT_MAX_MS * 1000000ULL;
+                if (now < deadline && !stopping(e)) {
+                    fl_cnt(w, C_TX_EAGAIN_WAITS, 1);
+                    int left = (int)((deadline - now) / 1000000ULL) + 1;
+                    if (tx_wait_room(w, left < FLUSH_WAIT_SLICE_MS ? left : FLUSH_WAIT_SLICE_MS) == 0)
+                        continue;
                 }
-                continue;
+                /* out of budget, or stopping: the rest of the batch is dropped, and counted */
+                fl_cnt(w, D_TX_SOCKET_FULL, (uint64_t)(io->n_out - pos));
+                pos = io->n_out;
+                break;
             }
             if ((err == EIO || err == EINVAL) && io->msg_ndg[done] > 1) {
-                /* the egress cannot do UDP GSO: turn it off for good and rebuild */
-                __atomic_store_n(&e->feat.gso, 0, __ATOMIC_RELAXED);
+                /* the egress cannot do UDP GSO now: send this batch's rest without it */
+                gso_failed(e);
+                fl_cnt(w, C_TX_GSO_FALLBACKS, 1);
                 if (e->cfg.verbose)
-                    fprintf(stderr, "fastlane engine: UDP GSO failed (%s), disabled\n",
+                    fprintf(stderr, "fastlane engine: UDP GSO failed (%s), paused\n",
                             strerror(err));
                 break;
             }
@@ -492,7 +583,7 @@ static void *tx_main(void *arg)
         if (wait_fd(e, fd, POLLIN, -1) < 0)
             break;
         int failed = 0;
-        while (tx_round(w, io, fd, &failed) > 0 && !failed)
+        while (!stopping(e) && tx_round(w, io, fd, &failed) > 0 && !failed)
             ;
         if (failed && backoff(e, w) < 0)
             break;
@@ -517,7 +608,9 @@ static int rx_emit(void *ctx, struct iovec *iov, int n_iov, int total)
     while (r < 0 && errno == EINTR);
     fl_cnt(c->w, C_RX_TUN_WRITES, 1);
     if (r < 0) {
-        fl_cnt(c->w, D_RX_TUN_WRITE_ERROR, (uint64_t)(n_iov == 2 ? 1 : n_iov - 2));
+        /* iov = [vnet header,] packet, or vnet header + merged header + one payload per
+         * segment: a frame of n_iov > 2 carried n_iov - 2 packets, anything else one */
+        fl_cnt(c->w, D_RX_TUN_WRITE_ERROR, (uint64_t)(n_iov > 2 ? n_iov - 2 : 1));
         return -1;
     }
     return 0;
@@ -612,15 +705,21 @@ static int rx_round(struct fl_worker *w, struct rx_io *io, int ufd, int tfd, int
         if (seg < len)
             fl_cnt(w, C_RX_GRO_MSGS, 1);
         uint32_t src = ntohl(io->addrs[i].sin_addr.s_addr);
+        uint16_t sport = ntohs(io->addrs[i].sin_port);
         for (int off = 0; off < len; off += seg) {
             int l = len - off < seg ? len - off : seg;
-            int v = fl_rx_one(w, t, buf + off, l, src);
+            int v = fl_rx_one(w, t, buf + off, l, src, sport);
             if (v) {
                 fl_cnt(w, v, 1);
                 continue;
             }
             fl_cnt(w, C_RX_PACKETS, 1);
             fl_cnt(w, C_RX_BYTES, (uint64_t)l);
+            if (n == RX_PKTS) {
+                /* GRO buffers of tiny segments: write what is held, then go on */
+                rx_deliver(w, io, tfd, n);
+                n = 0;
+            }
             io->pkts[n] = buf + off;
             io->lens[n] = l;
             n++;
@@ -643,7 +742,7 @@ static void *rx_main(void *arg)
         if (wait_fd(e, ufd, POLLIN, -1) < 0)
             break;
         int failed = 0;
-        while (rx_round(w, io, ufd, tfd, &failed) > 0 && !failed)
+        while (!stopping(e) && rx_round(w, io, ufd, tfd, &failed) > 0 && !failed)
             ;
         if (failed && backoff(e, w) < 0)
             break;
@@ -680,7 +779,7 @@ static void *both_main(void *arg)
             int a = tx_round(w, tio, tfd, &failed);
             int b = rx_round(w, rio, ufd, tfd, &failed);
             busy = a || b;
-        } while (busy && !failed);
+        } while (busy && !failed && !stopping(e));
         if (failed && backoff(e, w) < 0)
             break;
     }
@@ -826,6 +925,7 @@ void fl_engine_stop(struct fl_engine *e)
 {
     if (!e->started)
         return;
+    atomic_store(&e->stopping, 1);
     uint64_t one = 1;
     if (write(e->stop_fd, &one, sizeof(one)) < 0) {
         /* eventfd write only fails on overflow: it is already signalled */
@@ -840,6 +940,7 @@ void fl_engine_stop(struct fl_engine *e)
     uint64_t v;
     if (read(e->stop_fd, &v, sizeof(v)) < 0) {
     }
+    atomic_store(&e->stopping, 0);
     e->started = 0;
 }
 
@@ -867,7 +968,7 @@ void fl_engine_free(struct fl_engine *e)
 void fl_engine_features(struct fl_engine *e, struct fl_features *out)
 {
     *out = e->feat;
-    out->gso = gso_enabled(e);
+    out->gso = gso_enabled(e); /* off while paused after a failed GSO send */
 }
 
 void fl_engine_counters(struct fl_engine *e, uint64_t *out, int n)
@@ -910,11 +1011,12 @@ int fl_tx_packet(struct fl_engine *e, uint8_t *pkt, int len, uint32_t *next_hop,
     return v;
 }
 
-int fl_rx_packet(struct fl_engine *e, const uint8_t *pkt, int len, uint32_t src)
+int fl_rx_packet(struct fl_engine *e, const uint8_t *pkt, int len, uint32_t src,
+                 uint16_t src_port)
 {
     struct fl_worker *w = &e->test_worker;
     fl_rcu_online(w);
-    int v = fl_rx_one(w, fl_rcu_table(w), pkt, len, src);
+    int v = fl_rx_one(w, fl_rcu_table(w), pkt, len, src, src_port);
     fl_rcu_offline(w);
     if (v)
         fl_cnt(w, v, 1);

@@ -44,6 +44,8 @@ enum {
     C_ICMP_SUPPRESSED,
     C_ROUTE_UPDATES,
     C_TX_EAGAIN_WAITS,
+    C_TX_GSO_FALLBACKS,
+    C_TX_WAIT_RX_ROUNDS,
     C_IO_ERRORS,
     C_DROP_FIRST,
     D_TX_NOT_IPV4 = C_DROP_FIRST,
@@ -54,7 +56,10 @@ enum {
     D_TX_OVERSIZE,
     D_TX_BAD_VNET,
     D_TX_SEND_ERROR,
+    D_TX_SOCKET_FULL,
     D_RX_FOREIGN_SOURCE,
+    D_RX_SOURCE_PORT,
+    D_RX_INNER_SOURCE,
     D_RX_NOT_IPV4,
     D_RX_MALFORMED,
     D_RX_BAD_CHECKSUM,
@@ -94,14 +99,25 @@ struct fl_rt_level {
 struct fl_rtable {
     int n_levels;
     struct fl_rt_level levels[33];
-    uint32_t hop_cap; /* power of two; a hash set of next hops for the source check */
-    uint32_t *hops;   /* 0 = empty slot (0.0.0.0 is never a valid peer) */
+    uint32_t hop_cap;   /* power of two; a hash map next hop -> port for the source checks */
+    uint32_t *hops;
+    uint16_t *hop_port; /* the peer's Backend.Port, or FL_PORT_ANY when its routes disagree */
     uint8_t *hop_used;
     int n_routes;
 };
 
+#define FL_PORT_ANY 0
 #define FL_QS_OFFLINE UINT64_MAX
 
+/* ICMP error rate limiting: token buckets per (kind, hashed inner source), so one container
+ * flooding unroutable packets cannot use up the budget of another, and "fragmentation needed"
+ * (path MTU discovery) never competes with the other errors. */
+enum { FL_ICMP_KIND_ERROR, FL_ICMP_KIND_FRAG, FL_ICMP_KINDS };
+#define FL_ICMP_SLOTS 64
+struct fl_icmp_bucket {
+    double tokens;
+    uint64_t last_ns; /* 0 = never used: starts full */
+};
 enum { FL_W_TX, FL_W_RX, FL_W_TEST, FL_W_BOTH };
 
 /* A worker's private state. Pure-function calls from Python use e->test_worker. */
@@ -113,8 +129,7 @@ struct fl_worker {
     int running;
     _Atomic uint64_t qs; /* last grace-period generation seen, or FL_QS_OFFLINE */
     _Atomic uint64_t c[C_COUNT];
-    double icmp_tokens;
-    uint64_t icmp_last_ns;
+    struct fl_icmp_bucket icmp[FL_ICMP_KINDS][FL_ICMP_SLOTS];
     void *io;  /* engine.c's TX buffers */
     void *io2; /* engine.c's RX buffers */
 };
@@ -125,7 +140,12 @@ struct fl_engine {
     struct fl_config cfg;
     struct fl_features feat;
     int stop_fd; /* eventfd: wakes the workers for stop */
+    _Atomic int stopping; /* checked between rounds, so a flood cannot hold a worker */
     int started;
+    /* UDP GSO after a failed GSO send: off until this time (CLOCK_MONOTONIC ns), then re-tried
+     * with a doubling back-off (gso_backoff_ns) while it keeps failing. */
+    _Atomic uint64_t gso_retry_ns;
+    _Atomic uint64_t gso_backoff_ns;
     _Atomic(struct fl_rtable *) table;
     _Atomic uint64_t gen;
     pthread_mutex_t wlock; /* serialises writers of the table only */
@@ -146,7 +166,8 @@ static inline void fl_cnt(struct fl_worker *w, int i, uint64_t v)
 struct fl_rtable *fl_rt_build(const struct fl_route *r, int n);
 void fl_rt_free(struct fl_rtable *t);
 const struct fl_rt_entry *fl_rt_lookup(const struct fl_rtable *t, uint32_t dst);
-int fl_rt_has_hop(const struct fl_rtable *t, uint32_t hop);
+/* The port a next hop sends from (FL_PORT_ANY = any), or -1 when hop is no next hop. */
+int fl_rt_hop_port(const struct fl_rtable *t, uint32_t hop);
 void fl_rcu_online(struct fl_worker *w);
 void fl_rcu_offline(struct fl_worker *w);
 struct fl_rtable *fl_rcu_table(struct fl_worker *w);
@@ -161,7 +182,8 @@ int fl_make_icmp(struct fl_worker *w, const uint8_t *orig, int orig_len, uint8_t
 int fl_tx_one(struct fl_worker *w, uint8_t *pkt, int len, int gso_size_hint, uint32_t *next_hop,
               uint16_t *port, uint8_t *icmp, int *icmp_len);
 int fl_rx_one(struct fl_worker *w, const struct fl_rtable *t, const uint8_t *pkt, int len,
-              uint32_t src);
+              uint32_t src, uint16_t src_port);
+uint64_t fl_now_ns(void);
 int fl_vnet_finish_csum(uint8_t *pkt, int len, const struct fl_vnet_hdr *vh);
 
 /* TSO split: fills per-segment headers (hdr_out, stride FL_SEG_HDR_MAX) and iovecs

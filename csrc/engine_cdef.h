@@ -16,7 +16,12 @@ struct fl_config {
     int udp_fd;
     int mtu;             /* overlay MTU (TUN MTU) */
     uint32_t tun_addr;   /* source of the ICMP errors we write into the TUN */
-    int check_source;    /* drop datagrams whose source is not a next hop of the table */
+    int check_source;    /* the receive source checks (0 turns all three off, for NAT):
+                            the datagram's source is a next hop of the table, it comes from
+                            that peer's port, and an inner source inside the Network lies in a
+                            subnet routed to that same peer */
+    uint32_t network;    /* the flannel Network (host order) for the inner source check */
+    int network_len;     /* its prefix length; 0 = unknown, no inner source check */
     int offload;         /* try UDP GSO/GRO and, on a vnet_hdr TUN, TSO */
     int icmp_rate;       /* ICMP errors per second per worker (0 = 100) */
     int icmp_burst;      /* bucket size (0 = icmp_rate) */
@@ -54,7 +59,8 @@ int fl_lookup(struct fl_engine *e, uint32_t dst, uint32_t *next_hop, uint16_t *p
 int fl_tx_packet(struct fl_engine *e, uint8_t *pkt, int len, uint32_t *next_hop, uint16_t *port,
                  uint8_t *icmp, int *icmp_len);
 /* Decap side: 0 = write to the TUN, else a counter index (drop reason). */
-int fl_rx_packet(struct fl_engine *e, const uint8_t *pkt, int len, uint32_t src);
+int fl_rx_packet(struct fl_engine *e, const uint8_t *pkt, int len, uint32_t src,
+                 uint16_t src_port);
 /* TSO split as the TX worker does it, for tests: frame = virtio_net_hdr + packet.
  * Writes the wire packets back to back into out; returns their count (or -reason). */
 int fl_test_split(struct fl_engine *e, const uint8_t *frame, int len, uint8_t *out, int cap,

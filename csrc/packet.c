@@ -181,7 +181,7 @@ int fl_ip_check(const uint8_t *p, int len, int exact)
     return 0;
 }
 
-static uint64_t now_ns(void)
+uint64_t fl_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -193,7 +193,9 @@ static int icmp_allowed(const uint8_t *o, int len)
     uint32_t src = ntohl(ld32(o + 12)), dst = ntohl(ld32(o + 16));
     if (ntohs(ld16(o + 6)) & 0x1fff) /* non-first fragment */
         return 0;
-    if (src == 0 || src == 0xffffffffU || (src >> 28) == 0xe || (src >> 24) == 127)
+    /* sources no error may go to: "this network" 0/8, loopback 127/8, multicast 224/4,
+     * reserved 240/4 and the limited broadcast (RFC 1812 4.3.2.7) */
+    if ((src >> 24) == 0 || (src >> 24) == 127 || (src >> 28) == 0xe || (src >> 28) == 0xf)
         return 0;
     if (dst == 0xffffffffU || (dst >> 28) == 0xe)
         return 0;
@@ -208,23 +210,26 @@ static int icmp_allowed(const uint8_t *o, int len)
     return 1;
 }
 
-static int icmp_take_token(struct fl_worker *w)
+/* Takes a token from the bucket of this kind of error and this (hashed) inner source. */
+static int icmp_take_token(struct fl_worker *w, int kind, uint32_t src)
 {
     const struct fl_config *cfg = &w->e->cfg;
     double rate = cfg->icmp_rate > 0 ? cfg->icmp_rate : 100;
     double burst = cfg->icmp_burst > 0 ? cfg->icmp_burst : rate;
-    uint64_t now = now_ns();
-    if (w->icmp_last_ns == 0) {
-        w->icmp_tokens = burst;
+    uint32_t h = src * 0x9e3779b1U;
+    struct fl_icmp_bucket *b = &w->icmp[kind][h >> 26]; /* top 6 bits: FL_ICMP_SLOTS */
+    uint64_t now = fl_now_ns();
+    if (b->last_ns == 0) {
+        b->tokens = burst;
     } else {
-        w->icmp_tokens += (double)(now - w->icmp_last_ns) * 1e-9 * rate;
-        if (w->icmp_tokens > burst)
-            w->icmp_tokens = burst;
+        b->tokens += (double)(now - b->last_ns) * 1e-9 * rate;
+        if (b->tokens > burst)
+            b->tokens = burst;
     }
-    w->icmp_last_ns = now;
-    if (w->icmp_tokens < 1.0)
+    b->last_ns = now;
+    if (b->tokens < 1.0)
         return 0;
-    w->icmp_tokens -= 1.0;
+    b->tokens -= 1.0;
     return 1;
 }
 
@@ -235,7 +240,8 @@ int fl_make_icmp(struct fl_worker *w, const uint8_t *orig, int orig_len, uint8_t
 {
     if (!icmp_allowed(orig, orig_len))
         return 0;
-    if (!icmp_take_token(w)) {
+    int kind = type == 3 && code == 4 ? FL_ICMP_KIND_FRAG : FL_ICMP_KIND_ERROR;
+    if (!icmp_take_token(w, kind, ntohl(ld32(orig + 12)))) {
         fl_cnt(w, C_ICMP_SUPPRESSED, 1);
         return 0;
     }
@@ -308,11 +314,23 @@ int fl_tx_one(struct fl_worker *w, uint8_t *pkt, int len, int wire_len, uint32_t
     return 0;
 }
 
+/* Decap verdict. The source checks (cfg.check_source) bind what a datagram may carry to who
+ * sent it: the outer source must be a peer's PublicIP, sending from that peer's port, and an
+ * inner source inside the flannel Network must lie in a subnet routed to that same peer. So a
+ * process on a peer (or a spoofer of its address) cannot impersonate another node's pods or
+ * this node's own; inner sources outside the Network stay allowed (a node may route for
+ * other networks). */
 int fl_rx_one(struct fl_worker *w, const struct fl_rtable *t, const uint8_t *pkt, int len,
-              uint32_t src)
+              uint32_t src, uint16_t src_port)
 {
-    if (w->e->cfg.check_source && !fl_rt_has_hop(t, src))
-        return D_RX_FOREIGN_SOURCE;
+    const struct fl_config *cfg = &w->e->cfg;
+    if (cfg->check_source) {
+        int port = fl_rt_hop_port(t, src);
+        if (port < 0)
+            return D_RX_FOREIGN_SOURCE;
+        if (port != FL_PORT_ANY && port != src_port)
+            return D_RX_SOURCE_PORT;
+    }
     int bad = fl_ip_check(pkt, len, 1);
     if (bad == 1)
         return D_RX_NOT_IPV4;
@@ -320,6 +338,15 @@ int fl_rx_one(struct fl_worker *w, const struct fl_rtable *t, const uint8_t *pkt
         return D_RX_MALFORMED;
     if (fl_csum_fold(fl_csum_partial(pkt, (pkt[0] & 15) * 4, 0)) != 0xffff)
         return D_RX_BAD_CHECKSUM;
+    if (cfg->check_source && cfg->network_len > 0) {
+        uint32_t mask = cfg->network_len >= 32 ? 0xffffffffU : ~(0xffffffffU >> cfg->network_len);
+        uint32_t inner = ntohl(ld32(pkt + 12));
+        if ((inner & mask) == (cfg->network & mask)) {
+            const struct fl_rt_entry *r = fl_rt_lookup(t, inner);
+            if (!r || r->next_hop != src)
+                return D_RX_INNER_SOURCE;
+        }
+    }
     return 0;
 }
 

@@ -4,8 +4,13 @@
  * replaces the whole table whenever etcd changes. A table is built off to the side, published
  * with one atomic pointer exchange, and the old one is freed only after every worker has passed
  * a quiescent point (QSBR): each worker publishes the grace-period generation it has seen at the
- * start of every batch and goes "offline" before it sleeps in poll(), so a writer never waits on
+ * start of every round and goes "offline" before it sleeps in poll(), so a writer never waits on
  * an idle worker and a reader never takes a lock.
+ *
+ * The one rule that keeps this safe: a worker is online whenever it may hold a pointer into a
+ * table (a table, an entry, or anything it loaded through them). Whatever waits inside a round
+ * (a full socket send buffer) goes offline only while it holds no such pointer and comes back
+ * online, at a fresh generation, before it returns; pointers are loaded again after that.
  *
  * Lookup is longest-prefix match over one open-addressing hash per distinct prefix length,
  * longest first: a flannel cluster has one or two lengths (all /24, say), so a lookup is one or
@@ -44,6 +49,7 @@ void fl_rt_free(struct fl_rtable *t)
     for (int i = 0; i < t->n_levels; i++)
         free(t->levels[i].slots);
     free(t->hops);
+    free(t->hop_port);
     free(t->hop_used);
     free(t);
 }
@@ -78,8 +84,9 @@ struct fl_rtable *fl_rt_build(const struct fl_route *r, int n)
     }
     t->hop_cap = pow2_at_least((uint32_t)n * 2);
     t->hops = calloc(t->hop_cap, sizeof(*t->hops));
+    t->hop_port = calloc(t->hop_cap, sizeof(*t->hop_port));
     t->hop_used = calloc(t->hop_cap, 1);
-    if (!t->hops || !t->hop_used)
+    if (!t->hops || !t->hop_port || !t->hop_used)
         goto fail;
     for (int i = 0; i < n; i++) {
         struct fl_rt_level *L = &t->levels[lvl_of[r[i].len]];
@@ -102,11 +109,17 @@ struct fl_rtable *fl_rt_build(const struct fl_route *r, int n)
             if (!L->slots[s].used)
                 continue;
             uint32_t hop = L->slots[s].next_hop;
+            uint16_t port = L->slots[s].port;
             uint32_t h = hash32(hop) & (t->hop_cap - 1);
             while (t->hop_used[h] && t->hops[h] != hop)
                 h = (h + 1) & (t->hop_cap - 1);
+            /* One peer sends from one port (its Backend.Port). Should its routes disagree, the
+             * peer's port is unknown and any source port is accepted from it (FL_PORT_ANY). */
+            if (t->hop_used[h] && t->hop_port[h] != port)
+                port = FL_PORT_ANY;
             t->hop_used[h] = 1;
             t->hops[h] = hop;
+            t->hop_port[h] = port;
         }
     }
     return t;
@@ -132,17 +145,17 @@ const struct fl_rt_entry *fl_rt_lookup(const struct fl_rtable *t, uint32_t dst)
     return NULL;
 }
 
-int fl_rt_has_hop(const struct fl_rtable *t, uint32_t hop)
+int fl_rt_hop_port(const struct fl_rtable *t, uint32_t hop)
 {
     if (!t || !t->hop_cap)
-        return 0;
+        return -1;
     uint32_t h = hash32(hop) & (t->hop_cap - 1);
     while (t->hop_used[h]) {
         if (t->hops[h] == hop)
-            return 1;
+            return t->hop_port[h];
         h = (h + 1) & (t->hop_cap - 1);
     }
-    return 0;
+    return -1;
 }
 
 void fl_rcu_online(struct fl_worker *w)
@@ -177,7 +190,9 @@ int fl_engine_set_routes(struct fl_engine *e, const struct fl_route *r, int n)
     while (worker_blocks(&e->test_worker, g))
         usleep(20);
     atomic_fetch_add(&e->c_engine[C_ROUTE_UPDATES], 1);
+    /* Read before unlocking: once the lock is released another writer may replace and free t. */
+    int n_routes = t->n_routes;
     pthread_mutex_unlock(&e->wlock);
     fl_rt_free(old);
-    return t->n_routes;
+    return n_routes;
 }

@@ -63,6 +63,10 @@ class Engine:
     The fds must stay open until stop(). Whether the TUN carries virtio_net_hdr is read from
     the fd itself (open it with `open_tun(..., vnet_hdr=True)` to get the TSO path); with
     offload=False the engine uses neither TSO nor UDP GSO/GRO.
+
+    check_source turns on the receive source checks: a datagram must come from a next hop of
+    the route table, from that peer's port, and when `network` (the flannel Network) is given,
+    an inner source inside it must lie in a subnet routed to that same peer.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class Engine:
         icmp_rate: int = 100,
         icmp_burst: int = 0,
         rx_thread: bool = False,
+        network: ipaddress.IPv4Network | None = None,
     ) -> None:
         if len(tun_fds) > lib.FL_MAX_QUEUES:
             raise EngineError(f"at most {lib.FL_MAX_QUEUES} TUN queues, not {len(tun_fds)}")
@@ -89,6 +94,10 @@ class Engine:
         cfg.mtu = mtu
         cfg.tun_addr = int(ipaddress.IPv4Address(tun_addr))
         cfg.check_source = int(check_source)
+        if network is not None:
+            net = ipaddress.IPv4Network(network)
+            cfg.network = int(net.network_address)
+            cfg.network_len = net.prefixlen
         cfg.offload = int(offload)
         cfg.icmp_rate = icmp_rate
         cfg.icmp_burst = icmp_burst
@@ -169,8 +178,9 @@ class Engine:
             return "forward", out, (ipaddress.IPv4Address(hop[0]), port[0]), reply
         return REASONS[v], out, None, reply
 
-    def decap_verdict(self, packet: bytes, src: ipaddress.IPv4Address) -> str:
-        v = lib.fl_rx_packet(self._e, packet, len(packet), int(src))
+    def decap_verdict(self, packet: bytes, src: ipaddress.IPv4Address, src_port: int = 8285) -> str:
+        """What the RX worker would do with this datagram payload from src:src_port."""
+        v = lib.fl_rx_packet(self._e, packet, len(packet), int(src), src_port)
         return "deliver" if v == 0 else REASONS[v]
 
     def split(self, frame: bytes) -> list[bytes] | str:

@@ -90,6 +90,7 @@ class UdpBackend(Backend):
             check_source=self.check_source,
             offload=self.offload,
             verbose=self.ctx.verbose,
+            network=self.ctx.config.network,
         )
         table.subscribe(self._on_change)
         self.engine.start()
