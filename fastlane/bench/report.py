@@ -1,4 +1,5 @@
-"""Turning samples into the bench's outputs: result rows, the table, the JSON file, the plot.
+"""Turning samples into the bench's outputs: result rows, the table, the JSON, the plot, and the
+results document (Markdown rendered from the JSON alone).
 
 The JSON schema (docs/bench.md) is a contract for people who script around the bench, so rows
 are flat and self-describing: one row per (path, underlay_mtu, metric).
