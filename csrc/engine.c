@@ -1,6 +1,6 @@
 /* Engine lifecycle, worker threads and the syscalls of the data plane.
  *
- * Threads (csrc/README.md has the measurements behind the choices): queue 0's worker carries both
+ * Threads (csrc/README.md explains the choices): queue 0's worker carries both
  * directions unless rx_thread asks for a separate RX worker; extra TUN queues get TX-only workers.
  * A TX round reads the TUN until EAGAIN (bounded by count and bytes) and sends the batch with one
  * sendmmsg grouped by destination, with UDP GSO for runs of same-size datagrams. An RX round is

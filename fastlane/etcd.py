@@ -3,7 +3,7 @@
 Why an adapter: etcd3aio is young and leaks its transport (protobuf messages, raw
 ``grpc.aio.AioRpcError``), its watch silently resumes after a reconnect (and can skip events
 on the way), a compacted watch just hangs, and its token refresher never recovers from an
-etcd restart (shared/notes/dependencies.md). Everything above this module sees plain
+etcd restart. Everything above this module sees plain
 dataclasses, a handful of exception classes with one-line messages, and a watch that either
 delivers every event in order or raises :class:`WatchInterrupted` so the caller re-lists.
 

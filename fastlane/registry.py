@@ -5,7 +5,7 @@ subnet of the previous subnet file, else a random free one) because operators co
 a node keeping its subnet across restarts. Where flanneld is racy or lossy fastlane is
 stricter: every write that claims a subnet is a transaction (create-if-absent, or
 compare-and-swap on the revision we read), and a reservation (a key with no etcd lease)
-is never turned back into an expiring lease (flannel issue #1329).
+is never turned back into an expiring lease (flanneld does; see docs/drop-in.md).
 """
 
 from __future__ import annotations
