@@ -19,10 +19,20 @@ IPv4Network = ipaddress.IPv4Network
 
 
 def render(config: NetworkConfig, subnet: IPv4Network, mtu: int, ip_masq: bool) -> str:
-    lines = []
-    if config.enable_ipv4 and config.network is not None:
-        lines.append(f"FLANNEL_NETWORK={config.network}")
-        lines.append(f"FLANNEL_SUBNET={subnet.network_address + 1}/{subnet.prefixlen}")
+    """The file for a lease: FLANNEL_SUBNET is the lease's first address (network + 1)."""
+    network = config.network if config.enable_ipv4 else None
+    first = ipaddress.IPv4Interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
+    return render_values(network, first, mtu, ip_masq)
+
+
+def render_values(
+    network: IPv4Network | None, subnet: ipaddress.IPv4Interface, mtu: int, ip_masq: bool
+) -> str:
+    """The file's text from its values, in flanneld's line order (no network: no subnet line)."""
+    lines: list[str] = []
+    if network is not None:
+        lines.append(f"FLANNEL_NETWORK={network}")
+        lines.append(f"FLANNEL_SUBNET={subnet}")
     lines.append(f"FLANNEL_MTU={mtu}")
     lines.append(f"FLANNEL_IPMASQ={'true' if ip_masq else 'false'}")
     return "\n".join(lines) + "\n"
@@ -48,18 +58,24 @@ def write(path: str | Path, text: str) -> None:
         raise
 
 
+def parse_vars(text: str) -> dict[str, str]:
+    """KEY=VALUE lines of an env file's text; comments and other lines are skipped."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        key = key.strip()
+        if sep and key and not key.startswith("#"):
+            out[key] = value.strip().strip('"')
+    return out
+
+
 def read_vars(path: str | Path) -> dict[str, str]:
     """KEY=VALUE lines of an env file; missing file -> {} (a first start)."""
     try:
         text = Path(path).read_text()
     except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError):
         return {}
-    out = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep and key and not key.startswith("#"):
-            out[key] = value.strip().strip('"')
-    return out
+    return parse_vars(text)
 
 
 def previous_subnet(path: str | Path) -> IPv4Network | None:

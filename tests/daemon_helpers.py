@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from fastlane.etcdserver import EtcdServer
-from fastlane.topology import Host, Topology
+from fastlane.bench.lab.etcdserver import EtcdServer
+from fastlane.bench.lab.topology import Host, Topology
 
 _runs = itertools.count()
 

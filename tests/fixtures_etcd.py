@@ -21,7 +21,7 @@ import pytest
 import uvloop
 
 from fastlane.etcd import Store, TLSFiles, parse_endpoints
-from fastlane.etcdserver import EtcdServer, ServerTLS
+from fastlane.bench.lab.etcdserver import EtcdServer, ServerTLS
 
 _LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,

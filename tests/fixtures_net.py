@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from fastlane.topology import Topology, cleanup_stale
+from fastlane.bench.lab.topology import Topology, cleanup_stale
 
 
 def _net_capable() -> str | None:

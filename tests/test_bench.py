@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fastlane.bench import measure, report
-from fastlane.topology import MANIFEST_DIR, cleanup_stale
+from fastlane.bench.lab.topology import MANIFEST_DIR, cleanup_stale
 
 pytestmark = pytest.mark.usefixtures("net_capable")
 

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from fastlane.etcdserver import EtcdServer
-from fastlane.topology import Topology
+from fastlane.bench.lab.etcdserver import EtcdServer
+from fastlane.bench.lab.topology import Topology
 from tests.daemon_helpers import Node, NotifySocket, lease_ids, leases, wait_until
 
 ALLOC = '{"Network":"10.1.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}'

@@ -21,7 +21,7 @@ from fastlane.etcd import (
     WatchInterrupted,
     parse_endpoints,
 )
-from fastlane.etcdserver import EtcdServer
+from fastlane.bench.lab.etcdserver import EtcdServer
 
 # -------------------------------------------------------------------------------------------
 # parse_endpoints

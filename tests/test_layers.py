@@ -23,6 +23,8 @@ BACKEND_MODULES = [
     "fastlane.leasetable",
 ]
 STORE_MODULES = ["fastlane.etcd", "etcd3aio", "grpc", "fastlane.registry", "fastlane.watcher"]
+DAEMON_MODULES = ["fastlane.cli", "fastlane.daemon", "fastlane.leasescmd", "fastlane.registry",
+                  "fastlane.watcher", "fastlane.subnetfile", "fastlane.etcd"]
 
 
 def imported_after(module: str) -> set[str]:
@@ -40,3 +42,8 @@ def loaded(modules: set[str], roots: list[str]) -> list[str]:
 @pytest.mark.parametrize("module", BACKEND_MODULES)
 def test_backends_depend_on_the_table_not_the_store(module: str) -> None:
     assert loaded(imported_after(module), STORE_MODULES) == []
+
+
+@pytest.mark.parametrize("module", DAEMON_MODULES)
+def test_the_daemon_does_not_import_the_bench_or_its_lab(module: str) -> None:
+    assert loaded(imported_after(module), ["fastlane.bench"]) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import sys
@@ -10,13 +11,15 @@ import time
 
 import pytest
 
-from fastlane.topology import (
+from fastlane import subnetfile
+from fastlane.bench.lab.topology import (
     MANIFEST_DIR,
     SubnetEnv,
     Topology,
     TopologyError,
     cleanup_stale,
 )
+from fastlane.config import parse_config
 
 
 def netns_names() -> set[str]:
@@ -126,11 +129,18 @@ def test_subnet_env_round_trip() -> None:
     assert SubnetEnv.parse(env.render()) == env
 
 
+def test_subnet_env_reads_what_the_daemon_writes() -> None:
+    config = parse_config('{"Network":"10.5.0.0/16"}')
+    text = subnetfile.render(config, ipaddress.IPv4Network("10.5.72.0/24"), 1450, True)
+    assert SubnetEnv.parse(text) == SubnetEnv.for_lease("10.5.0.0/16", "10.5.72.0/24", 1450, True)
+    assert SubnetEnv.parse(text).render() == text
+
+
 def test_cleanup_stale_removes_a_killed_run_and_spares_live_ones(net_capable) -> None:
     script = textwrap.dedent(
         """
         import sys, time
-        from fastlane.topology import Topology
+        from fastlane.bench.lab.topology import Topology
         t = Topology(hosts=2)
         t.setup()
         t.popen(t.hosts[0].netns, "sleep", "120")

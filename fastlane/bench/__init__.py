@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from fastlane.bench import measure, report
+from fastlane.bench.lab.topology import Topology, TopologyError, cleanup_stale
 from fastlane.bench.paths import (
     ALL_PATHS,
     DEFAULT_PATHS,
@@ -34,7 +35,6 @@ from fastlane.bench.paths import (
     write_config,
 )
 from fastlane.bench.progress import Progress
-from fastlane.topology import Topology, TopologyError, cleanup_stale
 
 __all__ = ["main"]
 
@@ -194,7 +194,7 @@ def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: rep
             width = max(9, *(len(p) for p in opts.paths))
             progress.start(f"MTU {mtu:<5} {path:<{width}} setting up")
             if path in ETCD_PATHS:
-                from fastlane.etcdserver import EtcdServer
+                from fastlane.bench.lab.etcdserver import EtcdServer
 
                 etcd = EtcdServer(data_dir=str(topo.workdir / "etcd"), host=str(topo.switch_ip),
                                   netns=topo.switch_netns, name="fastlane-bench")

@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from fastlane.topology import Topology, TopologyError
+from fastlane.bench.lab.topology import Topology, TopologyError
 
 IPERF_PORT = 5201
 UDP_PAYLOAD = 64  # bytes of UDP payload: "small packets" for the pps figure

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from fastlane.bench.lab.topology import SubnetEnv, Topology, TopologyError
 from fastlane.bench.measure import Endpoints
-from fastlane.topology import SubnetEnv, Topology, TopologyError
 
 NETWORK = "10.5.0.0/16"
 CONFIG_KEY = "/coreos.com/network/config"

@@ -37,6 +37,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
+from fastlane import subnetfile
+
 __all__ = [
     "MANIFEST_DIR",
     "Container",
@@ -72,13 +74,7 @@ class SubnetEnv:
 
     @classmethod
     def parse(cls, text: str) -> SubnetEnv:
-        values: dict[str, str] = {}
-        for raw in text.splitlines():
-            line = raw.strip()
-            if not line or line.startswith("#") or "=" not in line:
-                continue
-            key, _, value = line.partition("=")
-            values[key.strip()] = value.strip().strip('"')
+        values = subnetfile.parse_vars(text)
         try:
             return cls(
                 network=ipaddress.IPv4Network(values["FLANNEL_NETWORK"]),
@@ -107,12 +103,7 @@ class SubnetEnv:
 
     def render(self) -> str:
         """flanneld's line order (FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_MTU, FLANNEL_IPMASQ)."""
-        return (
-            f"FLANNEL_NETWORK={self.network}\n"
-            f"FLANNEL_SUBNET={self.subnet}\n"
-            f"FLANNEL_MTU={self.mtu}\n"
-            f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n"
-        )
+        return subnetfile.render_values(self.network, self.subnet, self.mtu, self.ipmasq)
 
 
 @dataclasses.dataclass
