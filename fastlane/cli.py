@@ -1,8 +1,12 @@
 """`fastlane`: flanneld's command line, plus subcommands for the other jobs.
 
 With no subcommand it is the daemon and takes flanneld's flags with flanneld's defaults
-(see fastlane/flags.py for the Go flag syntax). Subcommands: `bench` (throughput on a
-namespace topology) and `leases` (print the lease table from etcd).
+(see fastlane/flags.py for the Go flag syntax and FLANNELD_* environment). Every flag
+flanneld v0.28 defines is accepted, so a unit file or EnvironmentFile written for flanneld
+works unchanged; the ones fastlane does nothing with are named in one log line at start-up
+rather than dropped silently. Subcommands: `bench` (throughput on a namespace topology),
+`leases` (the lease table from etcd, `--json` for scripts) and `docker-opts` (flannel's
+mk-docker-opts.sh).
 """
 
 from __future__ import annotations
@@ -12,7 +16,15 @@ import logging
 import sys
 
 from fastlane import __version__
-from fastlane.flags import FlagError, FlagSet
+from fastlane.flags import (
+    FlagError,
+    FlagSet,
+    HelpRequested,
+    Parsed,
+    parse_klog_backtrace_at,
+    parse_klog_level,
+    parse_klog_vmodule,
+)
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:4001,http://127.0.0.1:2379"
 
@@ -64,9 +76,50 @@ def flagset() -> FlagSet:
     fs.add("iptables-resync", 5, "resync period for iptables rules, in seconds", check=lambda v: None if v >= 1 else "must be at least 1")
     fs.add("iptables-forward-rules", True, "add default accept rules to FORWARD chain in iptables")
     fs.add("ip-blackhole-route", False, "accepted for compatibility")
-    fs.add("v", 0, "log level for V logs")
-    fs.add("version", False, "print version and exit")
+    fs.add("kube-api-url", "", "Kubernetes API server URL (only with -kube-subnet-mgr, which fastlane refuses)")
+    fs.add("kubeconfig-file", "", "kubeconfig file location (only with -kube-subnet-mgr, which fastlane refuses)")
+    fs.add("kube-annotation-prefix", "flannel.alpha.coreos.com",
+           "Kubernetes annotation prefix (only with -kube-subnet-mgr, which fastlane refuses)")
+    fs.add("net-config-path", "/etc/kube-flannel/net-conf.json",
+           "path to the network configuration file (only with -kube-subnet-mgr, which fastlane refuses)")
+    fs.add("set-node-network-unavailable", True,
+           "set NodeNetworkUnavailable after ready (only with -kube-subnet-mgr, which fastlane refuses)")
+    # klog's flags that flanneld copies into its own FlagSet (main.go copyFlag); klog's
+    # others (-logtostderr, -log_dir, ...) are not parsed by flanneld and are unknown here too.
+    fs.add("v", 0, "number for the log level verbosity", kind="int", parser=parse_klog_level)
+    fs.add("vmodule", "", "comma-separated list of pattern=N settings for file-filtered logging "
+           "(accepted; fastlane logs at one level)", parser=parse_klog_vmodule)
+    fs.add("log_backtrace_at", "", "when logging hits line file:N, emit a stack trace "
+           "(accepted; fastlane does not)", parser=parse_klog_backtrace_at)
+    # flanneld checks -version before reading FLANNELD_*, so FLANNELD_VERSION never applies.
+    fs.add("version", False, "print version and exit", from_env=False)
     return fs
+
+
+# Flags fastlane accepts so flanneld's command lines keep working, but does nothing with.
+# Each one that is given gets one log line at start-up. (-iface-can-reach, -public-ipv6 and
+# -ip-blackhole-route are handled elsewhere.)
+IGNORED_FLAGS: dict[str, str] = {
+    "kube-api-url": "only used with -kube-subnet-mgr",
+    "kubeconfig-file": "only used with -kube-subnet-mgr",
+    "kube-annotation-prefix": "only used with -kube-subnet-mgr",
+    "net-config-path": "only used with -kube-subnet-mgr; the network config comes from etcd",
+    "set-node-network-unavailable": "only used with -kube-subnet-mgr",
+    "vmodule": "fastlane logs at the single level -v sets",
+    "log_backtrace_at": "fastlane does not print klog backtraces",
+}
+
+
+def ignored_flag_lines(parsed: Parsed) -> list[str]:
+    """One line per given flag that fastlane accepts but does not act on."""
+    return [f"-{name}={_show(parsed.values[name])} is ignored: {why}"
+            for name, why in IGNORED_FLAGS.items() if name in parsed.explicit]
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def setup_logging(verbose: int) -> None:
@@ -110,7 +163,20 @@ def _options(values: dict):
     )
 
 
-def _run_daemon(values: dict) -> int:
+def _env_fatal(parsed: Parsed) -> int | None:
+    """Exit status 2 after one line if a FLANNELD_* value parsed but failed a check."""
+    for problem in parsed.env_problems:
+        if problem.fatal:
+            print(f"fastlane: {problem.message}", file=sys.stderr)
+            return 2
+    return None
+
+
+def _run_daemon(parsed: Parsed) -> int:
+    values = parsed.values
+    status = _env_fatal(parsed)
+    if status is not None:
+        return status
     try:
         opts = _options(values)
     except ValueError as exc:
@@ -120,6 +186,11 @@ def _run_daemon(values: dict) -> int:
         print("fastlane: -kube-subnet-mgr is not supported (fastlane uses etcd only)", file=sys.stderr)
         return 2
     setup_logging(values["v"])
+    log = logging.getLogger("fastlane.cli")
+    for problem in parsed.env_problems:  # only the non-fatal ones are left: flanneld's behaviour
+        log.warning("Failed to set flag from env: %s", problem.message)
+    for line in ignored_flag_lines(parsed):
+        log.warning("%s", line)
     import uvloop
 
     from fastlane.daemon import Daemon
@@ -133,37 +204,58 @@ def _run_daemon(values: dict) -> int:
         return 0
 
 
-def _leases(argv: list[str], values: dict) -> int:
+def _leases(argv: list[str], parsed: Parsed) -> int:
     from fastlane.leasescmd import main as leases_main
 
-    return leases_main(argv, _options(values))
+    status = _env_fatal(parsed)
+    if status is not None:
+        return status
+    for problem in parsed.env_problems:
+        print(f"fastlane: warning: {problem.message}", file=sys.stderr)
+    return leases_main(argv, _options(parsed.values))
+
+
+SUBCOMMANDS = ("bench", "docker-opts", "leases")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fs = flagset()
     try:
-        values, rest = fs.parse(argv)
+        parsed = fs.parse_full(argv)
+    except HelpRequested:
+        # flanneld's usage() prints to stderr and exits 0 (main.go)
+        print(fs.usage(), file=sys.stderr)
+        print(f"Subcommands: {', '.join(SUBCOMMANDS)} (each takes -h)", file=sys.stderr)
+        return 0
     except FlagError as exc:
         print(f"fastlane: {exc}", file=sys.stderr)
         print(fs.usage(), file=sys.stderr)
         return 2
+    values, rest = parsed.values, parsed.rest
     if values["version"]:
-        print(__version__)
+        # flanneld prints its version to stderr (main.go), so scripts that work with it
+        # (`flanneld -version 2>&1`) keep working.
+        print(__version__, file=sys.stderr)
         return 0
     if not rest:
-        return _run_daemon(values)
+        return _run_daemon(parsed)
     command, args = rest[0], rest[1:]
     if command == "bench":
         from fastlane.bench import main as bench_main
 
         return bench_main(args)
+    if command == "docker-opts":
+        # FLANNELD_* do not concern it: it runs next to flanneld's unit with that environment.
+        from fastlane.dockeropts import main as docker_opts_main
+
+        return docker_opts_main(args)
     if command == "leases":
         try:
-            return _leases(args, values)
+            return _leases(args, parsed)
         except ValueError as exc:
             print(f"fastlane: {exc}", file=sys.stderr)
             return 2
-    print(f"fastlane: unknown subcommand {command!r} (known: bench, leases)", file=sys.stderr)
+    print(f"fastlane: unknown subcommand {command!r} (known: {', '.join(SUBCOMMANDS)})", file=sys.stderr)
     print(fs.usage(), file=sys.stderr)
     return 2
