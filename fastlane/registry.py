@@ -133,7 +133,7 @@ class Registry:
 
     async def snapshot(self) -> tuple[list[Lease], int, list[LeaseWarning]]:
         """All readable leases, the revision they were read at, and one warning per bad key."""
-        kvs, revision = await self.store.list(self.subnets_prefix)
+        kvs, revision = await self.store.list_prefix(self.subnets_prefix)
         out: list[Lease] = []
         warnings: list[LeaseWarning] = []
         for kv in kvs:

@@ -133,7 +133,7 @@ async def test_crud_matches_etcdctl(store: Store, prefix: str, etcd_server: Etcd
     # The oracle sees what we wrote, and we see what it writes.
     assert etcd_server.etcdctl("get", "--print-value-only", key).strip() == '{"Network":"10.5.0.0/16"}'
     etcd_server.etcdctl("put", f"{prefix}/subnets/10.5.1.0-24", '{"PublicIP":"1.2.3.4"}')
-    kvs, list_rev = await store.list(f"{prefix}/subnets/")
+    kvs, list_rev = await store.list_prefix(f"{prefix}/subnets/")
     assert [k.key for k in kvs] == [f"{prefix}/subnets/10.5.1.0-24"]
     assert json.loads(kvs[0].value) == {"PublicIP": "1.2.3.4"}
     assert list_rev >= kvs[0].mod_revision > rev
@@ -147,7 +147,7 @@ async def test_list_is_prefix_scoped(store: Store, prefix: str) -> None:
     await store.put(f"{prefix}/subnets/a", b"1")
     await store.put(f"{prefix}/subnets/b", b"2")
     await store.put(f"{prefix}/subnetsX", b"3")
-    kvs, _ = await store.list(f"{prefix}/subnets/")
+    kvs, _ = await store.list_prefix(f"{prefix}/subnets/")
     assert [(k.key.rsplit("/", 1)[1], k.value) for k in kvs] == [("a", b"1"), ("b", b"2")]
 
 
@@ -227,7 +227,7 @@ async def test_watch_interrupted_by_restart_then_relist_sees_all(etcd: EtcdServe
                                                                  prefix: str) -> None:
     st = await Store.connect(parse_endpoints(etcd.endpoint), timeout=3.0)
     try:
-        kvs, rev = await st.list(prefix)
+        kvs, rev = await st.list_prefix(prefix)
         seen: list[Event] = []
 
         async def watch() -> None:
@@ -246,7 +246,7 @@ async def test_watch_interrupted_by_restart_then_relist_sees_all(etcd: EtcdServe
         assert not info.value.compacted and "\n" not in str(info.value)
         assert [e.key for e in seen] == [f"{prefix}/subnets/a"]
         # The caller's recovery: re-list (retrying while the server comes back), re-watch.
-        kvs, rev2 = await st.list(prefix)
+        kvs, rev2 = await st.list_prefix(prefix)
         assert sorted(k.key.rsplit("/", 1)[1] for k in kvs) == ["a", "b"]
         events: list[Event] = []
         task = asyncio.create_task(_collect(st, prefix, rev2 + 1, 1, events))
@@ -265,7 +265,7 @@ async def test_watch_from_compacted_revision_is_interrupted(etcd: EtcdServer,
         first = await st.put(f"{prefix}/k", b"1")
         for i in range(3):
             await st.put(f"{prefix}/k", str(i).encode())
-        _, rev = await st.list(prefix)
+        _, rev = await st.list_prefix(prefix)
         await st.compact(rev)
         await st.compact(rev)  # compacting again to the same revision is harmless
         with pytest.raises(WatchInterrupted) as info:
@@ -333,7 +333,7 @@ async def test_tls_with_client_certificates(etcd_tls, prefix: str) -> None:
     try:
         await st.put(f"{prefix}/k", b"over tls")
         assert server.etcdctl("get", "--print-value-only", f"{prefix}/k").strip() == "over tls"
-        kvs, rev = await st.list(prefix)
+        kvs, rev = await st.list_prefix(prefix)
         assert len(kvs) == 1
     finally:
         await st.close()
@@ -453,7 +453,7 @@ async def test_watch_notices_a_hung_server(etcd: EtcdServer, prefix: str) -> Non
     st = await Store.connect(parse_endpoints(etcd.endpoint), timeout=1.0, progress_interval=0.5)
     stopped = False
     try:
-        _, rev = await st.list(prefix)
+        _, rev = await st.list_prefix(prefix)
         events: list[Event] = []
         task = asyncio.create_task(_collect(st, prefix, rev + 1, 99, events))
         await asyncio.sleep(2.0)  # idle longer than progress_interval + timeout: still alive
@@ -550,7 +550,7 @@ async def test_credentials_for_a_server_without_auth_are_ignored(etcd_server: Et
 
 async def test_closing_the_store_ends_its_watches(etcd_server: EtcdServer, prefix: str) -> None:
     st = await Store.connect(parse_endpoints(etcd_server.endpoint), timeout=3.0)
-    _, rev = await st.list(prefix)
+    _, rev = await st.list_prefix(prefix)
     events: list[Event] = []
     task = asyncio.create_task(_collect(st, prefix, rev + 1, 1, events))
     await asyncio.sleep(0.2)
