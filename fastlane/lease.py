@@ -14,8 +14,9 @@ import json
 import random
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from fastlane.config import NetworkConfig
 
@@ -72,7 +73,7 @@ class LeaseAttrs:
         return json.dumps(value, separators=(",", ":")).encode()
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> "LeaseAttrs":
+    def decode(cls, raw: bytes | str) -> LeaseAttrs:
         """Read a value written by flanneld or fastlane; keys are case-insensitive as in Go."""
         try:
             obj = json.loads(raw)

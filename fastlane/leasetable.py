@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 from fastlane.lease import Lease
 

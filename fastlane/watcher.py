@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from fastlane.etcd import EtcdError, WatchInterrupted
 from fastlane.lease import Lease
@@ -55,10 +55,6 @@ class Watcher:
             self._warned.add((warning.key, warning.mod_revision))
             log.warning("%s", warning)
 
-    def _own_subnet(self) -> IPv4Network | None:
-        lease = self.own()
-        return lease.subnet if lease else None
-
     async def _resync(self) -> int:
         snapshot, revision, warnings = await self.registry.snapshot()
         for warning in warnings:
@@ -82,7 +78,8 @@ class Watcher:
         return revision
 
     async def _apply(self, events: list[LeaseEvent]) -> None:
-        own = self._own_subnet()
+        own_lease = self.own()
+        own = own_lease.subnet if own_lease is not None else None
         puts: dict[IPv4Network, Lease] = {}
         deletes: set[IPv4Network] = set()
         own_events: list[tuple[str, Lease | None]] = []
@@ -94,10 +91,10 @@ class Watcher:
                 continue
             # None: deleted, or unreadable so we no longer know where it lives; drop its route.
             lease = ev.lease
-            if subnet == own:
+            if own_lease is not None and subnet == own:
                 if lease is None:
                     own_events.append(("deleted", None))
-                elif lease.attrs.public_ip != self.own().attrs.public_ip:
+                elif lease.attrs.public_ip != own_lease.attrs.public_ip:
                     own_events.append(("changed", lease))
                 continue
             if lease is None:
