@@ -43,7 +43,11 @@ class Event:
 
 async def watch_prefix(store: Store, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
     """Store.watch: batches of events under ``prefix`` from ``start_revision``, or
-    WatchInterrupted as soon as continuity is in doubt (see that method)."""
+    WatchInterrupted as soon as continuity is in doubt (see that method).
+
+    It is the store's own method, kept in a module of its own for its length: it picks,
+    drops and re-authenticates the store's connection exactly as the unary calls do.
+    """
     where = store.endpoints_text
     try:
         conn = await store._current()
