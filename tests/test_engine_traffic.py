@@ -343,3 +343,83 @@ def test_live_hostile_datagrams_counted_and_harmless(pair_factory) -> None:
     assert c["rx_gro_msgs"] > before["rx_gro_msgs"]
     assert " 0% packet loss" in p.ping(0, OVER[1]).stdout
     assert " 0% packet loss" in p.ping(1, OVER[0]).stdout
+
+
+def _udp_snmp(ns: str) -> dict[str, int]:
+    """The kernel's UDP counters in a namespace (datagrams it dropped before the engine)."""
+    lines = [l.split() for l in sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp").stdout.splitlines()
+             if l.startswith("Udp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+
+
+def _outer(src: str, sport: int, payload: bytes) -> bytes:
+    """An outer IPv4/UDP datagram to host 1's engine, for a raw socket (any source address)."""
+    udp = struct.pack("!HHHH", sport, PORT, 8 + len(payload), 0)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), 0, 0, 64, 17, 0,
+                     IP(src).packed, IP(UNDER[1]).packed)
+    return ip + udp + payload
+
+
+FLOOD = 1_000_000
+
+
+@needs_net
+def test_flood_of_hostile_datagrams_during_a_transfer(pair_factory) -> None:
+    """A million garbage, truncated and spoofed datagrams into port 8285 while a TCP transfer
+    runs: the transfer arrives intact and every datagram is accounted for, by reason, by the
+    engine (or, if its socket overflowed, by the kernel's UDP counters)."""
+    p = pair_factory()
+    b = p.engines[1]
+    rng = random.Random(8)
+    good = udp_packet(OVER[0], OVER[1], size=64)
+    kinds: dict[str, list[bytes]] = {
+        "drop_rx_foreign_source": [_outer("10.99.0.77", PORT, good)],
+        "drop_rx_source_port": [_outer(UNDER[0], 40000 + i, good) for i in range(8)],
+        "drop_rx_inner_source": [_outer(UNDER[0], PORT, udp_packet(s, OVER[1], size=rng.randint(0, 200)))
+                                 for s in ("10.1.2.9", "10.1.9.9")],  # host 1's pod, unleased
+        "drop_rx_not_ipv4": [_outer(UNDER[0], PORT, b"\x60" + rng.randbytes(rng.randint(39, 300)))
+                             for _ in range(8)],
+        "drop_rx_malformed": [_outer(UNDER[0], PORT, good[:n]) for n in (1, 19, 20, 40, 80)]
+                             + [_outer(UNDER[0], PORT, b"")],
+        "drop_rx_bad_checksum": [_outer(UNDER[0], PORT, bad_csum(good))],
+    }
+    plan = [(reason, d) for reason, ds in kinds.items() for d in ds]
+    sent = dict.fromkeys(kinds, 0)
+    for i in range(FLOOD):
+        sent[plan[i % len(plan)][0]] += 1
+    before, snmp0 = b.counters(), _udp_snmp(p.ns[1])
+    done = threading.Event()
+
+    def flood() -> None:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:
+            datagrams, n = [d for _, d in plan], len(plan)
+            for i in range(FLOOD):
+                raw.sendto(datagrams[i % n], (UNDER[1], 0))
+        finally:
+            raw.close()
+            done.set()
+
+    flooder = threading.Thread(target=in_netns, args=(p.ns[0], flood))
+    flooder.start()
+    transfers = []
+    try:
+        while not done.is_set() or not transfers:  # transfers overlap the whole flood
+            transfers.append(tcp_transfer(p, 0, 1, 16 << 20, seed=len(transfers), timeout=120))
+    finally:
+        flooder.join()
+    assert all(sent_digest == got for sent_digest, got in transfers)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        c, snmp = b.counters(), _udp_snmp(p.ns[1])
+        dropped = {k: c[k] - before[k] for k in kinds}
+        kernel = snmp["RcvbufErrors"] - snmp0["RcvbufErrors"]
+        if sum(dropped.values()) + kernel >= FLOOD:
+            break
+        time.sleep(0.1)
+    print(f"flood: engine drops {dropped}, kernel receive-buffer drops {kernel}")
+    assert sum(dropped.values()) + kernel == FLOOD
+    if kernel == 0:
+        assert dropped == sent
+    assert all(c[k] == before[k] for k in c if k.startswith("drop_rx") and k not in kinds)
+    assert " 0% packet loss" in p.ping(0, OVER[1]).stdout
