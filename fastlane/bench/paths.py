@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from fastlane.bench.lab.topology import SubnetEnv, Topology, TopologyError
@@ -158,7 +160,7 @@ def _file_or_died(path: Path, proc: subprocess.Popen[bytes]) -> bool:
 
 
 def setup_baseline(topo: Topology, ctx: Context) -> Endpoints:
-    """The flanneld-style one-packet-per-syscall forwarder (bench/baseline_fwd.c)."""
+    """The flanneld-style one-packet-per-syscall forwarder (fastlane/bench/baseline_fwd.c)."""
     if ctx.baseline_bin is None:
         raise PathError("baseline forwarder was not built")
     mtu = topo.mtu - UDP_OVERHEAD
@@ -254,16 +256,22 @@ def fastlane_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "fastlane"]
 
 
+def baseline_source() -> Traversable:
+    """fastlane/bench/baseline_fwd.c, shipped as package data so an installed fastlane finds it."""
+    return resources.files("fastlane.bench") / "baseline_fwd.c"
+
+
 def build_baseline(outdir: Path) -> Path:
-    """Compile bench/baseline_fwd.c with gcc into `outdir` (a temp dir of this run)."""
-    src = Path(__file__).resolve().parents[2] / "bench" / "baseline_fwd.c"
-    if not src.exists():
+    """Compile the baseline forwarder's C source with gcc into `outdir` (a temp dir of this run)."""
+    src = baseline_source()
+    if not src.is_file():
         raise PathError(f"baseline source missing: {src}")
     if shutil.which("gcc") is None:
         raise PathError("gcc not found (needed for the baseline path): apt-get install -y gcc")
     out = outdir / "baseline_fwd"
-    res = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(src)],
-                         check=False, capture_output=True, text=True)
+    with resources.as_file(src) as path:  # a real file even if the package is zipped
+        res = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(path)],
+                             check=False, capture_output=True, text=True)
     if res.returncode != 0:
         lines = res.stderr.strip().splitlines()
         raise PathError(f"compiling {src.name} failed: {lines[-1] if lines else res.returncode}")
@@ -287,6 +295,7 @@ __all__ = [
     "Context",
     "PathError",
     "TopologyError",
+    "baseline_source",
     "build_baseline",
     "fastlane_command",
     "host_subnet",
