@@ -134,7 +134,7 @@ def conflicting_routes(subnet: str) -> str:
     except ValueError:
         return ""
     try:
-        routes = subprocess.run(["ip", "route", "show"], capture_output=True, text=True,
+        routes = subprocess.run(["ip", "route", "show"], check=False, capture_output=True, text=True,
                                 timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""

@@ -88,7 +88,7 @@ def run_case(command: list[str], case: Case, workdir: Path) -> dict:
     if case.netns_route:
         argv = ["unshare", "-n", "sh", "-c", NETNS_SETUP + ' && exec "$@"', "sh", *argv]
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), **case.env}
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, cwd=workdir)
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, timeout=60, cwd=workdir)
     return {"exit": proc.returncode, "output": out.read_text(), "stderr": proc.stderr}
 
 
@@ -150,12 +150,12 @@ def test_flannels_own_test_vectors():
 def test_unwritable_destination_is_an_error(tmp_path: Path):
     src = DATA / "inputs" / "sample.env"
     p = subprocess.run([*_fastlane_command(), "-f", str(src), "-d", str(tmp_path / "no" / "such" / "dir")],
-                       capture_output=True, text=True, timeout=60)
+                       check=False, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "cannot write" in p.stderr
 
 
 def test_key_must_be_a_variable_name(tmp_path: Path):
     p = subprocess.run([*_fastlane_command(), "-f", str(DATA / "inputs" / "sample.env"),
-                        "-d", str(tmp_path / "o"), "-k", "A;rm -rf /"], capture_output=True, text=True, timeout=60)
+                        "-d", str(tmp_path / "o"), "-k", "A;rm -rf /"], check=False, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "not a shell variable name" in p.stderr
     assert not (tmp_path / "o").exists()

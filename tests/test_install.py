@@ -32,7 +32,7 @@ IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycac
 def _run(argv: list[str], cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     # cwd outside the source tree: `python -m build` next to build.py would import build.py.
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("FLANNELD_", "PYTHON", "VIRTUAL_ENV"))}
-    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**clean, **env})
+    return subprocess.run(argv, cwd=cwd, check=False, capture_output=True, text=True, timeout=timeout, env={**clean, **env})
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_systemd_unit_verifies(tmp_path: Path):
         pytest.skip("no fastlane executable to point ExecStart at")
     unit = tmp_path / "fastlane.service"
     unit.write_text(_unit_with(exe))  # verify checks that ExecStart's binary exists
-    p = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(["systemd-analyze", "verify", str(unit)], check=False, capture_output=True, text=True, timeout=60)
     # verify exits 0 on "ignoring" warnings (a misspelt key or value): any output is a failure
     assert p.returncode == 0 and p.stderr == "" and p.stdout == "", p.stderr
 

@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # tests/
 
-from test_dockeropts import CASES, run_case  # noqa: E402
+from test_dockeropts import CASES, run_case
 
 
 def main() -> int:
