@@ -426,10 +426,7 @@ static void tx_flush(struct fl_worker *w, struct tx_io *io)
             if ((err == EIO || err == EINVAL) && io->msg_ndg[done] > 1) {
                 /* the egress cannot do UDP GSO now: send this batch's rest without it */
                 gso_failed(e);
-                fl_cnt(w, C_TX_GSO_FALLBACKS, 1);
-                if (e->cfg.verbose)
-                    fprintf(stderr, "fastlane engine: UDP GSO failed (%s), paused\n",
-                            strerror(err));
+                fl_cnt(w, C_TX_GSO_FALLBACKS, 1); /* the daemon logs counter changes */
                 break;
             }
             /* this message cannot go (unreachable, EPERM, EMSGSIZE...): drop it, go on */
@@ -491,13 +488,9 @@ static int tx_handle(struct fl_worker *w, struct tx_io *io, int tun_fd, uint8_t 
     if (gso != FL_VNET_GSO_TCPV4)
         return D_TX_BAD_VNET;
     /* A TSO frame: check the template with the size its wire packets will have. */
-    int bad = fl_ip_check(pkt, len, 1);
-    if (bad)
-        return bad == 1 ? D_TX_NOT_IPV4 : D_TX_MALFORMED;
-    int ihl = (pkt[0] & 15) * 4;
-    if (pkt[9] != 6 || len < ihl + 20 || vh.gso_size == 0)
-        return D_TX_BAD_VNET;
-    int hdr = ihl + (pkt[ihl + 12] >> 4) * 4;
+    int hdr = fl_tso_hdr_len(pkt, len, vh.gso_size);
+    if (hdr < 0)
+        return -hdr;
     int v = fl_tx_one(w, pkt, len, hdr + vh.gso_size, &hop, &port, icmp, &icmp_len);
     if (v) {
         tun_write_icmp(w, tun_fd, icmp, icmp_len);
@@ -575,7 +568,7 @@ static void *tx_main(void *arg)
     struct fl_engine *e = w->e;
     struct tx_io *io = w->io;
     int fd = e->cfg.tun_fds[w->queue];
-    char name[16];
+    char name[16]; /* a thread name's limit (TASK_COMM_LEN), terminator included */
     snprintf(name, sizeof(name), "fl-tx%d", w->queue);
     pthread_setname_np(pthread_self(), name); /* for top/perf */
     for (;;) {
@@ -888,12 +881,6 @@ struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errl
         rx_setup(io);
         w->io2 = io;
     }
-    if (cfg->verbose)
-        fprintf(stderr,
-                "fastlane engine: queues=%d rx_thread=%d vnet_hdr=%d tso=%d gso=%d gro=%d "
-                "coalesce=%d mtu=%d\n",
-                e->feat.queues, cfg->rx_thread, e->feat.vnet_hdr, e->feat.tso, e->feat.gso, e->feat.gro,
-                e->feat.coalesce, cfg->mtu);
     return e;
 fail:
     fl_engine_free(e);

@@ -179,13 +179,15 @@ uint16_t fl_checksum(const uint8_t *p, int len);
 int fl_ip_check(const uint8_t *p, int len, int exact); /* 0 ok, else 1 = not v4, 2 = malformed */
 int fl_make_icmp(struct fl_worker *w, const uint8_t *orig, int orig_len, uint8_t type, uint8_t code,
                  uint16_t mtu, uint8_t *out);
-int fl_tx_one(struct fl_worker *w, uint8_t *pkt, int len, int gso_size_hint, uint32_t *next_hop,
+int fl_tx_one(struct fl_worker *w, uint8_t *pkt, int len, int wire_len, uint32_t *next_hop,
               uint16_t *port, uint8_t *icmp, int *icmp_len);
 int fl_rx_one(struct fl_worker *w, const struct fl_rtable *t, const uint8_t *pkt, int len,
               uint32_t src, uint16_t src_port);
 uint64_t fl_now_ns(void);
 int fl_vnet_finish_csum(uint8_t *pkt, int len, const struct fl_vnet_hdr *vh);
 
+/* The IPv4+TCP header length of a TSO frame's template (checked), or -reason. */
+int fl_tso_hdr_len(const uint8_t *pkt, int len, uint16_t gso_size);
 /* TSO split: fills per-segment headers (hdr_out, stride FL_SEG_HDR_MAX) and iovecs
  * (2 per segment: header, payload slice of pkt). Returns the segment count or -reason. */
 #define FL_SEG_HDR_MAX 128

@@ -11,7 +11,7 @@ struct fl_route {
 };
 
 struct fl_config {
-    int tun_fds[16];     /* one fd per TUN queue (IFF_MULTI_QUEUE when more than one) */
+    int tun_fds[FL_MAX_QUEUES]; /* one fd per TUN queue (IFF_MULTI_QUEUE when more than one) */
     int n_tun;           /* 0 = no I/O (pure packet functions only, for tests) */
     int udp_fd;
     int mtu;             /* overlay MTU (TUN MTU) */
@@ -25,7 +25,6 @@ struct fl_config {
     int offload;         /* try UDP GSO/GRO and, on a vnet_hdr TUN, TSO */
     int icmp_rate;       /* ICMP errors per second per worker (0 = 100) */
     int icmp_burst;      /* bucket size (0 = icmp_rate) */
-    int verbose;
     int rx_thread;       /* 1 = a thread of its own for UDP -> TUN; 0 = queue 0's worker does both */
 };
 

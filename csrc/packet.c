@@ -24,6 +24,44 @@
 
 #include "engine.h"
 
+/* IPv4 header (RFC 791): byte offsets and flags. */
+#define IPH_TOS 1
+#define IPH_TOT_LEN 2
+#define IPH_ID 4
+#define IPH_FRAG 6 /* flags + fragment offset */
+#define IPH_TTL 8
+#define IPH_PROTO 9
+#define IPH_CSUM 10
+#define IPH_SRC 12
+#define IPH_DST 16
+#define IPH_MIN_HDR 20
+#define IPH_F_DF 0x4000
+#define IPH_F_MF 0x2000
+#define IPH_OFFSET 0x1fff
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+/* TCP header (RFC 9293): byte offsets and flags. */
+#define TCPH_SEQ 4
+#define TCPH_ACK 8
+#define TCPH_DOFF 12 /* data offset in the high nibble */
+#define TCPH_FLAGS 13
+#define TCPH_WIN 14
+#define TCPH_CSUM 16
+#define TCPH_URP 18
+#define TCPH_MIN_HDR 20
+#define TCPH_FIN 0x01
+#define TCPH_PSH 0x08
+#define TCPH_ACKF 0x10
+#define TCPH_CWR 0x80
+/* ICMP (RFC 792) */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_SOURCE_QUENCH 4
+#define ICMP_REDIRECT 5
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+#define ICMP_FRAG_NEEDED 4 /* code of ICMP_DEST_UNREACH */
+
 static inline uint16_t ld16(const uint8_t *p)
 {
     uint16_t v;
@@ -153,15 +191,15 @@ uint16_t fl_checksum(const uint8_t *p, int len)
 
 static inline uint32_t pseudo_sum(const uint8_t *ip, uint8_t proto, int l4_len)
 {
-    uint64_t s = (uint64_t)ld16(ip + 12) + ld16(ip + 14) + ld16(ip + 16) + ld16(ip + 18) +
+    uint64_t s = (uint64_t)ld16(ip + IPH_SRC) + ld16(ip + IPH_SRC + 2) + ld16(ip + IPH_DST) + ld16(ip + IPH_DST + 2) +
                  htons(proto) + htons((uint16_t)l4_len);
     return (uint32_t)s;
 }
 
 static inline void ip_set_csum(uint8_t *ip, int ihl_bytes)
 {
-    st16(ip + 10, 0);
-    st16(ip + 10, csum_final(fl_csum_partial(ip, ihl_bytes, 0)));
+    st16(ip + IPH_CSUM, 0);
+    st16(ip + IPH_CSUM, csum_final(fl_csum_partial(ip, ihl_bytes, 0)));
 }
 
 int fl_ip_check(const uint8_t *p, int len, int exact)
@@ -170,12 +208,12 @@ int fl_ip_check(const uint8_t *p, int len, int exact)
         return 2;
     if ((p[0] >> 4) != 4)
         return 1;
-    if (len < 20)
+    if (len < IPH_MIN_HDR)
         return 2;
     int ihl = (p[0] & 15) * 4;
-    if (ihl < 20 || ihl > len)
+    if (ihl < IPH_MIN_HDR || ihl > len)
         return 2;
-    int tot = ntohs(ld16(p + 2));
+    int tot = ntohs(ld16(p + IPH_TOT_LEN));
     if (tot < ihl || (exact ? tot != len : tot > len))
         return 2;
     return 0;
@@ -190,8 +228,8 @@ uint64_t fl_now_ns(void)
 
 static int icmp_allowed(const uint8_t *o, int len)
 {
-    uint32_t src = ntohl(ld32(o + 12)), dst = ntohl(ld32(o + 16));
-    if (ntohs(ld16(o + 6)) & 0x1fff) /* non-first fragment */
+    uint32_t src = ntohl(ld32(o + IPH_SRC)), dst = ntohl(ld32(o + IPH_DST));
+    if (ntohs(ld16(o + IPH_FRAG)) & IPH_OFFSET) /* non-first fragment */
         return 0;
     /* sources no error may go to: "this network" 0/8, loopback 127/8, multicast 224/4,
      * reserved 240/4 and the limited broadcast (RFC 1812 4.3.2.7) */
@@ -200,11 +238,12 @@ static int icmp_allowed(const uint8_t *o, int len)
     if (dst == 0xffffffffU || (dst >> 28) == 0xe)
         return 0;
     int ihl = (o[0] & 15) * 4;
-    if (o[9] == 1) { /* never answer an ICMP error (RFC 1122 3.2.2) */
+    if (o[IPH_PROTO] == PROTO_ICMP) { /* never answer an ICMP error (RFC 1122 3.2.2) */
         if (len < ihl + 1)
             return 0;
         uint8_t type = o[ihl];
-        if (type == 3 || type == 4 || type == 5 || type == 11 || type == 12)
+        if (type == ICMP_DEST_UNREACH || type == ICMP_SOURCE_QUENCH || type == ICMP_REDIRECT ||
+            type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB)
             return 0;
     }
     return 1;
@@ -240,28 +279,29 @@ int fl_make_icmp(struct fl_worker *w, const uint8_t *orig, int orig_len, uint8_t
 {
     if (!icmp_allowed(orig, orig_len))
         return 0;
-    int kind = type == 3 && code == 4 ? FL_ICMP_KIND_FRAG : FL_ICMP_KIND_ERROR;
-    if (!icmp_take_token(w, kind, ntohl(ld32(orig + 12)))) {
+    int kind = type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED ? FL_ICMP_KIND_FRAG
+                                                                     : FL_ICMP_KIND_ERROR;
+    if (!icmp_take_token(w, kind, ntohl(ld32(orig + IPH_SRC)))) {
         fl_cnt(w, C_ICMP_SUPPRESSED, 1);
         return 0;
     }
     int ihl = (orig[0] & 15) * 4;
     int quote = ihl + 8 < orig_len ? ihl + 8 : orig_len;
     int tot = 20 + 8 + quote;
-    uint8_t *ip = out, *ic = out + 20;
-    memset(out, 0, 28);
-    ip[0] = 0x45;
-    ip[1] = 0xc0; /* internetwork control precedence, as Linux does for ICMP errors */
-    st16(ip + 2, htons((uint16_t)tot));
-    ip[8] = 64;
-    ip[9] = 1;
-    st32(ip + 12, htonl(w->e->cfg.tun_addr));
-    memcpy(ip + 16, orig + 12, 4);
-    ip_set_csum(ip, 20);
+    uint8_t *ip = out, *ic = out + IPH_MIN_HDR;
+    memset(out, 0, IPH_MIN_HDR + 8);
+    ip[0] = 0x45; /* version 4, 5 words */
+    ip[IPH_TOS] = 0xc0; /* internetwork control precedence, as Linux does for ICMP errors */
+    st16(ip + IPH_TOT_LEN, htons((uint16_t)tot));
+    ip[IPH_TTL] = 64;
+    ip[IPH_PROTO] = PROTO_ICMP;
+    st32(ip + IPH_SRC, htonl(w->e->cfg.tun_addr));
+    memcpy(ip + IPH_DST, orig + IPH_SRC, 4);
+    ip_set_csum(ip, IPH_MIN_HDR);
     ic[0] = type;
     ic[1] = code;
-    if (type == 3 && code == 4)
-        st16(ic + 6, htons(mtu));
+    if (type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED)
+        st16(ic + 6, htons(mtu)); /* next-hop MTU (RFC 1191) */
     memcpy(ic + 8, orig, (size_t)quote);
     st16(ic + 2, csum_final(fl_csum_partial(ic, 8 + quote, 0)));
     fl_cnt(w, C_ICMP_SENT, 1);
@@ -271,13 +311,13 @@ int fl_make_icmp(struct fl_worker *w, const uint8_t *orig, int orig_len, uint8_t
 static void ttl_decrement(uint8_t *ip)
 {
     /* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), m the 16-bit word holding TTL and protocol */
-    uint16_t m = ld16(ip + 8);
-    ip[8]--;
-    uint16_t m2 = ld16(ip + 8);
-    uint32_t s = (uint16_t)~ld16(ip + 10);
+    uint16_t m = ld16(ip + IPH_TTL);
+    ip[IPH_TTL]--;
+    uint16_t m2 = ld16(ip + IPH_TTL);
+    uint32_t s = (uint16_t)~ld16(ip + IPH_CSUM);
     s += (uint16_t)~m;
     s += m2;
-    st16(ip + 10, (uint16_t)~fl_csum_fold(s));
+    st16(ip + IPH_CSUM, (uint16_t)~fl_csum_fold(s));
 }
 
 /* Encap verdict for one packet (or the template of a TSO frame, whose wire packets will be
@@ -291,19 +331,20 @@ int fl_tx_one(struct fl_worker *w, uint8_t *pkt, int len, int wire_len, uint32_t
         return D_TX_NOT_IPV4;
     if (bad)
         return D_TX_MALFORMED;
-    const struct fl_rt_entry *r = fl_rt_lookup(fl_rcu_table(w), ntohl(ld32(pkt + 16)));
+    const struct fl_rt_entry *r = fl_rt_lookup(fl_rcu_table(w), ntohl(ld32(pkt + IPH_DST)));
     if (!r) {
-        *icmp_len = fl_make_icmp(w, pkt, len, 3, 0, 0, icmp);
+        *icmp_len = fl_make_icmp(w, pkt, len, ICMP_DEST_UNREACH, 0, 0, icmp); /* net */
         return D_TX_NO_ROUTE;
     }
-    if (pkt[8] <= 1) {
-        *icmp_len = fl_make_icmp(w, pkt, len, 11, 0, 0, icmp);
+    if (pkt[IPH_TTL] <= 1) {
+        *icmp_len = fl_make_icmp(w, pkt, len, ICMP_TIME_EXCEEDED, 0, 0, icmp);
         return D_TX_TTL_EXPIRED;
     }
     int mtu = w->e->cfg.mtu;
     if ((wire_len ? wire_len : len) > mtu) {
-        if (ntohs(ld16(pkt + 6)) & 0x4000) {
-            *icmp_len = fl_make_icmp(w, pkt, len, 3, 4, (uint16_t)mtu, icmp);
+        if (ntohs(ld16(pkt + IPH_FRAG)) & IPH_F_DF) {
+            *icmp_len = fl_make_icmp(w, pkt, len, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED,
+                                     (uint16_t)mtu, icmp);
             return D_TX_TOO_BIG;
         }
         return D_TX_OVERSIZE;
@@ -340,7 +381,7 @@ int fl_rx_one(struct fl_worker *w, const struct fl_rtable *t, const uint8_t *pkt
         return D_RX_BAD_CHECKSUM;
     if (cfg->check_source && cfg->network_len > 0) {
         uint32_t mask = cfg->network_len >= 32 ? 0xffffffffU : ~(0xffffffffU >> cfg->network_len);
-        uint32_t inner = ntohl(ld32(pkt + 12));
+        uint32_t inner = ntohl(ld32(pkt + IPH_SRC));
         if ((inner & mask) == (cfg->network & mask)) {
             const struct fl_rt_entry *r = fl_rt_lookup(t, inner);
             if (!r || r->next_hop != src)
@@ -360,28 +401,39 @@ int fl_vnet_finish_csum(uint8_t *pkt, int len, const struct fl_vnet_hdr *vh)
     if (start > len || start + off + 2 > len)
         return -1;
     uint16_t c = csum_final(fl_csum_partial(pkt + start, len - start, 0));
-    if (pkt[9] == 17 && c == 0)
+    if (pkt[IPH_PROTO] == PROTO_UDP && c == 0)
         c = 0xffff; /* UDP: a computed zero is sent as all ones */
     st16(pkt + start + off, c);
     return 0;
+}
+
+int fl_tso_hdr_len(const uint8_t *pkt, int len, uint16_t gso_size)
+{
+    int bad = fl_ip_check(pkt, len, 1);
+    if (bad)
+        return bad == 1 ? -D_TX_NOT_IPV4 : -D_TX_MALFORMED;
+    int ihl = (pkt[0] & 15) * 4;
+    if (pkt[IPH_PROTO] != PROTO_TCP || len < ihl + TCPH_MIN_HDR || gso_size == 0)
+        return -D_TX_BAD_VNET;
+    return ihl + (pkt[ihl + TCPH_DOFF] >> 4) * 4;
 }
 
 int fl_tso_split(uint8_t *pkt, int len, uint16_t gso_size, int first_seg, int max_segs,
                  uint8_t *hdr_out, struct iovec *iov, int *seg_len)
 {
     int ihl = (pkt[0] & 15) * 4;
-    if (pkt[9] != 6 || len < ihl + 20 || gso_size == 0)
+    if (pkt[IPH_PROTO] != PROTO_TCP || len < ihl + TCPH_MIN_HDR || gso_size == 0)
         return -D_TX_BAD_VNET;
     uint8_t *tcp0 = pkt + ihl;
-    int doff = (tcp0[12] >> 4) * 4;
+    int doff = (tcp0[TCPH_DOFF] >> 4) * 4;
     int hdr = ihl + doff;
-    if (doff < 20 || hdr > len || hdr > FL_SEG_HDR_MAX)
+    if (doff < TCPH_MIN_HDR || hdr > len || hdr > FL_SEG_HDR_MAX)
         return -D_TX_BAD_VNET;
     int payload = len - hdr;
     int nseg = payload == 0 ? 1 : (payload + gso_size - 1) / gso_size;
-    uint16_t id0 = ntohs(ld16(pkt + 4));
-    uint32_t seq0 = ntohl(ld32(tcp0 + 4));
-    uint8_t flags0 = tcp0[13];
+    uint16_t id0 = ntohs(ld16(pkt + IPH_ID));
+    uint32_t seq0 = ntohl(ld32(tcp0 + TCPH_SEQ));
+    uint8_t flags0 = tcp0[TCPH_FLAGS];
     int n = 0;
     for (int i = first_seg; i < nseg && n < max_segs; i++, n++) {
         int off = hdr + i * gso_size;
@@ -389,21 +441,21 @@ int fl_tso_split(uint8_t *pkt, int len, uint16_t gso_size, int first_seg, int ma
         uint8_t *h = hdr_out + (size_t)n * FL_SEG_HDR_MAX;
         memcpy(h, pkt, (size_t)hdr);
         uint8_t *tcp = h + ihl;
-        st16(h + 2, htons((uint16_t)(hdr + plen)));
-        st16(h + 4, htons((uint16_t)(id0 + i)));
+        st16(h + IPH_TOT_LEN, htons((uint16_t)(hdr + plen)));
+        st16(h + IPH_ID, htons((uint16_t)(id0 + i)));
         ip_set_csum(h, ihl);
-        st32(tcp + 4, htonl(seq0 + (uint32_t)i * gso_size));
+        st32(tcp + TCPH_SEQ, htonl(seq0 + (uint32_t)i * gso_size));
         uint8_t f = flags0;
         if (i != nseg - 1)
-            f &= (uint8_t)~(0x01 | 0x08); /* FIN, PSH only on the last segment */
+            f &= (uint8_t)~(TCPH_FIN | TCPH_PSH); /* only on the last segment */
         if (i != 0)
-            f &= (uint8_t)~0x80; /* CWR only on the first */
-        tcp[13] = f;
-        st16(tcp + 16, 0);
-        uint32_t s = pseudo_sum(h, 6, doff + plen);
+            f &= (uint8_t)~TCPH_CWR; /* only on the first */
+        tcp[TCPH_FLAGS] = f;
+        st16(tcp + TCPH_CSUM, 0);
+        uint32_t s = pseudo_sum(h, PROTO_TCP, doff + plen);
         s = fl_csum_partial(tcp, doff, s);
         s = fl_csum_partial(pkt + off, plen, s);
-        st16(tcp + 16, csum_final(s));
+        st16(tcp + TCPH_CSUM, csum_final(s));
         iov[2 * n].iov_base = h;
         iov[2 * n].iov_len = (size_t)hdr;
         iov[2 * n + 1].iov_base = pkt + off;
@@ -426,38 +478,41 @@ struct tcp_view {
  * the kernel recomputes the checksum of a NEEDS_CSUM frame). */
 static int tcp_mergeable(uint8_t *p, int len, struct tcp_view *v)
 {
-    if (len < 40 || p[0] != 0x45 || p[9] != 6 || (ntohs(ld16(p + 6)) & 0x3fff) ||
-        ntohs(ld16(p + 2)) != len)
+    if (len < IPH_MIN_HDR + TCPH_MIN_HDR || p[0] != 0x45 || p[IPH_PROTO] != PROTO_TCP ||
+        (ntohs(ld16(p + IPH_FRAG)) & (IPH_F_MF | IPH_OFFSET)) || ntohs(ld16(p + IPH_TOT_LEN)) != len)
         return 0;
-    uint8_t *t = p + 20;
-    int doff = (t[12] >> 4) * 4;
-    if (doff < 20 || 20 + doff >= len)
+    uint8_t *t = p + IPH_MIN_HDR;
+    int doff = (t[TCPH_DOFF] >> 4) * 4;
+    if (doff < TCPH_MIN_HDR || IPH_MIN_HDR + doff >= len)
         return 0;
-    if ((t[13] & ~0x08) != 0x10)
+    if ((t[TCPH_FLAGS] & ~TCPH_PSH) != TCPH_ACKF)
         return 0;
-    uint32_t s = pseudo_sum(p, 6, len - 20);
-    if (fl_csum_fold(fl_csum_partial(t, len - 20, s)) != 0xffff)
+    uint32_t s = pseudo_sum(p, PROTO_TCP, len - IPH_MIN_HDR);
+    if (fl_csum_fold(fl_csum_partial(t, len - IPH_MIN_HDR, s)) != 0xffff)
         return 0;
     v->ip = p;
     v->tcp = t;
     v->len = len;
     v->doff = doff;
-    v->hdr = 20 + doff;
+    v->hdr = IPH_MIN_HDR + doff;
     v->plen = len - v->hdr;
-    v->seq = ntohl(ld32(t + 4));
+    v->seq = ntohl(ld32(t + TCPH_SEQ));
     return 1;
 }
 
 static int same_flow(const struct tcp_view *a, const struct tcp_view *b)
 {
     /* IP: tos, DF, ttl, proto, addresses; TCP: ports, ack, doff, window, urg, options */
-    if (a->ip[1] != b->ip[1] || ld16(a->ip + 6) != ld16(b->ip + 6) ||
-        ld16(a->ip + 8) != ld16(b->ip + 8) || memcmp(a->ip + 12, b->ip + 12, 8))
+    if (a->ip[IPH_TOS] != b->ip[IPH_TOS] || ld16(a->ip + IPH_FRAG) != ld16(b->ip + IPH_FRAG) ||
+        ld16(a->ip + IPH_TTL) != ld16(b->ip + IPH_TTL) || memcmp(a->ip + IPH_SRC, b->ip + IPH_SRC, 8))
         return 0;
-    if (a->doff != b->doff || memcmp(a->tcp, b->tcp, 4) || memcmp(a->tcp + 8, b->tcp + 8, 5) ||
-        ld16(a->tcp + 14) != ld16(b->tcp + 14) || ld16(a->tcp + 18) != ld16(b->tcp + 18))
+    /* ports; ack and data offset (TCPH_ACK..TCPH_DOFF); window; urgent pointer; options */
+    if (a->doff != b->doff || memcmp(a->tcp, b->tcp, TCPH_SEQ) ||
+        memcmp(a->tcp + TCPH_ACK, b->tcp + TCPH_ACK, TCPH_DOFF - TCPH_ACK + 1) ||
+        ld16(a->tcp + TCPH_WIN) != ld16(b->tcp + TCPH_WIN) ||
+        ld16(a->tcp + TCPH_URP) != ld16(b->tcp + TCPH_URP))
         return 0;
-    return memcmp(a->tcp + 20, b->tcp + 20, (size_t)(a->doff - 20)) == 0;
+    return memcmp(a->tcp + TCPH_MIN_HDR, b->tcp + TCPH_MIN_HDR, (size_t)(a->doff - TCPH_MIN_HDR)) == 0;
 }
 
 int fl_coalesce(uint8_t *const *pkts, const int *lens, int n, uint8_t *scratch, struct iovec *iov,
@@ -470,7 +525,7 @@ int fl_coalesce(uint8_t *const *pkts, const int *lens, int n, uint8_t *scratch, 
         struct tcp_view head, cur;
         int j = i + 1;
         int total = 0;
-        if (tcp_mergeable(pkts[i], lens[i], &head) && !(head.tcp[13] & 0x08)) {
+        if (tcp_mergeable(pkts[i], lens[i], &head) && !(head.tcp[TCPH_FLAGS] & TCPH_PSH)) {
             total = head.len;
             int last_plen = head.plen;
             uint32_t next_seq = head.seq + (uint32_t)head.plen;
@@ -484,7 +539,7 @@ int fl_coalesce(uint8_t *const *pkts, const int *lens, int n, uint8_t *scratch, 
                 total += cur.plen;
                 next_seq += (uint32_t)cur.plen;
                 last_plen = cur.plen;
-                psh = cur.tcp[13] & 0x08;
+                psh = cur.tcp[TCPH_FLAGS] & TCPH_PSH;
                 j++;
             }
         } else {
@@ -500,23 +555,23 @@ int fl_coalesce(uint8_t *const *pkts, const int *lens, int n, uint8_t *scratch, 
             r = emit(ctx, iov, 2, lens[i]);
         } else {
             memcpy(hdr, head.ip, (size_t)head.hdr);
-            uint8_t *t = hdr + 20;
-            st16(hdr + 2, htons((uint16_t)total));
-            ip_set_csum(hdr, 20);
-            if (pkts[j - 1][20 + 13] & 0x08)
-                t[13] |= 0x08;
-            st16(t + 16, fl_csum_fold(pseudo_sum(hdr, 6, total - 20)));
+            uint8_t *t = hdr + IPH_MIN_HDR;
+            st16(hdr + IPH_TOT_LEN, htons((uint16_t)total));
+            ip_set_csum(hdr, IPH_MIN_HDR);
+            if (pkts[j - 1][IPH_MIN_HDR + TCPH_FLAGS] & TCPH_PSH)
+                t[TCPH_FLAGS] |= TCPH_PSH;
+            st16(t + TCPH_CSUM, fl_csum_fold(pseudo_sum(hdr, PROTO_TCP, total - IPH_MIN_HDR)));
             vh->flags = FL_VNET_F_NEEDS_CSUM;
             vh->gso_type = FL_VNET_GSO_TCPV4;
             vh->hdr_len = (uint16_t)head.hdr;
             vh->gso_size = (uint16_t)head.plen;
-            vh->csum_start = 20;
-            vh->csum_offset = 16;
+            vh->csum_start = IPH_MIN_HDR;
+            vh->csum_offset = TCPH_CSUM;
             iov[1].iov_base = hdr;
             iov[1].iov_len = (size_t)head.hdr;
             int k = 2;
             for (int m = i; m < j; m++) {
-                int h = 20 + (pkts[m][32] >> 4) * 4;
+                int h = IPH_MIN_HDR + (pkts[m][IPH_MIN_HDR + TCPH_DOFF] >> 4) * 4;
                 iov[k].iov_base = pkts[m] + h;
                 iov[k].iov_len = (size_t)(lens[m] - h);
                 k++;

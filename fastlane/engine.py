@@ -14,6 +14,7 @@ Mean batch sizes: tx_batch_reads / tx_batches, rx_batch_msgs / rx_batches.
 from __future__ import annotations
 
 import ipaddress
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ class EngineError(Exception):
     """The engine could not be created or started (one-line message)."""
 
 
+def _check(rc: int, what: str) -> int:
+    """The one way engine calls are checked: a negative result raises EngineError naming the
+    call and the errno the C side left, so the cause (ENOMEM, EAGAIN from pthread_create...)
+    reaches the operator's log instead of a bare "failed"."""
+    if rc < 0:
+        err = ffi.errno
+        raise EngineError(f"{what}: {os.strerror(err)}" if err else what)
+    return rc
+
+
 @dataclass(frozen=True)
 class Route:
     """One lease: packets for `network` go to next_hop:port."""
@@ -35,6 +46,9 @@ class Route:
     next_hop: ipaddress.IPv4Address
     port: int
 
+
+#: TUN queues (one worker thread each) an engine can drive: the C side's FL_MAX_QUEUES.
+MAX_QUEUES: int = lib.FL_MAX_QUEUES
 
 COUNTER_NAMES: tuple[str, ...] = tuple(
     ffi.string(lib.fl_counter_name(i)).decode() for i in range(lib.fl_counter_count())
@@ -78,14 +92,13 @@ class Engine:
         *,
         check_source: bool = True,
         offload: bool = True,
-        verbose: int = 0,
         icmp_rate: int = 100,
         icmp_burst: int = 0,
         rx_thread: bool = False,
         network: ipaddress.IPv4Network | None = None,
     ) -> None:
-        if len(tun_fds) > lib.FL_MAX_QUEUES:
-            raise EngineError(f"at most {lib.FL_MAX_QUEUES} TUN queues, not {len(tun_fds)}")
+        if len(tun_fds) > MAX_QUEUES:
+            raise EngineError(f"at most {MAX_QUEUES} TUN queues, not {len(tun_fds)}")
         cfg = ffi.new("struct fl_config *")
         for i, fd in enumerate(tun_fds):
             cfg.tun_fds[i] = fd
@@ -101,7 +114,6 @@ class Engine:
         cfg.offload = int(offload)
         cfg.icmp_rate = icmp_rate
         cfg.icmp_burst = icmp_burst
-        cfg.verbose = verbose
         cfg.rx_thread = int(rx_thread)
         err = ffi.new("char[]", _ERRLEN)
         e = lib.fl_engine_new(cfg, err, _ERRLEN)
@@ -131,15 +143,13 @@ class Engine:
     def set_routes(self, routes: Iterable[Route]) -> None:
         """Replace the whole table; returns once no worker can still see the old one."""
         arr, n = _routes_array(routes)
-        if lib.fl_engine_set_routes(self._e, arr, n) < 0:
-            raise EngineError("cannot build the route table (out of memory?)")
+        _check(lib.fl_engine_set_routes(self._e, arr, n), "cannot build the route table")
 
     def start(self) -> None:
         with self._lock:
             if self._started:
                 return
-            if lib.fl_engine_start(self._e) != 0:
-                raise EngineError("cannot start the engine threads")
+            _check(lib.fl_engine_start(self._e), "cannot start the engine threads")
             self._started = True
 
     def stop(self) -> None:
@@ -196,6 +206,25 @@ class Engine:
             pkts.append(bytes(ffi.buffer(out + off, lens[i])))
             off += lens[i]
         return pkts
+
+
+def describe_changes(before: dict[str, int], after: dict[str, int],
+                     features_before: dict[str, bool], features_after: dict[str, bool]) -> list[str]:
+    """Log lines for what changed in the engine between two looks: offloads that turned off or
+    on (UDP GSO pauses after a failed send), and drops by reason. The engine never writes to
+    stderr; the daemon looks periodically and logs these lines, so every drop reaches the log
+    as a count and a name."""
+    lines = []
+    for name in sorted(features_after):
+        was, now = features_before.get(name), features_after[name]
+        if was is not None and was != now:
+            lines.append(f"udp engine: {name} {'on again' if now else 'off'}")
+    drops = {k: after[k] - before.get(k, 0) for k in sorted(after)
+             if (k.startswith("drop_") or k in ("io_errors", "tx_gso_fallbacks"))
+             and after[k] > before.get(k, 0)}
+    if drops:
+        lines.append("udp engine: " + " ".join(f"{k}=+{v}" for k, v in drops.items()))
+    return lines
 
 
 def coalesce(packets: list[bytes]) -> list[bytes]:

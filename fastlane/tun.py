@@ -19,6 +19,8 @@ IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
+#: The kernel's limit on a TUN device's queues (MAX_TAP_QUEUES); the engine's own is lower.
+MAX_TAP_QUEUES = 256
 
 #: Socket buffers flanneld never raised. With UDP GRO every queued datagram is a 64 KiB buffer, so
 #: 4 MiB (this machine's rmem_max) overflowed under 4 TCP streams (RcvbufErrors, 10-25k
@@ -42,8 +44,8 @@ def open_tun(name: str = "flannel%d", queues: int = 1, vnet_hdr: bool = False) -
     carries a virtio_net_hdr, which is what lets the engine ask for 64 KiB TSO frames.
     The fds are non-blocking and close-on-exec. Raises OSError (with the kernel's errno).
     """
-    if not 1 <= queues <= 16:
-        raise ValueError(f"queues must be 1..16, not {queues}")
+    if not 1 <= queues <= MAX_TAP_QUEUES:
+        raise ValueError(f"queues must be 1..{MAX_TAP_QUEUES}, not {queues}")
     if not name or len(name.encode()) >= IFNAMSIZ:
         raise ValueError(f"bad TUN name {name!r}")
     flags = IFF_TUN | IFF_NO_PI

@@ -507,3 +507,22 @@ def test_coalesce_stops_below_64k() -> None:
     sizes = [len(parse_frame(f)[1]) for f in frames]
     assert all(s <= 65535 for s in sizes) and len(frames) == 2
     assert sum(s - 40 for s in sizes) == 60 * 1400
+
+
+def test_engine_changes_become_log_lines() -> None:
+    """The daemon's periodic look at the engine: drops by reason and offload changes, nothing
+    when nothing changed."""
+    from fastlane.engine import describe_changes
+
+    e = Engine([], -1, MTU, TUN_ADDR)
+    e.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285)])
+    before, feats = e.counters(), {"gso": True, "tso": True}
+    assert describe_changes(before, e.counters(), feats, feats) == []
+    for _ in range(3):
+        e.decap_verdict(udp_packet("10.1.9.9", "10.1.1.5"), IP("192.168.0.77"))
+    e.encap_verdict(udp_packet("10.1.1.5", "10.9.9.9"))
+    lines = describe_changes(before, e.counters(), feats, {"gso": False, "tso": True})
+    assert lines == ["udp engine: gso off",
+                     "udp engine: drop_rx_foreign_source=+3 drop_tx_no_route=+1"]
+    assert describe_changes(e.counters(), e.counters(), {"gso": False}, {"gso": True}) == \
+        ["udp engine: gso on again"]

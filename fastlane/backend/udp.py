@@ -29,18 +29,23 @@ ENCAP_OVERHEAD = 28
 
 class UdpBackend(Backend):
     lease_type = ""  # flanneld's udp backend writes no BackendType
+    #: seconds between looks at the engine's counters for the log (drops, offload changes)
+    WATCH_INTERVAL = 30.0
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.config
         self.port = int_option(cfg, "Port", DEFAULT_PORT, 1, 65535)
         self.check_source = bool_option(cfg, "CheckSource", True)
-        self.queues = int_option(cfg, "Queues", 1, 1, 16)
+        from fastlane.engine import MAX_QUEUES  # the C extension: only once udp is chosen
+
+        self.queues = int_option(cfg, "Queues", 1, 1, MAX_QUEUES)
         self.offload = bool_option(cfg, "Offload", True)
         self.engine = None
         self.ifname: str | None = None
         self._fds: list[int] = []
         self._sock: socket.socket | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     @property
     def mtu(self) -> int:
@@ -65,7 +70,7 @@ class UdpBackend(Backend):
             log.warning("cannot set accept_local on %s (%s): ICMP errors may be dropped", ifname, exc)
 
     async def start(self, lease: Lease, table: LeaseTable) -> None:
-        from fastlane.engine import Engine, Route  # loads the C extension
+        from fastlane.engine import Engine, EngineError, Route  # loads the C extension
         from fastlane.tun import open_tun, open_udp_socket
 
         self._Route = Route
@@ -82,18 +87,22 @@ class UdpBackend(Backend):
                 f"cannot set up {self.ifname} / udp {self.ctx.iface.address}:{self.port}: "
                 f"{exc.strerror or exc}"
             ) from None
-        self.engine = Engine(
-            self._fds,
-            self._sock.fileno(),
-            self.mtu,
-            lease.subnet.network_address,
-            check_source=self.check_source,
-            offload=self.offload,
-            verbose=self.ctx.verbose,
-            network=self.ctx.config.network,
-        )
-        table.subscribe(self._on_change)
-        self.engine.start()
+        try:
+            self.engine = Engine(
+                self._fds,
+                self._sock.fileno(),
+                self.mtu,
+                lease.subnet.network_address,
+                check_source=self.check_source,
+                offload=self.offload,
+                network=self.ctx.config.network,
+            )
+            table.subscribe(self._on_change)
+            self.engine.start()
+        except EngineError as exc:
+            self._close()
+            raise BackendError(f"udp engine: {exc}") from None
+        self._watch = asyncio.create_task(self._watch_engine(), name="udp-engine-watch")
         log.info(
             "udp backend: %s mtu %d, udp %s:%d, engine features %s",
             self.ifname, self.mtu, self.ctx.iface.address, self.port,
@@ -119,7 +128,29 @@ class UdpBackend(Backend):
             self._sock.close()
             self._sock = None
 
+    async def _watch_engine(self) -> None:
+        """Log what changed in the engine every WATCH_INTERVAL seconds: drops by reason and
+        offloads that paused or came back. The engine itself never logs (it has no Python
+        and must not block on stderr), so this is how its events reach the operator."""
+        from fastlane.engine import describe_changes
+
+        assert self.engine is not None
+        before, features = self.engine.counters(), self.engine.features
+        while True:
+            await asyncio.sleep(self.WATCH_INTERVAL)
+            after, now = self.engine.counters(), self.engine.features
+            for line in describe_changes(before, after, features, now):
+                log.warning(line)
+            before, features = after, now
+
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            try:
+                await self._watch
+            except asyncio.CancelledError:
+                pass
+            self._watch = None
         if self.engine is not None:
             self.engine.stop()
             log.info("udp engine counters at exit: %s",
