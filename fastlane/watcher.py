@@ -79,7 +79,6 @@ class Watcher:
 
     async def _apply(self, events: list[LeaseEvent]) -> None:
         own_lease = self.own()
-        own = own_lease.subnet if own_lease is not None else None
         puts: dict[IPv4Network, Lease] = {}
         deletes: set[IPv4Network] = set()
         own_events: list[tuple[str, Lease | None]] = []
@@ -91,7 +90,7 @@ class Watcher:
                 continue
             # None: deleted, or unreadable so we no longer know where it lives; drop its route.
             lease = ev.lease
-            if own_lease is not None and subnet == own:
+            if own_lease is not None and subnet == own_lease.subnet:
                 if lease is None:
                     own_events.append(("deleted", None))
                 elif lease.attrs.public_ip != own_lease.attrs.public_ip:
