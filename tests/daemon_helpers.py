@@ -143,3 +143,77 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ---- faults under traffic (tests/test_faults.py, tests/test_hostile_etcd.py) ------------------
+
+PACED_SOURCE = """
+import hashlib, socket, sys, time
+dest, port, size, rate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket()
+for _ in range(100):
+    try: s.connect((dest, port)); break
+    except OSError: time.sleep(0.1); s.close(); s = socket.socket()
+h = hashlib.sha256(); sent = 0; seed = 0; t0 = time.monotonic()
+while sent < size:
+    chunk = b"".join(hashlib.sha256((seed * 64 + i).to_bytes(8, "big")).digest() for i in range(64))
+    chunk = (chunk * 32)[: min(65536, size - sent)]; seed += 1
+    s.sendall(chunk); h.update(chunk); sent += len(chunk)
+    ahead = sent / rate - (time.monotonic() - t0)
+    if ahead > 0: time.sleep(ahead)
+s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
+print(sent, h.hexdigest(), round(time.monotonic() - t0, 3), flush=True)
+"""
+
+SINK = """
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(120)
+print("listening", flush=True)
+c, _ = s.accept(); c.settimeout(120); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    h.update(b); n += len(b)
+print(n, h.hexdigest(), flush=True)
+"""
+
+
+def start_ping(topo: Topology, netns: str, dest, name: str, interval: float = 0.01,
+               seconds: float = 30.0):
+    """A timestamped ping stream (`ping -D -i`) in the background; read it with ping_gaps."""
+    return topo.popen(netns, "ping", "-n", "-D", "-i", str(interval), "-W", "1",
+                      "-w", str(int(seconds)), str(dest), name=name)
+
+
+def ping_gaps(text: str, interval: float = 0.01) -> dict[str, float]:
+    """From `ping -D` output: replies received, the highest sequence sent, and the longest
+    time between two consecutive replies (the forwarding gap), in seconds."""
+    got: list[tuple[float, int]] = []
+    for line in text.splitlines():
+        if "bytes from" in line and "icmp_seq=" in line and line.startswith("["):
+            ts = float(line[1:line.index("]")])
+            seq = int(line.split("icmp_seq=")[1].split()[0])
+            got.append((ts, seq))
+    if len(got) < 2:
+        return {"replies": len(got), "max_seq": got[-1][1] if got else 0, "gap_s": float("nan"),
+                "lost": float("nan")}
+    gap = max(b[0] - a[0] for a, b in zip(got, got[1:]))
+    max_seq = max(s for _, s in got)
+    return {"replies": len(got), "max_seq": max_seq, "gap_s": round(gap, 3),
+            "lost": max_seq - len({s for _, s in got})}
+
+
+def nstat(topo: Topology, netns: str, *counters: str) -> dict[str, int]:
+    """Absolute kernel SNMP counters of a namespace (e.g. TcpRetransSegs)."""
+    out = topo.run(netns, "nstat", "-az", *counters, check=False).stdout
+    vals = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in counters:
+            vals[parts[0]] = int(parts[1])
+    return vals
+
+
+def routes(topo: Topology, netns: str, *args: str) -> str:
+    return topo.run(netns, "ip", "-4", "route", "show", *args).stdout

@@ -1,4 +1,5 @@
-"""A throwaway single-node etcd on free ports, for the tests and for `fastlane bench`.
+"""Throwaway etcd on free ports, for the tests and for `fastlane bench`: one server
+(`EtcdServer`) or a cluster of several members (`EtcdCluster`, for leader-loss tests).
 
 Why a real etcd and not a fake: the interesting failures (compaction, restarts, lease expiry,
 auth tokens that die with the server) only exist in the real thing, and etcd starts in well
@@ -69,7 +70,13 @@ class EtcdServer:
         *,
         tls: ServerTLS | None = None,
         extra_args: tuple[str, ...] = (),
+        initial_cluster: str | None = None,
+        cluster_token: str | None = None,
     ) -> None:
+        # initial_cluster ("name=http://h:p,..."): this server is one member of a cluster
+        # (see EtcdCluster, which also fixes its ports before start).
+        self.initial_cluster = initial_cluster
+        self.cluster_token = cluster_token
         self.host = host
         self.netns = netns
         self.name = name
@@ -158,7 +165,7 @@ class EtcdServer:
             "--advertise-client-urls", client,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
             "--initial-cluster-state", "new",
             # A test server holds a few keys; keep its disk and memory footprint small.
             "--quota-backend-bytes", str(256 * 1024 * 1024),
@@ -169,6 +176,8 @@ class EtcdServer:
                     "--trusted-ca-file", self.tls.trusted_ca_file]
             if self.tls.client_cert_auth:
                 cmd.append("--client-cert-auth")
+        if self.cluster_token:
+            cmd += ["--initial-cluster-token", self.cluster_token]
         cmd += list(self.extra_args)
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
@@ -200,6 +209,10 @@ class EtcdServer:
         raise RuntimeError(last_error)
 
     def _spawn_and_wait(self, timeout: float) -> None:
+        self._spawn()
+        self._wait_healthy(timeout)
+
+    def _spawn(self) -> None:
         assert self._log_path is not None
         log_file = open(self._log_path, "ab")  # noqa: SIM115 - lives as long as the process
         log_file.write(f"--- fastlane: starting etcd at {time.ctime()}\n".encode())
@@ -215,6 +228,9 @@ class EtcdServer:
             )
         except FileNotFoundError as exc:
             raise RuntimeError(_NOT_FOUND) from exc
+
+    def _wait_healthy(self, timeout: float) -> None:
+        assert self._proc is not None
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
@@ -336,3 +352,128 @@ class EtcdServer:
             err = _one_line(res.stderr.decode("utf-8", "replace") or res.stdout.decode())
             raise RuntimeError(f"etcdctl {' '.join(args)} failed: {err}")
         return res.stdout.decode("utf-8", "replace")
+
+
+class EtcdCluster:
+    """Several etcd processes forming one cluster (all on `host`, distinct ports), for tests
+    that kill the leader or a follower, or lose all data. Members are EtcdServers; each is
+    only ever signalled by its own PID."""
+
+    def __init__(self, size: int = 3, host: str = "127.0.0.1", netns: str | None = None,
+                 name: str = "fastlane-cluster") -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one member")
+        self.host, self.netns, self.name = host, netns, name
+        self._generation = 0
+        self.members = [EtcdServer(host=host, netns=netns, name=f"{name}-{i}") for i in range(size)]
+
+    @property
+    def endpoints(self) -> str:
+        """Every member's client URL, comma separated (flanneld's -etcd-endpoints)."""
+        return ",".join(m.endpoint for m in self.members)
+
+    # What a daemon is given as -etcd-endpoints, named as on EtcdServer.
+    endpoint = endpoints
+
+    def pid(self, index: int) -> int | None:
+        return self.members[index].pid
+
+    def _assign(self) -> None:
+        used: set[int] = set()
+        for m in self.members:
+            if m._client_port is None:
+                m._client_port = _free_port(self.host, used)
+                used.add(m._client_port)
+                m._peer_port = _free_port(self.host, used)
+                used.add(m._peer_port)
+            else:
+                used |= {m._client_port, m.peer_port}
+        spec = ",".join(f"{m.name}=http://{self.host}:{m.peer_port}" for m in self.members)
+        self._generation += 1
+        for m in self.members:
+            m.initial_cluster = spec
+            m.cluster_token = f"{self.name}-{self._generation}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start every member (together: a member is healthy only once a quorum elected a
+        leader) and wait until each answers with a leader."""
+        if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
+            raise RuntimeError(_NOT_FOUND)
+        if not any(m.running() for m in self.members):
+            self._assign()
+        todo = [m for m in self.members if not m.running()]
+        for m in todo:
+            m._prepare_dirs()
+            m._spawn()
+        try:
+            for m in todo:
+                m._wait_healthy(timeout)
+        except RuntimeError:
+            for m in todo:
+                m._terminate(signal.SIGKILL)
+            raise
+
+    def leader(self) -> int:
+        """Index of the member that is the raft leader now (RuntimeError if none answers so)."""
+        out = self.etcdctl("endpoint", "status", "-w", "json", "--cluster=false", timeout=10)
+        ids: dict[str, int] = {}
+        leader_id = 0
+        for item in json.loads(out):
+            status = item.get("Status", {})
+            ids[item.get("Endpoint", "")] = int(status.get("header", {}).get("member_id", 0))
+            leader_id = int(status.get("leader", 0)) or leader_id
+        for i, m in enumerate(self.members):
+            if leader_id and ids.get(f"{m.host}:{m.client_port}") == leader_id:
+                return i
+        raise RuntimeError(f"no member reports itself as leader: {_one_line(out)}")
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one member (a crash)."""
+        self.members[index].kill()
+
+    def start_member(self, index: int, timeout: float = 20.0) -> None:
+        """Start a killed member again with its data (it rejoins the cluster)."""
+        self.members[index].start(timeout)
+
+    def wipe(self, timeout: float = 30.0) -> None:
+        """All data lost: kill every member, delete the data dirs, start a new, empty cluster
+        on the same endpoints."""
+        for m in self.members:
+            m.kill()
+        for m in self.members:
+            if m._data_dir is not None:
+                shutil.rmtree(m._data_dir, ignore_errors=True)
+        self._assign()
+        self.start(timeout)
+
+    def etcdctl(self, *args: str, timeout: float = 15.0) -> str:
+        """etcdctl against every live member's endpoint (works while one is down)."""
+        live = [m for m in self.members if m.running()] or self.members
+        cmd = ["etcdctl", f"--endpoints={','.join(f'{m.host}:{m.client_port}' for m in live)}",
+               "--dial-timeout=2s", "--command-timeout=5s", *args]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        env = dict(os.environ, ETCDCTL_API="3")
+        try:
+            res = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"etcdctl {' '.join(args)}: timed out after {timeout:.0f}s") from exc
+        if res.returncode != 0:
+            err = _one_line(res.stderr.decode("utf-8", "replace") or res.stdout.decode())
+            raise RuntimeError(f"etcdctl {' '.join(args)} failed: {err}")
+        return res.stdout.decode("utf-8", "replace")
+
+    def cleanup(self) -> None:
+        for m in self.members:
+            m.cleanup()
+
+    def __enter__(self) -> EtcdCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
