@@ -18,10 +18,10 @@ import signal
 from dataclasses import dataclass, field
 
 from fastlane import backend as backends
-from fastlane import rules, subnetfile
+from fastlane import linkwatch, rules, subnetfile
 from fastlane.config import ConfigError, NetworkConfig
 from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles
-from fastlane.iface import InterfaceError, choose
+from fastlane.iface import Interface, InterfaceError, choose
 from fastlane.lease import SUBNET_TTL, Lease, LeaseAttrs
 from fastlane.notify import sd_notify
 from fastlane.registry import ConfigMissing, LeaseConflict, OutOfSubnets, Registry
@@ -65,6 +65,7 @@ class Daemon:
         self.lease: Lease | None = None
         self.table = LeaseTable()
         self.backend: backends.Backend | None = None
+        self.iface: Interface | None = None
         self.ready = False
         self._stop = asyncio.Event()
         self._fatal: str | None = None
@@ -128,6 +129,7 @@ class Daemon:
             iface = await asyncio.to_thread(choose, self.opts.ifaces, self.opts.iface_regexes)
         except InterfaceError as exc:
             raise Fatal(str(exc)) from None
+        self.iface = iface
         public_ip = self.opts.public_ip or iface.address
         log.info("using interface %s (%s), public ip %s", iface.name, iface.address, public_ip)
         ctx = backends.BackendContext(config, iface, public_ip, self.opts.verbose)
@@ -295,6 +297,8 @@ class Daemon:
             ]
             if self._chains:
                 self._tasks.append(asyncio.create_task(self._resync_rules(), name="rules"))
+            self._tasks.append(asyncio.create_task(
+                linkwatch.watch_link(self.iface, self.backend.mtu), name="link"))
             if self.opts.verbose >= 1:
                 self._tasks.append(asyncio.create_task(self._log_counters(), name="counters"))
             self.ready = True
