@@ -260,3 +260,153 @@ def test_etcd_data_lost_subnets_kept(ha, ha_nodes, prefix):
     assert wait_until(lambda: key_a in leases(cluster, prefix), 10)
     assert wait_until(lambda: key_b in leases(cluster, prefix), 30), b.log()[-3000:]
     assert wait_until(lambda: sb in _overlay_routes(topo, a.host, "10.9."), 20), a.log()[-2000:]
+
+
+# ---- the udp backend under traffic ------------------------------------------------------------
+
+UDP = '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
+
+
+@pytest.fixture(scope="module")
+def udp(net_capable, tmp_path_factory):
+    """Three hosts on one etcd; udp daemons with containers on hosts 0 and 1."""
+    yield from daemon_overlay(UDP, "faults", tmp_path_factory.mktemp("faults"), hosts=3, started=2)
+
+
+def _paced_transfer(topo, src, dst, size, rate, port):
+    sink = topo.popen(dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"sink{port}")
+    assert wait_until(lambda: "listening" in topo.log_tail(f"sink{port}"), 10)
+    source = topo.popen(src.netns, sys.executable, "-c", PACED_SOURCE, str(dst.ip), str(port),
+                        str(size), str(rate), name=f"source{port}")
+    return sink, source
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
+def test_daemon_restart_mid_transfer(udp, sig):
+    topo, etcd, nodes = udp
+    c0, c1 = topo.hosts[0].container, topo.hosts[1].container
+    assert topo.wait_ping(c0.netns, c1.ip, 20)
+    subnet = nodes[1].wait_subnet_file()["FLANNEL_SUBNET"]
+    key = f"/coreos.com/network/subnets/{subnet[:-5]}.0-24"
+    value = leases(etcd, "/coreos.com/network")[key]
+    retrans0 = nstat(topo, c0.netns, "TcpRetransSegs").get("TcpRetransSegs", 0)
+    port = 5100 + int(sig)
+    size, rate = 48 * 1024 * 1024, 8 * 1024 * 1024
+    pname = f"ping-restart-{int(sig)}"
+    ping = start_ping(topo, c0.netns, c1.ip, pname, seconds=25)
+    sink, source = _paced_transfer(topo, c0, c1, size, rate, port)
+    try:
+        time.sleep(2.0)
+        assert source.poll() is None, "transfer ended before the fault"
+        t0 = time.monotonic()
+        nodes[1].stop(sig)  # SIGTERM: clean stop; SIGKILL: crash
+        nodes[1].start()  # what systemd's Restart= does
+        assert wait_until(lambda: "running;" in nodes[1].log(), 20), nodes[1].log()
+        restarted = time.monotonic() - t0
+        assert f"lease acquired: {subnet[:-5]}.0/24" in nodes[1].log()
+        assert nodes[1].wait_subnet_file()["FLANNEL_SUBNET"] == subnet
+        assert source.wait(120) == 0, topo.log_tail(f"source{port}")
+        assert wait_until(lambda: len(topo.log_tail(f"sink{port}").split()) >= 3, 30)
+        sent = topo.log_tail(f"source{port}").split()
+        got = topo.log_tail(f"sink{port}").split()[-2:]
+        assert sent[:2] == got and got[0] == str(size)
+    finally:
+        topo.stop(source)
+        topo.stop(sink)
+        topo.stop(ping)
+    gaps = ping_gaps(topo.log_path(pname).read_text())
+    retrans = nstat(topo, c0.netns, "TcpRetransSegs").get("TcpRetransSegs", 0) - retrans0
+    # The subnet never changed: same key, same value in etcd.
+    assert leases(etcd, "/coreos.com/network")[key] == value
+    figure(f"restart-mid-transfer-{signal.Signals(sig).name}", stop_to_running_again_s=round(restarted, 2),
+           forwarding_gap_s=gaps["gap_s"], pings_lost=gaps["lost"], pings_sent=gaps["max_seq"],
+           transfer_s=sent[2], tcp_retransmits=retrans)
+    assert "Traceback" not in nodes[1].log()
+
+
+def test_killed_node_lease_expires_engine_unreachable(udp):
+    topo, etcd, nodes = udp
+    n2 = nodes[2]
+    n2.extra.append("-subnet-lease-ttl=6")
+    n2.start()
+    subnet = n2.wait_subnet_file()["FLANNEL_SUBNET"][:-5] + ".0/24"
+    c2 = topo.add_container(2, n2.subnet_file)
+    try:
+        c0 = topo.hosts[0].container
+        assert topo.wait_ping(c0.netns, c2.ip, 20), nodes[0].log()[-2000:]
+        t0 = time.monotonic()
+        n2.stop(signal.SIGKILL)  # its lease stays in etcd until the TTL runs out
+        res = topo.run(c0.netns, "ping", "-n", "-c", "1", "-W", "1", str(c2.ip), check=False)
+        assert "Unreachable" not in res.stdout  # still routed (to a dead host) before expiry
+        for node in nodes[:2]:
+            assert wait_until(lambda: f"route {subnet} removed" in node.log(), 20), node.log()[-2000:]
+        gone = time.monotonic() - t0
+        res = topo.run(c0.netns, "ping", "-n", "-c", "1", "-W", "2", str(c2.ip), check=False)
+        assert res.returncode != 0 and "Unreachable" in res.stdout, res.stdout
+        figure("lease-expiry-udp", ttl_s=6, engine_route_removed_on_both_after_kill_s=round(gone, 2))
+    finally:
+        topo.remove_container(2)
+        n2.extra.remove("-subnet-lease-ttl=6")
+
+
+def test_underlay_link_down_up_and_mtu_change(udp):
+    topo, etcd, nodes = udp
+    h1 = topo.hosts[1]
+    c0, c1 = topo.hosts[0].container, h1.container
+    assert topo.wait_ping(c0.netns, c1.ip, 20)
+    ping = start_ping(topo, c0.netns, c1.ip, "ping-link", seconds=30)
+    try:
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        topo.ip(h1.netns, "link", "set", h1.ifname, "down")
+        assert wait_until(lambda: "eth0 is down" in nodes[1].log(), 10), nodes[1].log()[-1500:]
+        noticed = time.monotonic() - t0
+        topo.ip(h1.netns, "link", "set", h1.ifname, "up")
+        assert wait_until(lambda: "eth0 is up again" in nodes[1].log(), 10), nodes[1].log()[-1500:]
+        time.sleep(1.0)
+    finally:
+        topo.stop(ping)
+    gaps = ping_gaps(topo.log_path("ping-link").read_text())
+    assert topo.wait_ping(c0.netns, c1.ip, 20)
+    assert topo.ping(c1.netns, c0.ip, count=2)
+    assert nodes[1].proc.poll() is None
+    figure("link-down-up", down_logged_after_s=round(noticed, 2), forwarding_gap_s=gaps["gap_s"],
+           pings_lost=gaps["lost"], pings_sent=gaps["max_seq"])
+
+    # MTU up: flanneld keeps FLANNEL_MTU and the device MTU until it restarts; so do we, and say so.
+    try:
+        topo.set_underlay_mtu(9000)
+        for node in nodes[:2]:
+            assert wait_until(lambda: "MTU changed from 1500 to 9000; FLANNEL_MTU stays 1472" in node.log(), 10), \
+                node.log()[-1500:]
+            assert node.wait_subnet_file()["FLANNEL_MTU"] == "1472"
+        assert "mtu 1472" in topo.run(h1.netns, "ip", "-o", "link", "show", "flannel0").stdout
+        big = topo.run(c0.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1472 - 28), str(c1.ip), check=False)
+        assert big.returncode == 0, big.stdout
+        nodes[1].stop()
+        nodes[1].start()
+        assert wait_until(lambda: "running;" in nodes[1].log(), 20), nodes[1].log()
+        assert nodes[1].wait_subnet_file()["FLANNEL_MTU"] == "8972"
+        assert "mtu 8972" in topo.run(h1.netns, "ip", "-o", "link", "show", "flannel0").stdout
+        assert topo.wait_ping(c0.netns, c1.ip, 20)
+
+        # MTU down below what the running daemons were started with: say so; big packets with
+        # DF now die on the underlay (as with flanneld) until the daemons restart.
+        topo.set_underlay_mtu(1400)
+        assert wait_until(lambda: "MTU changed from 9000 to 1400" in nodes[0].log(), 10), nodes[0].log()[-1500:]
+        big = topo.run(c0.netns, "ping", "-n", "-c", "2", "-W", "1", "-M", "do", "-s", str(1472 - 28),
+                       str(c1.ip), check=False)
+        small = topo.run(c0.netns, "ping", "-n", "-c", "2", "-W", "1", "-s", "1000", str(c1.ip), check=False)
+        figure("mtu-lowered-1400-without-restart", big_df_ping_ok=big.returncode == 0,
+               small_ping_ok=small.returncode == 0,
+               engine_counters=[l for l in nodes[0].log().splitlines() if "counters:" in l][-1:])
+        assert small.returncode == 0
+    finally:
+        topo.set_underlay_mtu(1500)
+        for node in nodes[:2]:
+            node.stop()
+            node.start()
+        for node in nodes[:2]:
+            assert wait_until(lambda: "running;" in node.log(), 20), node.log()
+            assert node.wait_subnet_file()["FLANNEL_MTU"] == "1472"
+    assert topo.wait_ping(c0.netns, c1.ip, 20)
