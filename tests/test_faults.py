@@ -262,6 +262,26 @@ def test_etcd_data_lost_subnets_kept(ha, ha_nodes, prefix):
     assert wait_until(lambda: sb in _overlay_routes(topo, a.host, "10.9."), 20), a.log()[-2000:]
 
 
+def test_underlay_flap_host_gw_routes_come_back(ha, ha_nodes, prefix):
+    """Taking eth0 down flushes the kernel's routes via it; the daemon logs it and puts its
+    peers' routes back once the link is up (host-gw's periodic check, as flanneld)."""
+    topo, cluster = ha
+    cluster.etcdctl("put", f"{prefix}/config", HOSTGW.format(net="10.10.0.0/16"))
+    a, b = ha_nodes(0).start(), ha_nodes(1).start()
+    sb = b.wait_subnet_file()["FLANNEL_SUBNET"][:-5] + ".0/24"
+    a.wait_subnet_file()
+    h = a.host
+    assert wait_until(lambda: sb in _overlay_routes(topo, h, "10.10."), 20), a.log()
+    topo.ip(h.netns, "link", "set", h.ifname, "down")
+    assert wait_until(lambda: "eth0 is down" in a.log(), 10), a.log()[-1500:]
+    assert sb not in _overlay_routes(topo, h, "10.10.")  # the kernel flushed it
+    t0 = time.monotonic()
+    topo.ip(h.netns, "link", "set", h.ifname, "up")
+    assert wait_until(lambda: sb in _overlay_routes(topo, h, "10.10."), 20), a.log()[-1500:]
+    figure("link-flap-host-gw", route_back_after_link_up_s=round(time.monotonic() - t0, 2))
+    assert "eth0 is up again" in a.log() and a.proc.poll() is None
+
+
 # ---- the udp backend under traffic ------------------------------------------------------------
 
 UDP = '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
