@@ -71,7 +71,7 @@ class Daemon:
         self._fatal: str | None = None
         self._lease_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._chains: list[rules.Chain] = []
+        self._chains: list = []  # rules.Chain, or one nftables.Tables
         self._own_lock = asyncio.Lock()
 
     # ---- start-up -------------------------------------------------------------------
@@ -159,12 +159,18 @@ class Daemon:
 
     async def _install_rules(self, config: NetworkConfig) -> None:
         o = self.opts
+        nft = config.enable_nftables
+        # As flanneld: first remove what the other traffic manager may have left behind.
+        for what in await asyncio.to_thread(rules.cleanup_other, nft):
+            log.info("removed %s (%s mode)", what, "nftables" if nft else "iptables")
         try:
-            self._chains = rules.chains(config.network, self.lease.subnet, ip_masq=o.ip_masq,
-                                        forward=o.forward_rules,
-                                        random_fully_disable=o.random_fully_disable)
+            self._chains = rules.rule_sets(config.network, self.lease.subnet, nftables=nft,
+                                           ip_masq=o.ip_masq, forward=o.forward_rules,
+                                           random_fully_disable=o.random_fully_disable)
             await asyncio.to_thread(rules.ensure, self._chains)
         except rules.RulesError as exc:
+            if nft:  # flanneld exits when its nftables tables cannot be created
+                raise Fatal(f"cannot install nftables rules: {exc}") from None
             if o.ip_masq:
                 raise Fatal(f"cannot install masquerade rules: {exc}") from None
             log.warning("FORWARD rules not installed: %s", exc)
@@ -175,9 +181,9 @@ class Daemon:
             await asyncio.sleep(self.opts.iptables_resync)
             try:
                 if await asyncio.to_thread(rules.ensure, self._chains):
-                    log.info("iptables rules were missing; re-installed")
+                    log.info("%s rules were missing; re-installed", self._chains[0].kind)
             except rules.RulesError as exc:
-                log.warning("iptables resync: %s", exc)
+                log.warning("%s resync: %s", self._chains[0].kind, exc)
 
     # ---- upkeep ---------------------------------------------------------------------
 

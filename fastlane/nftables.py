@@ -131,7 +131,7 @@ class Tables:
     the listing it produced; present compares the current listing with it.
     """
 
-    name = f"nftables {TABLE4}/{TABLE6}"
+    kind = "nftables"
 
     def __init__(self, network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, *,
                  ip_masq: bool, forward: bool, random_fully_disable: bool) -> None:

@@ -50,6 +50,8 @@ def _forward_rules(network: str) -> list[list[str]]:
 class Chain:
     """One flannel chain: its rules and the jump to it from a built-in chain."""
 
+    kind = "iptables"
+
     def __init__(self, table: str, name: str, parent: str, comment: str, rules: list[list[str]]):
         self.table, self.name, self.parent = table, name, parent
         self.jump = ["-m", "comment", "--comment", comment, "-j", name]
