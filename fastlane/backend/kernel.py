@@ -146,7 +146,7 @@ class KernelBackend(Backend):
         """flanneld ignores peers of another backend type, with a warning."""
         btype = lease.attrs.backend_type
         if btype == self.lease_type:
-            return True
+            return self.routable(lease)
         if (lease.subnet, btype) not in self._ignored:
             self._ignored.add((lease.subnet, btype))
             self.log.warning("ignoring non-%s subnet %s: type=%s", self.lease_type, lease.subnet, btype or '""')
