@@ -66,6 +66,7 @@ class Daemon:
         self.table = LeaseTable()
         self.backend: backends.Backend | None = None
         self.iface: Interface | None = None
+        self.config: NetworkConfig | None = None
         self.ready = False
         self._stop = asyncio.Event()
         self._fatal: str | None = None
@@ -116,6 +117,7 @@ class Daemon:
             )
         except ConfigError as exc:
             raise Fatal(f"invalid network config: {exc}") from None
+        self.config = config
         if config.enable_ipv6:
             raise Fatal("EnableIPv6 is not supported by fastlane (IPv4 only)")
         if not config.enable_ipv4:
@@ -156,6 +158,29 @@ class Daemon:
         text = subnetfile.render(config, self.lease.subnet, self.backend.mtu, self.opts.ip_masq)
         subnetfile.write(self.opts.subnet_file, text)
         log.info("wrote %s (FLANNEL_MTU=%d)", self.opts.subnet_file, self.backend.mtu)
+
+    async def _watch_config(self, interval: float = 5.0) -> None:
+        """The config is read once, as flanneld does; say so (once per change) when someone
+        changes, breaks or deletes it while we run."""
+        assert self.registry is not None
+        key, last = self.registry.config_key, "same"
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                now = "same" if await self.registry.get_config() == self.config else "changed"
+            except ConfigMissing:
+                now = "deleted"
+            except ConfigError as exc:
+                now = f"invalid ({exc})"
+            except EtcdError:
+                continue  # the watcher reports etcd outages
+            if now != last:
+                if now == "same":
+                    log.info("network config at %s is the running one again", key)
+                else:
+                    log.warning("network config at %s is %s; this daemon keeps the config it "
+                                "started with until it restarts (as flanneld)", key, now)
+                last = now
 
     async def _install_rules(self, config: NetworkConfig) -> None:
         o = self.opts
@@ -305,6 +330,7 @@ class Daemon:
                 self._tasks.append(asyncio.create_task(self._resync_rules(), name="rules"))
             self._tasks.append(asyncio.create_task(
                 linkwatch.watch_link(self.iface, self.backend.mtu), name="link"))
+            self._tasks.append(asyncio.create_task(self._watch_config(), name="config"))
             if self.opts.verbose >= 1:
                 self._tasks.append(asyncio.create_task(self._log_counters(), name="counters"))
             self.ready = True
