@@ -18,7 +18,7 @@ import signal
 from dataclasses import dataclass, field
 
 from fastlane import backend as backends
-from fastlane import linkwatch, rules, subnetfile
+from fastlane import linkwatch, metrics, rules, subnetfile
 from fastlane.config import ConfigError, NetworkConfig
 from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles
 from fastlane.iface import Interface, InterfaceError, choose
@@ -64,6 +64,8 @@ class Daemon:
         self.registry: Registry | None = None
         self.lease: Lease | None = None
         self.table = LeaseTable()
+        self.watcher: Watcher | None = None
+        self.stats = metrics.DaemonStats()  # counted where it happens, read by /metrics
         self.backend: backends.Backend | None = None
         self.iface: Interface | None = None
         self.config: NetworkConfig | None = None
@@ -206,8 +208,10 @@ class Daemon:
             await asyncio.sleep(self.opts.iptables_resync)
             try:
                 if await asyncio.to_thread(rules.ensure, self._chains):
+                    self.stats.rules_reinstalls += 1
                     log.info("%s rules were missing; re-installed", self._chains[0].kind)
             except rules.RulesError as exc:
+                self.stats.rules_sync_errors += 1
                 log.warning("%s resync: %s", self._chains[0].kind, exc)
 
     # ---- upkeep ---------------------------------------------------------------------
@@ -228,6 +232,7 @@ class Daemon:
         log.warning("lease %s has been revoked; taking the same subnet again", self.lease.subnet)
         try:
             self.lease = await self.registry.retake(self.lease)
+            self.stats.lease_retakes += 1
             self._lease_changed.set()
             log.info("lease %s re-acquired", self.lease.subnet)
         except LeaseConflict as exc:
@@ -254,8 +259,10 @@ class Daemon:
                 pass
             try:
                 self.lease = await self.registry.renew(lease)
+                self.stats.lease_renewals += 1
                 log.info("lease %s renewed, expires in %ds", lease.subnet, self.lease.remaining())
             except EtcdError as exc:
+                self.stats.lease_renewal_failures += 1
                 log.warning("failed to renew lease %s (%s); trying again in %gs", lease.subnet, exc, retry)
                 await asyncio.sleep(retry)
             except LeaseConflict as exc:
@@ -265,19 +272,27 @@ class Daemon:
     async def _healthz(self) -> asyncio.AbstractServer | None:
         if not self.opts.healthz_port:
             return None
+        exporter = metrics.Metrics(self)
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 line = await asyncio.wait_for(reader.readline(), 5)
                 path = line.split()[1].decode() if len(line.split()) > 1 else "/"
+                ctype = "text/plain"
                 if path.startswith("/readyz"):
-                    code, body = (200, "ready") if self.ready else (503, "not ready")
+                    code, body = (200, b"ready") if self.ready else (503, b"not ready")
+                elif path == "/metrics" or path.startswith("/metrics?"):
+                    try:
+                        code, body, ctype = 200, exporter.render(), metrics.CONTENT_TYPE
+                    except Exception:  # noqa: BLE001 - a scrape must never stop the daemon
+                        log.exception("/metrics")
+                        code, body = 500, b"cannot collect metrics"
                 else:
-                    code, body = 200, "flanneld is running"
-                reason = {200: "OK", 503: "Service Unavailable"}[code]
+                    code, body = 200, b"flanneld is running"
+                reason = {200: "OK", 500: "Internal Server Error", 503: "Service Unavailable"}[code]
                 writer.write(
-                    f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+                    f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
                 )
                 await writer.drain()
             except (OSError, asyncio.TimeoutError, IndexError):
@@ -321,7 +336,7 @@ class Daemon:
                 return 0
             stopper.cancel()
             startup.result()
-            watcher = Watcher(self.registry, self.table, lambda: self.lease, self._on_own)
+            self.watcher = watcher = Watcher(self.registry, self.table, lambda: self.lease, self._on_own)
             self._tasks = [
                 asyncio.create_task(watcher.run(), name="watcher"),
                 asyncio.create_task(self._renew_loop(), name="renew"),
