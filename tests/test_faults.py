@@ -430,3 +430,43 @@ def test_underlay_link_down_up_and_mtu_change(udp):
             assert wait_until(lambda: "running;" in node.log(), 20), node.log()
             assert node.wait_subnet_file()["FLANNEL_MTU"] == "1472"
     assert topo.wait_ping(c0.netns, c1.ip, 20)
+
+
+# ---- the pure parts -------------------------------------------------------------------------
+
+
+def test_link_change_lines():
+    import ipaddress
+
+    from fastlane.iface import Interface
+    from fastlane.linkwatch import LinkState, describe
+
+    eth = Interface("eth0", 2, ipaddress.IPv4Address("192.168.100.1"), 1500)
+    up, down = LinkState(True, True, 1500), LinkState(True, False, 1500)
+    assert describe(eth, up, up, 1472) == []
+    assert describe(eth, up, down, 1472) == ["underlay interface eth0 is down; traffic to peers stops until it is up"]
+    assert describe(eth, down, up, 1472) == ["underlay interface eth0 is up again"]
+    assert describe(eth, up, LinkState(True, True, 9000), 1472) == [
+        "underlay interface eth0 MTU changed from 1500 to 9000; FLANNEL_MTU stays 1472 until fastlane restarts (as flanneld)"]
+    assert describe(eth, up, LinkState(False), 1472)[0].startswith("underlay interface eth0 is gone")
+    assert describe(eth, LinkState(False, False, 1500), up, 1472) == [
+        "underlay interface eth0 is back", "underlay interface eth0 is up again"]
+
+
+def test_leases_the_backends_refuse_to_route():
+    import ipaddress
+
+    from fastlane.backend.base import outside_network
+    from fastlane.config import parse_config
+    from fastlane.lease import Lease, LeaseAttrs
+
+    cfg = parse_config(b'{"Network":"10.11.0.0/16","SubnetLen":24}')
+    ip = LeaseAttrs(public_ip=ipaddress.IPv4Address("192.168.100.9"))
+
+    def why(net: str) -> str | None:
+        return outside_network(cfg, Lease(ipaddress.IPv4Network(net), ip))
+
+    assert why("10.11.5.0/24") is None and why("10.11.5.128/25") is None
+    assert why("10.11.0.0/16") == "larger than a /24 (SubnetLen)"
+    assert why("10.11.4.0/23") == "larger than a /24 (SubnetLen)"
+    assert why("172.16.5.0/24") == "not inside the Network 10.11.0.0/16"
