@@ -28,13 +28,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+import prometheus_client.exposition
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = ["CONTENT_TYPE", "DaemonStats", "Metrics", "engine_metric_name"]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format (0.0.4), which every Prometheus version scrapes; all our names are
+# plain ASCII, so the text is the same as 1.0.0's. (prometheus_client < 0.22: LATEST is 0.0.4.)
+CONTENT_TYPE = getattr(prometheus_client.exposition, "CONTENT_TYPE_PLAIN_0_0_4",
+                       prometheus_client.exposition.CONTENT_TYPE_LATEST)
 
 # Help text for the engine's counters (csrc/README.md, "Counters"); tx = TUN -> UDP, rx = UDP -> TUN.
 _ENGINE_HELP = {

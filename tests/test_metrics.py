@@ -226,3 +226,56 @@ def test_renewals_retakes_and_reconnects(overlay):
         assert one(m, "fastlane_etcd_resyncs_total") >= 2
     finally:
         n.stop(signal.SIGKILL)
+
+
+class _FakeEngine:
+    features = {"gso": True, "tso": False}
+
+
+class _FakeBackend:
+    engine = _FakeEngine()
+
+    def counters(self):
+        return {"tx_packets": 7, "tx_bytes": 700, "drop_tx_no_route": 3, "drop_rx_malformed": 0,
+                "some_future_counter": 2}
+
+
+class _FakeDaemon:
+    backend = None
+    lease = None
+    store = None
+    watcher = None
+    table = None
+    ready = False
+
+
+def _render(daemon) -> dict[str, dict]:
+    from fastlane.metrics import Metrics
+
+    samples: dict[str, dict] = {}
+    for family in text_string_to_metric_families(Metrics(daemon).render().decode()):
+        for s in family.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def test_collector_before_start_up_and_with_an_engine():
+    """No daemon process: what a scrape shows before start-up completes, and how engine
+    counters map to metric names (a counter the engine adds later keeps its own name)."""
+    m = _render(_FakeDaemon())
+    assert one(m, "fastlane_ready") == 0 and one(m, "fastlane_etcd_connected") == 0
+    assert one(m, "fastlane_peers") == 0 and "fastlane_lease_info" not in m
+    assert not any(n.startswith("fastlane_udp_") for n in m)
+    d = _FakeDaemon()
+    d.backend = _FakeBackend()
+    m = _render(d)
+    assert one(m, "fastlane_udp_tx_packets_total") == 7 and one(m, "fastlane_udp_tx_bytes_total") == 700
+    assert one(m, "fastlane_udp_dropped_packets_total", reason="tx_no_route") == 3
+    assert one(m, "fastlane_udp_dropped_packets_total", reason="rx_malformed") == 0
+    assert one(m, "fastlane_udp_some_future_counter_total") == 2
+    assert one(m, "fastlane_udp_feature_enabled", feature="gso") == 1
+    assert one(m, "fastlane_udp_feature_enabled", feature="tso") == 0
+    # fastlane registers nothing on prometheus_client's global registry.
+    from prometheus_client import REGISTRY
+
+    assert not any(n.startswith("fastlane_") for f in REGISTRY.collect() for n in [f.name])
