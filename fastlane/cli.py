@@ -62,7 +62,7 @@ def flagset() -> FlagSet:
     fs.add("etcd-password", "", "password for BasicAuth to etcd")
     fs.add("iface", [], "interface to use (IP or name) for inter-host communication; repeatable")
     fs.add("iface-regex", [], "regex of the interface (IP or name) to use; repeatable")
-    fs.add("iface-can-reach", "", "not supported by fastlane (accepted for compatibility)")
+    fs.add("iface-can-reach", "", "detect interface to use (IP or name) for inter-host communication based on which will be used for provided IP. This is exactly the interface to use of command 'ip route get <ip-address>'")
     fs.add("public-ip", "", "IP accessible by other nodes for inter-host communication", check=_ipv4)
     fs.add("public-ipv6", "", "not supported by fastlane (IPv4 only)")
     fs.add("subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to")
@@ -75,7 +75,7 @@ def flagset() -> FlagSet:
     fs.add("healthz-port", 0, "the port for healthz server to listen(0 to disable)", check=_port)
     fs.add("iptables-resync", 5, "resync period for iptables rules, in seconds", check=lambda v: None if v >= 1 else "must be at least 1")
     fs.add("iptables-forward-rules", True, "add default accept rules to FORWARD chain in iptables")
-    fs.add("ip-blackhole-route", False, "accepted for compatibility")
+    fs.add("ip-blackhole-route", False, "add blackhole route on the node for the local subnet (checked every -iptables-resync seconds)")
     fs.add("kube-api-url", "", "Kubernetes API server URL (only with -kube-subnet-mgr, which fastlane refuses)")
     fs.add("kubeconfig-file", "", "kubeconfig file location (only with -kube-subnet-mgr, which fastlane refuses)")
     fs.add("kube-annotation-prefix", "flannel.alpha.coreos.com",
@@ -97,8 +97,7 @@ def flagset() -> FlagSet:
 
 
 # Flags fastlane accepts so flanneld's command lines keep working, but does nothing with.
-# Each one that is given gets one log line at start-up. (-iface-can-reach, -public-ipv6 and
-# -ip-blackhole-route are handled elsewhere.)
+# Each one that is given gets one log line at start-up. (-public-ipv6 is handled elsewhere.)
 IGNORED_FLAGS: dict[str, str] = {
     "kube-api-url": "only used with -kube-subnet-mgr",
     "kubeconfig-file": "only used with -kube-subnet-mgr",
@@ -136,7 +135,15 @@ def _options(values: dict):
     from fastlane.daemon import Options
     from fastlane.etcd import TLSFiles, parse_endpoints
 
-    endpoints = parse_endpoints(values["etcd-endpoints"])
+    spec = values["etcd-endpoints"]
+    try:
+        endpoints = parse_endpoints(spec)
+    except ValueError:
+        # Bad syntax is an error now; a host name that does not resolve *yet* (DNS or
+        # /etc/hosts not ready at boot) is not: the daemon resolves it again until it does,
+        # as flanneld's etcd client keeps trying.
+        parse_endpoints(spec, resolve=lambda host: "192.0.2.1")
+        endpoints = []
     tls = None
     key, cert, ca = values["etcd-keyfile"], values["etcd-certfile"], values["etcd-cafile"]
     if key or cert or ca:
@@ -149,6 +156,9 @@ def _options(values: dict):
         password=values["etcd-password"] or None,
         ifaces=values["iface"],
         iface_regexes=values["iface-regex"],
+        iface_can_reach=values["iface-can-reach"],
+        blackhole_route=values["ip-blackhole-route"],
+        endpoints_spec=spec,
         public_ip=ipaddress.IPv4Address(values["public-ip"]) if values["public-ip"] else None,
         subnet_file=values["subnet-file"],
         renew_margin_s=values["subnet-lease-renew-margin"] * 60,
@@ -212,7 +222,12 @@ def _leases(argv: list[str], parsed: Parsed) -> int:
         return status
     for problem in parsed.env_problems:
         print(f"fastlane: warning: {problem.message}", file=sys.stderr)
-    return leases_main(argv, _options(parsed.values))
+    opts = _options(parsed.values)
+    if not opts.endpoints:  # a one-shot command does not wait for DNS: report it now
+        from fastlane.etcd import parse_endpoints
+
+        opts.endpoints = parse_endpoints(opts.endpoints_spec)
+    return leases_main(argv, opts)
 
 
 SUBCOMMANDS = ("bench", "docker-opts", "leases")

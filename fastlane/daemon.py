@@ -7,6 +7,19 @@ watcher (peers' leases -> table -> backend), the renewal of our own lease, and t
 health endpoint. An etcd outage only pauses the first two; forwarding continues with
 the table as it was. SIGTERM/SIGINT stop the backend but keep the lease, so a restart
 gets the same subnet.
+
+Failure handling follows flanneld, which keeps a node forwarding wherever it can:
+
+- retried, logged once per distinct cause: etcd unreachable, an etcd host name that does
+  not resolve yet, a missing or invalid network config (every second until it is fixed);
+- exit 1 with one line (systemd restarts us): TLS files that cannot be loaded, no
+  interface matching the -iface* flags or owning -public-ip, a backend that cannot be set
+  up (a netlink error is one line, never a traceback), a lease stolen by another node;
+- kept running, retried: iptables rules (every -iptables-resync), the blackhole route, and
+  the subnet file (the node stays not-ready, /readyz 503, until it is written);
+- every background loop runs under fastlane.supervise: a failure is logged with its cause
+  and the loop restarted with back-off, because each loop rebuilds its state on start and
+  the data plane does not depend on it running at that instant.
 """
 
 from __future__ import annotations
@@ -18,14 +31,19 @@ import signal
 from dataclasses import dataclass, field
 
 from fastlane import backend as backends
-from fastlane import linkwatch, metrics, rules, subnetfile
+from pyroute2.netlink.exceptions import NetlinkError
+
+from fastlane import blackhole, linkwatch, metrics, rules, subnetfile
+from fastlane.backend.kernel import KernelError
 from fastlane.config import ConfigError, NetworkConfig
-from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles
+from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles, parse_endpoints
+from fastlane.etcd.connection import credentials
 from fastlane.iface import Interface, InterfaceError, choose
 from fastlane.lease import SUBNET_TTL, Lease, LeaseAttrs
 from fastlane.notify import sd_notify
 from fastlane.registry import ConfigMissing, LeaseConflict, OutOfSubnets, Registry
 from fastlane.leasetable import LeaseTable
+from fastlane.supervise import describe, spawn
 from fastlane.watcher import Watcher
 
 log = logging.getLogger("fastlane")
@@ -40,6 +58,10 @@ class Options:
     password: str | None = None
     ifaces: list[str] = field(default_factory=list)
     iface_regexes: list[str] = field(default_factory=list)
+    iface_can_reach: str = ""
+    blackhole_route: bool = False
+    #: -etcd-endpoints as given; resolved at connect time when `endpoints` is empty
+    endpoints_spec: str = ""
     public_ip: ipaddress.IPv4Address | None = None
     subnet_file: str = "/run/flannel/subnet.env"
     renew_margin_s: int = 60 * 60
@@ -75,6 +97,8 @@ class Daemon:
         self._lease_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._chains: list = []  # rules.Chain, or one nftables.Tables
+        self._rules_config: NetworkConfig | None = None
+        self._subnet_text: str | None = None
         self._own_lock = asyncio.Lock()
 
     # ---- start-up -------------------------------------------------------------------
@@ -93,6 +117,11 @@ class Daemon:
                 if str(exc) != last:
                     log.warning("%s; waiting for it", exc)
                     last = str(exc)
+            except ConfigError as exc:
+                # flanneld's getConfig: log and re-read every second until someone fixes it.
+                if str(exc) != last:
+                    log.error("invalid network config: %s; re-reading it every %gs", exc, interval)
+                    last = str(exc)
             try:
                 await asyncio.wait_for(self._stop.wait(), interval)
             except asyncio.TimeoutError:
@@ -101,10 +130,22 @@ class Daemon:
 
     async def _connect(self) -> None:
         o = self.opts
+        if o.tls is not None and o.tls.certfile and o.tls.keyfile:
+            # Files that cannot be loaded will not fix themselves: flanneld exits 1 here.
+            try:
+                credentials(o.tls)
+            except EtcdError as exc:
+                raise Fatal(str(exc)) from None
 
         async def connect():
+            endpoints = o.endpoints
+            if not endpoints:
+                try:  # a host name that did not resolve at start (DNS not up yet)
+                    endpoints = parse_endpoints(o.endpoints_spec)
+                except ValueError as exc:
+                    raise EtcdError(str(exc)) from None
             return await Store.connect(
-                o.endpoints, tls=o.tls, username=o.username, password=o.password, timeout=5.0
+                endpoints, tls=o.tls, username=o.username, password=o.password, timeout=5.0
             )
 
         self.store = await self._retry("cannot connect to etcd", connect)
@@ -113,12 +154,9 @@ class Daemon:
     async def _startup(self) -> None:
         await self._connect()
         assert self.registry is not None
-        try:
-            config: NetworkConfig = await self._retry(
-                "cannot read the network config", self.registry.get_config
-            )
-        except ConfigError as exc:
-            raise Fatal(f"invalid network config: {exc}") from None
+        config: NetworkConfig = await self._retry(
+            "cannot read the network config", self.registry.get_config
+        )
         self.config = config
         if config.enable_ipv6:
             raise Fatal("EnableIPv6 is not supported by fastlane (IPv4 only)")
@@ -130,7 +168,8 @@ class Daemon:
             config.backend_type,
         )
         try:
-            iface = await asyncio.to_thread(choose, self.opts.ifaces, self.opts.iface_regexes)
+            iface = await asyncio.to_thread(choose, self.opts.ifaces, self.opts.iface_regexes,
+                                            self.opts.iface_can_reach, self.opts.public_ip)
         except InterfaceError as exc:
             raise Fatal(str(exc)) from None
         self.iface = iface
@@ -142,6 +181,8 @@ class Daemon:
             data = await self.backend.prepare()
         except backends.BackendError as exc:
             raise Fatal(str(exc)) from None
+        except (KernelError, NetlinkError, OSError) as exc:
+            raise Fatal(f"{config.backend_type} backend set-up: {describe(exc)}") from None
         attrs = LeaseAttrs(public_ip=public_ip, backend_type=self.backend.lease_type, backend_data=data)
         previous = subnetfile.previous_subnet(self.opts.subnet_file)
         try:
@@ -156,10 +197,51 @@ class Daemon:
             await self.backend.start(self.lease, self.table)
         except backends.BackendError as exc:
             raise Fatal(str(exc)) from None
+        except (KernelError, NetlinkError, OSError) as exc:
+            raise Fatal(f"{config.backend_type} backend start: {describe(exc)}") from None
         await self._install_rules(config)
-        text = subnetfile.render(config, self.lease.subnet, self.backend.mtu, self.opts.ip_masq)
-        subnetfile.write(self.opts.subnet_file, text)
+        self._subnet_text = subnetfile.render(config, self.lease.subnet, self.backend.mtu,
+                                              self.opts.ip_masq)
+        self._write_subnet_file(first=True)
+
+    def _write_subnet_file(self, first: bool = False) -> bool:
+        """Write subnet.env; a failure is a warning (flanneld: "Failed to write subnet file")
+        and leaves the node not-ready. True once written."""
+        assert self._subnet_text is not None
+        try:
+            subnetfile.write(self.opts.subnet_file, self._subnet_text)
+        except OSError as exc:
+            if first:
+                log.warning("failed to write subnet file %s: %s; not ready, retrying",
+                            self.opts.subnet_file, exc.strerror or exc)
+            return False
         log.info("wrote %s (FLANNEL_MTU=%d)", self.opts.subnet_file, self.backend.mtu)
+        self.ready = True
+        return True
+
+    async def _subnet_file_loop(self) -> None:
+        """Retry the subnet file every second, then every 2, ... up to 30 s, until written
+        (flanneld tries once; retrying lets the node become ready without a restart)."""
+        delay = 1.0
+        while not self._write_subnet_file():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _blackhole_loop(self) -> None:
+        """-ip-blackhole-route: ensure the route now, then every -iptables-resync seconds."""
+        last: str | None = None
+        while True:
+            subnet = self.lease.subnet
+            try:
+                if await asyncio.to_thread(blackhole.ensure, subnet):
+                    log.info("added blackhole route for %s", subnet)
+                last = None
+            except blackhole.RouteError as exc:
+                if str(exc) != last:
+                    log.error("failed to set up blackhole route: %s; retrying every %ds",
+                              exc, self.opts.iptables_resync)
+                    last = str(exc)
+            await asyncio.sleep(self.opts.iptables_resync)
 
     async def _watch_config(self, interval: float = 5.0) -> None:
         """The config is read once, as flanneld does; say so (once per change) when someone
@@ -190,29 +272,49 @@ class Daemon:
         # As flanneld: first remove what the other traffic manager may have left behind.
         for what in await asyncio.to_thread(rules.cleanup_other, nft):
             log.info("removed %s (%s mode)", what, "nftables" if nft else "iptables")
+        self._rules_config = config
         try:
-            self._chains = rules.rule_sets(config.network, self.lease.subnet, nftables=nft,
-                                           ip_masq=o.ip_masq, forward=o.forward_rules,
-                                           random_fully_disable=o.random_fully_disable)
-            await asyncio.to_thread(rules.ensure, self._chains)
+            await self._ensure_rules()
         except rules.RulesError as exc:
             if nft:  # flanneld exits when its nftables tables cannot be created
                 raise Fatal(f"cannot install nftables rules: {exc}") from None
-            if o.ip_masq:
-                raise Fatal(f"cannot install masquerade rules: {exc}") from None
-            log.warning("FORWARD rules not installed: %s", exc)
-            self._chains = []
+            # flanneld (setupAndEnsureIP4Tables) logs and tries again every -iptables-resync.
+            self.stats.rules_sync_errors += 1
+            log.error("failed to set up iptables rules: %s; retrying every %ds",
+                      exc, o.iptables_resync)
+
+    def _rules_wanted(self) -> bool:
+        c = self._rules_config
+        return c is not None and (c.enable_nftables or self.opts.ip_masq or self.opts.forward_rules)
+
+    async def _ensure_rules(self) -> int:
+        """Build the rule sets if not built yet (iptables may appear later), then ensure them."""
+        o, config = self.opts, self._rules_config
+        if not self._chains:
+            self._chains = rules.rule_sets(config.network, self.lease.subnet,
+                                           nftables=config.enable_nftables, ip_masq=o.ip_masq,
+                                           forward=o.forward_rules,
+                                           random_fully_disable=o.random_fully_disable)
+        return await asyncio.to_thread(rules.ensure, self._chains)
 
     async def _resync_rules(self) -> None:
+        failing: str | None = None
         while True:
             await asyncio.sleep(self.opts.iptables_resync)
+            kind = "nftables" if self._rules_config.enable_nftables else "iptables"
             try:
-                if await asyncio.to_thread(rules.ensure, self._chains):
+                fixed = await self._ensure_rules()
+                if failing is not None:
+                    log.info("%s rules installed", kind)
+                elif fixed:
                     self.stats.rules_reinstalls += 1
-                    log.info("%s rules were missing; re-installed", self._chains[0].kind)
+                    log.info("%s rules were missing; re-installed", kind)
+                failing = None
             except rules.RulesError as exc:
                 self.stats.rules_sync_errors += 1
-                log.warning("%s resync: %s", self._chains[0].kind, exc)
+                if str(exc) != failing:
+                    log.warning("%s resync: %s", kind, exc)
+                    failing = str(exc)
 
     # ---- upkeep ---------------------------------------------------------------------
 
@@ -297,6 +399,8 @@ class Daemon:
                 await writer.drain()
             except (OSError, asyncio.TimeoutError, IndexError):
                 pass
+            except Exception as exc:  # one bad request must not print a traceback
+                log.warning("healthz: %s", describe(exc))
             finally:
                 writer.close()
 
@@ -337,18 +441,22 @@ class Daemon:
             stopper.cancel()
             startup.result()
             self.watcher = watcher = Watcher(self.registry, self.table, lambda: self.lease, self._on_own)
+            # Every loop restarts after a failure (fastlane.supervise says why that is safe).
             self._tasks = [
-                asyncio.create_task(watcher.run(), name="watcher"),
-                asyncio.create_task(self._renew_loop(), name="renew"),
+                spawn("lease watcher", watcher.run),
+                spawn("lease renewal", self._renew_loop),
+                spawn("link watch", lambda: linkwatch.watch_link(self.iface, self.backend.mtu)),
+                spawn("config watch", self._watch_config),
             ]
-            if self._chains:
-                self._tasks.append(asyncio.create_task(self._resync_rules(), name="rules"))
-            self._tasks.append(asyncio.create_task(
-                linkwatch.watch_link(self.iface, self.backend.mtu), name="link"))
-            self._tasks.append(asyncio.create_task(self._watch_config(), name="config"))
+            if self._rules_wanted():
+                self._tasks.append(spawn("rules resync", self._resync_rules))
+            if self.opts.blackhole_route:
+                self._tasks.append(spawn("blackhole route", self._blackhole_loop))
+            if not self.ready:
+                self._tasks.append(spawn("subnet file", self._subnet_file_loop, forever=False))
             if self.opts.verbose >= 1:
-                self._tasks.append(asyncio.create_task(self._log_counters(), name="counters"))
-            self.ready = True
+                self._tasks.append(spawn("counters", self._log_counters))
+            # flanneld notifies systemd even when the subnet file failed (it stays not-ready).
             sd_notify("READY=1")
             log.info("running; %d peer lease(s) known", len(self.table))
             await self._stop.wait()
@@ -362,7 +470,9 @@ class Daemon:
         finally:
             for t in self._tasks:
                 t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for t, res in zip(self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True)):
+                if isinstance(res, Exception):  # supervise() itself failed: say so, do not hide it
+                    log.error("%s: %s", t.get_name(), describe(res))
             if self.backend is not None:
                 try:
                     await self.backend.stop()
