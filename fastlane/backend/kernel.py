@@ -34,6 +34,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from fastlane.backend.base import Backend, BackendError
 from fastlane.lease import Lease
 from fastlane.leasetable import LeaseTable, TableChange
+from fastlane.supervise import spawn
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ class KernelBackend(Backend):
         except KernelError as exc:
             raise BackendError(str(exc)) from None
         table.subscribe(self._on_change)
-        self._task = asyncio.create_task(self._reconcile_loop(), name=f"{self.lease_type}-reconcile")
+        # supervised: an unexpected error is logged and the loop restarted (fastlane.supervise)
+        self._task = spawn(f"{self.lease_type} reconcile", self._reconcile_loop)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -19,6 +19,7 @@ from pyroute2 import IPRoute
 from fastlane.backend.base import Backend, BackendError, bool_option, int_option
 from fastlane.lease import Lease
 from fastlane.leasetable import LeaseTable, TableChange
+from fastlane.supervise import spawn
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class UdpBackend(Backend):
         except EngineError as exc:
             self._close()
             raise BackendError(f"udp engine: {exc}") from None
-        self._watch = asyncio.create_task(self._watch_engine(), name="udp-engine-watch")
+        # supervised: an unexpected error is logged and the loop restarted (fastlane.supervise)
+        self._watch = spawn("udp engine watch", self._watch_engine)
         log.info(
             "udp backend: %s mtu %d, udp %s:%d, engine features %s",
             self.ifname, self.mtu, self.ctx.iface.address, self.port,
