@@ -37,6 +37,7 @@ class NetworkConfig:
     ipv6_subnet_len: int = 0
     ipv6_subnet_min: ipaddress.IPv6Address | None = None
     ipv6_subnet_max: ipaddress.IPv6Address | None = None
+    enable_nftables: bool = False
 
     def subnet_bounds(self) -> tuple[IPv4Network, IPv4Network]:
         """The first and last subnet a lease may take, as networks."""
@@ -188,7 +189,7 @@ def parse_config(text: str | bytes) -> NetworkConfig:
     fields = _decode(text)
     enable_ipv4 = _as_bool(fields, "EnableIPv4", True)
     enable_ipv6 = _as_bool(fields, "EnableIPv6", False)
-    _as_bool(fields, "EnableNFTables", False)
+    enable_nftables = _as_bool(fields, "EnableNFTables", False)
 
     backend = fields.get("Backend")
     if backend is None:
@@ -228,4 +229,5 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         ipv6_subnet_len=subnet_len6,
         ipv6_subnet_min=smin6,
         ipv6_subnet_max=smax6,
+        enable_nftables=enable_nftables,
     )

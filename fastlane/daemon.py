@@ -18,7 +18,7 @@ import signal
 from dataclasses import dataclass, field
 
 from fastlane import backend as backends
-from fastlane import linkwatch, rules, subnetfile
+from fastlane import linkwatch, metrics, rules, subnetfile
 from fastlane.config import ConfigError, NetworkConfig
 from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles
 from fastlane.iface import Interface, InterfaceError, choose
@@ -64,14 +64,17 @@ class Daemon:
         self.registry: Registry | None = None
         self.lease: Lease | None = None
         self.table = LeaseTable()
+        self.watcher: Watcher | None = None
+        self.stats = metrics.DaemonStats()  # counted where it happens, read by /metrics
         self.backend: backends.Backend | None = None
         self.iface: Interface | None = None
+        self.config: NetworkConfig | None = None
         self.ready = False
         self._stop = asyncio.Event()
         self._fatal: str | None = None
         self._lease_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._chains: list[rules.Chain] = []
+        self._chains: list = []  # rules.Chain, or one nftables.Tables
         self._own_lock = asyncio.Lock()
 
     # ---- start-up -------------------------------------------------------------------
@@ -116,6 +119,7 @@ class Daemon:
             )
         except ConfigError as exc:
             raise Fatal(f"invalid network config: {exc}") from None
+        self.config = config
         if config.enable_ipv6:
             raise Fatal("EnableIPv6 is not supported by fastlane (IPv4 only)")
         if not config.enable_ipv4:
@@ -157,14 +161,43 @@ class Daemon:
         subnetfile.write(self.opts.subnet_file, text)
         log.info("wrote %s (FLANNEL_MTU=%d)", self.opts.subnet_file, self.backend.mtu)
 
+    async def _watch_config(self, interval: float = 5.0) -> None:
+        """The config is read once, as flanneld does; say so (once per change) when someone
+        changes, breaks or deletes it while we run."""
+        assert self.registry is not None
+        key, last = self.registry.config_key, "same"
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                now = "same" if await self.registry.get_config() == self.config else "changed"
+            except ConfigMissing:
+                now = "deleted"
+            except ConfigError as exc:
+                now = f"invalid ({exc})"
+            except EtcdError:
+                continue  # the watcher reports etcd outages
+            if now != last:
+                if now == "same":
+                    log.info("network config at %s is the running one again", key)
+                else:
+                    log.warning("network config at %s is %s; this daemon keeps the config it "
+                                "started with until it restarts (as flanneld)", key, now)
+                last = now
+
     async def _install_rules(self, config: NetworkConfig) -> None:
         o = self.opts
+        nft = config.enable_nftables
+        # As flanneld: first remove what the other traffic manager may have left behind.
+        for what in await asyncio.to_thread(rules.cleanup_other, nft):
+            log.info("removed %s (%s mode)", what, "nftables" if nft else "iptables")
         try:
-            self._chains = rules.chains(config.network, self.lease.subnet, ip_masq=o.ip_masq,
-                                        forward=o.forward_rules,
-                                        random_fully_disable=o.random_fully_disable)
+            self._chains = rules.rule_sets(config.network, self.lease.subnet, nftables=nft,
+                                           ip_masq=o.ip_masq, forward=o.forward_rules,
+                                           random_fully_disable=o.random_fully_disable)
             await asyncio.to_thread(rules.ensure, self._chains)
         except rules.RulesError as exc:
+            if nft:  # flanneld exits when its nftables tables cannot be created
+                raise Fatal(f"cannot install nftables rules: {exc}") from None
             if o.ip_masq:
                 raise Fatal(f"cannot install masquerade rules: {exc}") from None
             log.warning("FORWARD rules not installed: %s", exc)
@@ -175,9 +208,11 @@ class Daemon:
             await asyncio.sleep(self.opts.iptables_resync)
             try:
                 if await asyncio.to_thread(rules.ensure, self._chains):
-                    log.info("iptables rules were missing; re-installed")
+                    self.stats.rules_reinstalls += 1
+                    log.info("%s rules were missing; re-installed", self._chains[0].kind)
             except rules.RulesError as exc:
-                log.warning("iptables resync: %s", exc)
+                self.stats.rules_sync_errors += 1
+                log.warning("%s resync: %s", self._chains[0].kind, exc)
 
     # ---- upkeep ---------------------------------------------------------------------
 
@@ -197,6 +232,7 @@ class Daemon:
         log.warning("lease %s has been revoked; taking the same subnet again", self.lease.subnet)
         try:
             self.lease = await self.registry.retake(self.lease)
+            self.stats.lease_retakes += 1
             self._lease_changed.set()
             log.info("lease %s re-acquired", self.lease.subnet)
         except LeaseConflict as exc:
@@ -223,8 +259,10 @@ class Daemon:
                 pass
             try:
                 self.lease = await self.registry.renew(lease)
+                self.stats.lease_renewals += 1
                 log.info("lease %s renewed, expires in %ds", lease.subnet, self.lease.remaining())
             except EtcdError as exc:
+                self.stats.lease_renewal_failures += 1
                 log.warning("failed to renew lease %s (%s); trying again in %gs", lease.subnet, exc, retry)
                 await asyncio.sleep(retry)
             except LeaseConflict as exc:
@@ -234,19 +272,27 @@ class Daemon:
     async def _healthz(self) -> asyncio.AbstractServer | None:
         if not self.opts.healthz_port:
             return None
+        exporter = metrics.Metrics(self)
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 line = await asyncio.wait_for(reader.readline(), 5)
                 path = line.split()[1].decode() if len(line.split()) > 1 else "/"
+                ctype = "text/plain"
                 if path.startswith("/readyz"):
-                    code, body = (200, "ready") if self.ready else (503, "not ready")
+                    code, body = (200, b"ready") if self.ready else (503, b"not ready")
+                elif path == "/metrics" or path.startswith("/metrics?"):
+                    try:
+                        code, body, ctype = 200, exporter.render(), metrics.CONTENT_TYPE
+                    except Exception:  # noqa: BLE001 - a scrape must never stop the daemon
+                        log.exception("/metrics")
+                        code, body = 500, b"cannot collect metrics"
                 else:
-                    code, body = 200, "flanneld is running"
-                reason = {200: "OK", 503: "Service Unavailable"}[code]
+                    code, body = 200, b"flanneld is running"
+                reason = {200: "OK", 500: "Internal Server Error", 503: "Service Unavailable"}[code]
                 writer.write(
-                    f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
+                    f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
                 )
                 await writer.drain()
             except (OSError, asyncio.TimeoutError, IndexError):
@@ -290,7 +336,7 @@ class Daemon:
                 return 0
             stopper.cancel()
             startup.result()
-            watcher = Watcher(self.registry, self.table, lambda: self.lease, self._on_own)
+            self.watcher = watcher = Watcher(self.registry, self.table, lambda: self.lease, self._on_own)
             self._tasks = [
                 asyncio.create_task(watcher.run(), name="watcher"),
                 asyncio.create_task(self._renew_loop(), name="renew"),
@@ -299,6 +345,7 @@ class Daemon:
                 self._tasks.append(asyncio.create_task(self._resync_rules(), name="rules"))
             self._tasks.append(asyncio.create_task(
                 linkwatch.watch_link(self.iface, self.backend.mtu), name="link"))
+            self._tasks.append(asyncio.create_task(self._watch_config(), name="config"))
             if self.opts.verbose >= 1:
                 self._tasks.append(asyncio.create_task(self._log_counters(), name="counters"))
             self.ready = True

@@ -39,6 +39,7 @@ class LeaseTable:
     def __init__(self) -> None:
         self._leases: dict[IPv4Network, Lease] = {}
         self._subscribers: list[Subscriber] = []
+        self.subscriber_errors = 0  # backend sync errors, for /metrics
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -64,6 +65,7 @@ class LeaseTable:
                 try:
                     fn(self, change)
                 except Exception:  # a broken subscriber must not stop the watcher
+                    self.subscriber_errors += 1
                     log.exception("lease table subscriber failed")
         return change
 

@@ -6,6 +6,11 @@ expect. Rules are written with iptables-restore --noflush (our chain is replaced
 whole, in one transaction, nothing else is touched) and re-checked every
 -iptables-resync seconds, because other agents (kube-proxy, docker, firewalld) rewrite
 tables and flanneld re-installs what went missing.
+
+With `EnableNFTables: true` the same two rule sets live in flanneld's nftables tables
+instead (fastlane/nftables.py), and, as flanneld does at start, the other manager's
+leftovers are removed first: flannel's nftables tables in iptables mode, the FLANNEL-*
+chains (and the jumps to them) in nftables mode.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ def _forward_rules(network: str) -> list[list[str]]:
 
 class Chain:
     """One flannel chain: its rules and the jump to it from a built-in chain."""
+
+    kind = "iptables"
 
     def __init__(self, table: str, name: str, parent: str, comment: str, rules: list[list[str]]):
         self.table, self.name, self.parent = table, name, parent
@@ -99,6 +106,65 @@ def chains(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, *, ip_
         out.append(Chain("filter", "FLANNEL-FWD", "FORWARD", "flanneld forward",
                          _forward_rules(str(network))))
     return out
+
+
+def rule_sets(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, *, nftables: bool,
+              ip_masq: bool, forward: bool, random_fully_disable: bool) -> list:
+    """What the daemon keeps in place: iptables chains, or flanneld's nftables tables (always
+    created in nftables mode, even with no rule asked for, as flanneld's Init does)."""
+    if not nftables:
+        return chains(network, subnet, ip_masq=ip_masq, forward=forward,
+                      random_fully_disable=random_fully_disable)
+    from fastlane import nftables as nft
+
+    if not nft.available():
+        raise RulesError("nft not found: apt-get install -y nftables")
+    return [nft.Tables(network, subnet, ip_masq=ip_masq, forward=forward,
+                       random_fully_disable=random_fully_disable)]
+
+
+# The iptables chains flanneld may have written (any version, either family), and where the
+# jump to each one lives. flanneld's own CleanUp looks for FLANNEL-FWD in nat, where it never
+# is, and cannot delete FLANNEL-POSTRTG while POSTROUTING still jumps to it; here the jumps go
+# first, then the chains, in one iptables-restore transaction per table.
+_IPTABLES_CHAINS = {"nat": ("FLANNEL-POSTRTG", "POSTROUTING"), "filter": ("FLANNEL-FWD", "FORWARD")}
+
+
+def remove_iptables_chains() -> list[str]:
+    """flanneld's iptables chains and the jumps to them, removed (IPv4 and IPv6). A host
+    without iptables has none: nothing to do, no error. Returns what was removed."""
+    removed = []
+    for save, restore, label in (("iptables-save", "iptables-restore", "iptables"),
+                                 ("ip6tables-save", "ip6tables-restore", "ip6tables")):
+        if shutil.which(save) is None or shutil.which(restore) is None:
+            continue
+        for table, (chain, parent) in _IPTABLES_CHAINS.items():
+            res = subprocess.run([save, "-t", table], capture_output=True, text=True, timeout=30,
+                                 check=False)
+            if res.returncode != 0 or f":{chain} " not in res.stdout:
+                continue
+            body = [f"*{table}"]
+            body += ["-D" + line[2:] for line in res.stdout.splitlines()
+                     if line.startswith("-A ") and line.split()[1] != chain
+                     and line.rstrip().endswith(f"-j {chain}")]
+            body += [f"-F {chain}", f"-X {chain}", "COMMIT"]
+            out = subprocess.run([restore, "-w", "5", "--noflush"], input="\n".join(body) + "\n",
+                                 capture_output=True, text=True, timeout=30, check=False)
+            if out.returncode != 0:
+                log.warning("could not remove %s %s/%s: %s", label, table, chain, out.stderr.strip())
+            else:
+                removed.append(f"{label} {table}/{chain}")
+    return removed
+
+
+def cleanup_other(nftables: bool) -> list[str]:
+    """flanneld's start-up clean-up of the traffic manager not in use (so a switch between
+    iptables and nftables leaves nothing of the old one). Never fails."""
+    if nftables:
+        return remove_iptables_chains()
+    from fastlane import nftables as nft
+
+    return nft.delete_tables()
 
 
 def ensure(chain_list: list[Chain]) -> int:

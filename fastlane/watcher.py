@@ -47,7 +47,11 @@ class Watcher:
         self.on_own = on_own
         self.synced = asyncio.Event()
         self._warned: set[tuple[str, int]] = set()
+        # for /metrics (fastlane/metrics.py)
         self.resyncs = 0
+        self.events = 0
+        self.reconnects = 0
+        self.connected = False
 
     def _warn_once(self, warning: LeaseWarning) -> None:
         """Each bad write is reported once, not again on every re-list."""
@@ -82,6 +86,7 @@ class Watcher:
         puts: dict[IPv4Network, Lease] = {}
         deletes: set[IPv4Network] = set()
         own_events: list[tuple[str, Lease | None]] = []
+        self.events += len(events)
         for ev in events:
             if ev.warning is not None:
                 self._warn_once(ev.warning)
@@ -113,7 +118,9 @@ class Watcher:
         while True:
             try:
                 revision = await self._resync()
+                self.connected = True
                 if failing_since is not None:
+                    self.reconnects += 1
                     log.info("etcd reachable again; lease table re-synced (%d peers)", len(self.table))
                 failing_since = None
                 backoff = 0.1
@@ -122,6 +129,7 @@ class Watcher:
             except WatchInterrupted as exc:
                 log.info("lease watch interrupted (%s); re-listing", exc)
             except EtcdError as exc:
+                self.connected = False
                 now = loop.time()
                 if failing_since is None:
                     failing_since = now

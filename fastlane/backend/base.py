@@ -9,6 +9,7 @@ restart reuses it.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -46,12 +47,42 @@ def bool_option(config: NetworkConfig, name: str, default: bool = False) -> bool
     return value
 
 
+def outside_network(config: NetworkConfig, lease: Lease) -> str | None:
+    """Why a peer's lease must not be routed, or None if it may be.
+
+    A lease is someone else's write to etcd. One for the whole Network, or for any block
+    bigger than SubnetLen, would send traffic for subnets nobody holds (or that other nodes
+    hold) to that one host; one outside the Network is for addresses the overlay does not
+    carry. flanneld routes whatever it reads; fastlane skips these with a warning.
+    """
+    net = config.network
+    if net is None:
+        return None
+    if not lease.subnet.subnet_of(net):
+        return f"not inside the Network {net}"
+    if lease.subnet.prefixlen < config.subnet_len:
+        return f"larger than a /{config.subnet_len} (SubnetLen)"
+    return None
+
+
 class Backend(ABC):
     #: written as BackendType in the lease value ("" = omitted, as flannel's udp does)
     lease_type: str = ""
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
+        self._misfits: set[tuple[object, object]] = set()
+
+    def routable(self, lease: Lease) -> bool:
+        """False (and one warning per subnet and host) for a lease outside_network refuses."""
+        why = outside_network(self.ctx.config, lease)
+        if why is None:
+            return True
+        if (lease.subnet, lease.attrs.public_ip) not in self._misfits:
+            self._misfits.add((lease.subnet, lease.attrs.public_ip))
+            logging.getLogger(type(self).__module__).warning(
+                "ignoring lease %s -> %s: %s", lease.subnet, lease.attrs.public_ip, why)
+        return False
 
     @property
     @abstractmethod

@@ -10,7 +10,7 @@ from pyroute2 import IPRoute
 
 from fastlane.backend.base import BackendError
 from fastlane.backend.kernel import (
-    MAIN_TABLE, RTPROT_BOOT, KernelBackend, netlink_call, overlay_routes,
+    MAIN_TABLE, RTPROT_BOOT, KernelBackend, netlink_call, overlay_routes, owned_routes,
 )
 from fastlane.lease import Lease
 
@@ -79,8 +79,10 @@ class HostGwBackend(KernelBackend):
                              lambda: ipr.route("replace", **self._route(subnet, gw)))
 
     def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
+        """Routes of the host-gw shape to subnets no lease of ours explains (owned_routes:
+        another proto, table or metric marks a route as the operator's)."""
         own = self.lease.subnet if self.lease else None
-        for subnet, gw in self._our_routes(ipr).items():
+        for subnet, gw in owned_routes(ipr, self.ctx.iface.index, self.ctx.config).items():
             if subnet in self._routes or subnet == own:
                 continue
             log.info("removing stale route %s via %s (no lease holds it)", subnet, gw)

@@ -9,6 +9,11 @@ daemon restarts, and the restarted daemon replaces the entries with identical on
 Unlike flanneld, entries that outlived a peer's lease while the daemon was down are
 swept on the first full table, and a route someone deleted is re-added on the next
 periodic check (flanneld does the latter for host-gw only, every 10 s).
+
+The sweep deletes only what fastlane (or flanneld before it) could have written: on the
+vxlan device, neighbours and vxlan-shaped routes inside the Network and the FDB entries
+of those VTEPs; on the underlay interface, routes of exactly the host-gw shape (see
+`owned_routes`). Anything else an operator added stays, as it does with flanneld.
 """
 
 
@@ -38,6 +43,7 @@ IPv4Address = ipaddress.IPv4Address
 #: main routing table; RTPROT_BOOT is what Go's netlink leaves in place (shown as no proto).
 MAIN_TABLE = 254
 RTPROT_BOOT = 3
+RTN_UNICAST = 1
 
 _TRANSIENT = {errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR}
 _GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV}
@@ -76,6 +82,28 @@ def overlay_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address
     for r in ipr.get_routes(family=socket.AF_INET, oif=oif, table=MAIN_TABLE):
         dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
         if dst is None or gw is None or r["dst_len"] != cfg.subnet_len:
+            continue
+        net = IPv4Network((dst, r["dst_len"]))
+        if net.subnet_of(cfg.network):
+            found[net] = IPv4Address(gw)
+    return found
+
+
+def owned_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
+    """Routes out of `oif` of exactly the shape fastlane and flanneld write, and so the
+    only ones a sweep may delete: main table, proto boot, unicast, no metric, one
+    gateway, to a SubnetLen subnet of the Network. A route with another proto (`ip route
+    add ... proto static`), table, metric or length is the operator's."""
+    found: dict[IPv4Network, IPv4Address] = {}
+    if cfg.network is None:
+        return found
+    for r in ipr.get_routes(family=socket.AF_INET, oif=oif, table=MAIN_TABLE):
+        if (r["proto"] != RTPROT_BOOT or r["type"] != RTN_UNICAST or r["dst_len"] != cfg.subnet_len
+                or (r.get_attr("RTA_TABLE") or r["table"]) != MAIN_TABLE or r.get_attr("RTA_PRIORITY")
+                or r.get_attr("RTA_MULTIPATH") is not None):
+            continue
+        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
+        if dst is None or gw is None:
             continue
         net = IPv4Network((dst, r["dst_len"]))
         if net.subnet_of(cfg.network):
@@ -146,7 +174,7 @@ class KernelBackend(Backend):
         """flanneld ignores peers of another backend type, with a warning."""
         btype = lease.attrs.backend_type
         if btype == self.lease_type:
-            return True
+            return self.routable(lease)
         if (lease.subnet, btype) not in self._ignored:
             self._ignored.add((lease.subnet, btype))
             self.log.warning("ignoring non-%s subnet %s: type=%s", self.lease_type, lease.subnet, btype or '""')

@@ -110,10 +110,12 @@ class UdpBackend(Backend):
         )
 
     def _on_change(self, table: LeaseTable, change: TableChange) -> None:
-        routes = [self._Route(l.subnet, l.attrs.public_ip, self.port) for l in table.leases()]
+        routes = [self._Route(l.subnet, l.attrs.public_ip, self.port) for l in table.leases()
+                  if self.routable(l)]
         self.engine.set_routes(routes)
         for l in change.added:
-            log.info("route %s -> %s:%d", l.subnet, l.attrs.public_ip, self.port)
+            if self.routable(l):
+                log.info("route %s -> %s:%d", l.subnet, l.attrs.public_ip, self.port)
         for l in change.removed:
             log.info("route %s removed", l.subnet)
 

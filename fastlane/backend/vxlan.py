@@ -1,16 +1,21 @@
 """`vxlan`: the kernel's VXLAN device, programmed per peer exactly as flanneld does.
 
-Device `flannel.<VNI>`: local = the interface address, dev = the interface, learning
-off, MTU = (Backend.MTU or the interface MTU) - 50, the lease's network address as a
-/32, up. For each peer lease of type vxlan, in this order (so the kernel never ARPs for
-the gateway): a permanent neighbour `<peer>.0 -> VtepMAC`, an FDB entry `VtepMAC ->
-PublicIP` (self, permanent), then `ip route replace <peer subnet> via <peer>.0 dev
-flannel.<VNI> onlink`. With DirectRouting, a peer on the same L2 segment gets a plain
-route via its PublicIP instead.
+Device `flannel.<VNI>`: local = the public IP (flanneld v0.28: `-public-ip`, else the
+interface address), dev = the interface, learning off, MTU = (Backend.MTU or the
+interface MTU) - 50, the lease's network address as a /32, up. For each peer lease of
+type vxlan, in this order (so the kernel never ARPs for the gateway): a permanent
+neighbour `<peer>.0 -> VtepMAC`, an FDB entry `VtepMAC -> PublicIP` (self, permanent),
+then `ip route replace <peer subnet> via <peer>.0 dev flannel.<VNI> onlink`. With
+DirectRouting, a peer on the same L2 segment gets a plain route via its PublicIP instead.
 
-The VtepMAC is the device's MAC. An existing device is reused when its settings fit,
-and otherwise re-created with the same MAC (flanneld picks a new random one there):
-peers keep valid neighbour/FDB entries for us across restarts and repairs.
+An existing device is reused unless flanneld (device.go, vxlanLinksIncompat) would
+re-create it: another link type, VNI, underlay device, local address, L2miss, GBP, or
+a Port set in the config that differs. Everything else is tolerated and the device
+keeps its ifindex: a different MTU or learning flag is corrected in place (flanneld
+leaves them), a different dstport with Backend.Port unset, a remote/group or a missing
+local/dev are kept as they are, with a warning. The VtepMAC is the device's MAC; a
+re-created device keeps it (flanneld picks a new random one there), so peers keep valid
+neighbour/FDB entries for us across restarts and repairs.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pyroute2 import IPRoute
 
 from fastlane.backend.base import BackendError, bool_option, int_option
 from fastlane.backend.kernel import (
-    MAIN_TABLE, RTPROT_BOOT, KernelBackend, KernelError, netlink_call, overlay_routes,
+    MAIN_TABLE, RTPROT_BOOT, KernelBackend, KernelError, netlink_call, overlay_routes, owned_routes,
 )
 from fastlane.lease import Lease
 
@@ -88,7 +93,10 @@ class VxlanBackend(KernelBackend):
         super().__init__(ctx)
         cfg = ctx.config
         self.vni = int_option(cfg, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
-        self.port = int_option(cfg, "Port", 0, 0, 65535) or KERNEL_DEFAULT_PORT
+        #: Backend.Port as configured; 0 = the kernel's default, and any dstport is accepted
+        #: on an existing device (flanneld compares ports only when both are set).
+        self.port_option = int_option(cfg, "Port", 0, 0, 65535)
+        self.port = self.port_option or KERNEL_DEFAULT_PORT
         self.base_mtu = int_option(cfg, "MTU", ctx.iface.mtu, 68 + ENCAP_OVERHEAD, 65535)
         self.gbp = bool_option(cfg, "GBP")
         self.learning = bool_option(cfg, "Learning")
@@ -106,12 +114,23 @@ class VxlanBackend(KernelBackend):
 
     # ---- the device -------------------------------------------------------------------
 
+    @property
+    def local(self) -> IPv4Address:
+        """The device's local address: flanneld v0.28 uses ExtAddr (the public IP)."""
+        return self.ctx.public_ip
+
     def _incompatible(self, link) -> str | None:
-        """Why an existing device cannot be reused (flanneld's vxlanLinksIncompat, plus learning)."""
+        """Why flanneld would delete and re-create this device (its vxlanLinksIncompat).
+
+        Attributes are compared only where flanneld compares them: the underlay device,
+        the local address and the port only when both sides have one; no group is ever
+        wanted, so an existing group/remote never counts; learning, MTU, TTL, ageing,
+        L3miss and the rest are not compared at all.
+        """
         info = link.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
         if kind != "vxlan":
-            return f"link type: {kind} vs vxlan"
+            return f"link type: {kind or 'device'} vs vxlan"
         d = info.get_attr("IFLA_INFO_DATA")
         vni = d.get_attr("IFLA_VXLAN_ID")
         if vni != self.vni:
@@ -120,23 +139,54 @@ class VxlanBackend(KernelBackend):
         if dev and dev != self.ctx.iface.index:
             return f"vtep (external) interface: {dev} vs {self.ctx.iface.index}"
         local = d.get_attr("IFLA_VXLAN_LOCAL")
-        if local and IPv4Address(local) != self.ctx.iface.address:
-            return f"vtep (external) IP: {local} vs {self.ctx.iface.address}"
-        group = d.get_attr("IFLA_VXLAN_GROUP")
-        if group and group != "0.0.0.0":
-            return f"group address: {group} vs none"
+        if local and IPv4Address(local) != self.local:
+            return f"vtep (external) IP: {local} vs {self.local}"
         if d.get_attr("IFLA_VXLAN_L2MISS"):
             return "l2miss: true vs false"
         port = d.get_attr("IFLA_VXLAN_PORT") or 0
-        if port and port != self.port:
-            return f"port: {port} vs {self.port}"
+        if port and self.port_option and port != self.port_option:
+            return f"port: {port} vs {self.port_option}"
         gbp = bool(d.get_attr("IFLA_VXLAN_GBP"))
         if gbp != self.gbp:
             return f"gbp: {gbp} vs {self.gbp}"
+        return None
+
+    def _adopt(self, ipr: IPRoute, link, mac: str) -> None:
+        """Keep a compatible existing device (same ifindex). MAC, MTU and learning are set
+        in place; the other tolerated differences are only named in a warning."""
+        self.index = link["index"]
+        self.mac = mac
+        d = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+        if link.get_attr("IFLA_ADDRESS") != mac:
+            netlink_call(f"cannot set the MAC of {self.ifname}",
+                         lambda: ipr.link("set", index=self.index, address=mac))
+        if link.get_attr("IFLA_MTU") != self.mtu:
+            log.info("%s: mtu %s -> %d", self.ifname, link.get_attr("IFLA_MTU"), self.mtu)
+            netlink_call(f"cannot set the MTU of {self.ifname}",
+                         lambda: ipr.link("set", index=self.index, mtu=self.mtu))
         learning = bool(d.get_attr("IFLA_VXLAN_LEARNING"))
         if learning != self.learning:
-            return f"learning: {learning} vs {self.learning}"
-        return None
+            try:
+                netlink_call(f"cannot set learning on {self.ifname}",
+                             lambda: ipr.link("set", index=self.index, kind="vxlan",
+                                              vxlan_learning=1 if self.learning else 0))
+                log.info("%s: learning %s -> %s", self.ifname, learning, self.learning)
+            except KernelError as exc:  # an old kernel without changelink: keep the device
+                log.warning("%s; keeping the device with learning %s", exc, learning)
+        kept = []
+        port = d.get_attr("IFLA_VXLAN_PORT") or 0
+        if port and port != self.port:
+            kept.append(f"dstport {port} (Backend.Port not set)")
+        group = d.get_attr("IFLA_VXLAN_GROUP")
+        if group and group != "0.0.0.0":
+            kept.append(f"remote/group {group}")
+        if not d.get_attr("IFLA_VXLAN_LOCAL"):
+            kept.append("no local address")
+        if not d.get_attr("IFLA_VXLAN_LINK"):
+            kept.append("no underlay dev")
+        if kept:
+            log.warning("reusing %s as flanneld would, with %s", self.ifname, ", ".join(kept))
+        log.info("reusing %s (ifindex %d, VtepMAC %s)", self.ifname, self.index, mac)
 
     def _ensure_device(self, ipr: IPRoute) -> None:
         """Create flannel.<VNI>, or reuse/re-create an existing one keeping its MAC."""
@@ -147,15 +197,7 @@ class VxlanBackend(KernelBackend):
             mac = mac or link.get_attr("IFLA_ADDRESS")
             why = self._incompatible(link)
             if why is None:
-                self.index = link["index"]
-                self.mac = mac
-                if link.get_attr("IFLA_ADDRESS") != mac:
-                    netlink_call(f"cannot set the MAC of {self.ifname}",
-                                 lambda: ipr.link("set", index=self.index, address=mac))
-                if link.get_attr("IFLA_MTU") != self.mtu:
-                    netlink_call(f"cannot set the MTU of {self.ifname}",
-                                 lambda: ipr.link("set", index=self.index, mtu=self.mtu))
-                log.info("reusing %s (VtepMAC %s)", self.ifname, mac)
+                self._adopt(ipr, link, mac)
                 return
             log.warning("%s already exists with incompatible configuration: %s; recreating device",
                         self.ifname, why)
@@ -163,9 +205,10 @@ class VxlanBackend(KernelBackend):
                          lambda: ipr.link("del", index=link["index"]), missing_ok=True)
         spec: dict[str, Any] = dict(
             ifname=self.ifname, kind="vxlan", vxlan_id=self.vni, vxlan_link=self.ctx.iface.index,
-            vxlan_local=str(self.ctx.iface.address), vxlan_port=self.port,
-            vxlan_learning=1 if self.learning else 0, mtu=self.mtu,
+            vxlan_local=str(self.local), vxlan_learning=1 if self.learning else 0, mtu=self.mtu,
         )
+        if self.port_option:  # as flanneld: no port attribute means the kernel's 8472
+            spec["vxlan_port"] = self.port_option
         if self.gbp:
             spec["vxlan_gbp"] = True
         if mac:
@@ -175,7 +218,7 @@ class VxlanBackend(KernelBackend):
         self.index = link["index"]
         self.mac = link.get_attr("IFLA_ADDRESS")
         log.info("created %s: vni %d, local %s dev %s, port %d, mtu %d, VtepMAC %s",
-                 self.ifname, self.vni, self.ctx.iface.address, self.ctx.iface.name, self.port,
+                 self.ifname, self.vni, self.local, self.ctx.iface.name, self.port,
                  self.mtu, self.mac)
         try:  # as flanneld: no IPv6 autoconfiguration on the overlay device
             with open(f"/proc/sys/net/ipv6/conf/{self.ifname}/accept_ra", "w") as f:
@@ -184,11 +227,13 @@ class VxlanBackend(KernelBackend):
             pass
 
     def _configure(self, ipr: IPRoute, lease: Lease) -> None:
-        """Exactly one IPv4 address, the lease's .0 as a /32 (no broadcast routes), and up."""
+        """The lease's .0 as a /32 (no broadcast routes), and up. Like flanneld's
+        EnsureV4AddressOnLink, other addresses are removed only if they lie in the Network."""
         own = str(lease.subnet.network_address)
+        network = self.ctx.config.network
         for a in ipr.get_addr(family=socket.AF_INET, index=self.index):
             addr, plen = a.get_attr("IFA_ADDRESS"), a["prefixlen"]
-            if (addr, plen) != (own, 32):
+            if (addr, plen) != (own, 32) and network is not None and IPv4Address(addr) in network:
                 netlink_call(f"cannot remove {addr}/{plen} from {self.ifname}",
                              lambda: ipr.addr("del", index=self.index, address=addr, prefixlen=plen),
                              missing_ok=True)
@@ -206,8 +251,8 @@ class VxlanBackend(KernelBackend):
             await asyncio.to_thread(job)
         except KernelError as exc:
             raise BackendError(str(exc)) from None
-        # flanneld's lease struct holds VNI as uint16: write what it would write.
-        return {"VNI": self.vni & 0xFFFF, "VtepMAC": self.mac}
+        # flanneld v0.24+ (vxlanLeaseAttrs.VNI is a uint32): the whole VNI, then the MAC.
+        return {"VNI": self.vni, "VtepMAC": self.mac}
 
     def _setup(self, ipr: IPRoute, lease: Lease) -> None:
         if not ipr.link_lookup(ifname=self.ifname):
@@ -334,12 +379,21 @@ class VxlanBackend(KernelBackend):
     # ---- keeping the kernel state -----------------------------------------------------
 
     def _device_ok(self, ipr: IPRoute) -> bool:
+        """Our device is still there and still one flanneld would keep; a MAC someone
+        changed is set back in place (peers know us by it)."""
         links = ipr.get_links(ifname=self.ifname) if ipr.link_lookup(ifname=self.ifname) else []
         if not links:
             return False
         link = links[0]
-        return (link["index"] == self.index and self._incompatible(link) is None
-                and link.get_attr("IFLA_ADDRESS") == self.mac)
+        if link["index"] != self.index or self._incompatible(link) is not None:
+            return False
+        if link.get_attr("IFLA_ADDRESS") != self.mac:
+            log.warning("%s: MAC changed to %s; setting VtepMAC %s back", self.ifname,
+                        link.get_attr("IFLA_ADDRESS"), self.mac)
+            self._counts["repairs"] += 1
+            netlink_call(f"cannot set the MAC of {self.ifname}",
+                         lambda: ipr.link("set", index=self.index, address=self.mac))
+        return True
 
     def _reconcile(self, ipr: IPRoute, leases: list[Lease]) -> None:
         if self.lease is None:
@@ -389,42 +443,72 @@ class VxlanBackend(KernelBackend):
             self._peers.pop(subnet, None)
             self._program(ipr, lease)
 
+    def _vtep_neighbour(self, dst: str | None) -> bool:
+        """A neighbour address flanneld writes: the network address of a subnet of the Network."""
+        network, plen = self.ctx.config.network, self.ctx.config.subnet_len
+        if dst is None or network is None:
+            return False
+        try:
+            addr = IPv4Address(dst)
+        except ValueError:
+            return False
+        return addr in network and IPv4Network((addr, plen), strict=False).network_address == addr
+
     def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
-        """Remove neighbour/FDB/route entries on our device that no current lease explains."""
-        want_dst = {str(s.network_address) for s, p in self._peers.items() if not p.direct}
-        want_fdb = {(p.mac, str(p.public_ip)) for p in self._peers.values() if not p.direct}
-        own = str(self.lease.subnet.network_address) if self.lease else None
-        for r in ipr.get_routes(family=socket.AF_INET, oif=self.index, table=MAIN_TABLE):
-            dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
-            if dst is None or gw is None or dst in want_dst or dst == own:
+        """Remove what a vanished lease left on our device, and nothing an operator added:
+        vxlan-shaped routes (`<subnet> via <subnet>.0`, owned_routes) and permanent
+        neighbours for subnets of the Network, and FDB entries pointing at those VTEPs
+        (their MAC) or at a vxlan peer's PublicIP. Routes outside the Network, other
+        shapes, the all-zeros/multicast FDB entries and anything on other devices stay.
+        Direct routes on the interface are swept only with DirectRouting on."""
+        cfg = self.ctx.config
+        encap = {s: p for s, p in self._peers.items() if not p.direct}
+        want_dst = {str(s.network_address) for s in encap}
+        want_fdb = {(p.mac, str(p.public_ip)) for p in encap.values()}
+        own = self.lease.subnet if self.lease else None
+        for net, gw in owned_routes(ipr, self.index, cfg).items():
+            dst = str(net.network_address)
+            if gw != net.network_address or dst in want_dst or net == own:
                 continue
             self._counts["swept"] += 1
-            log.info("removing stale route %s/%d via %s on %s", dst, r["dst_len"], gw, self.ifname)
-            netlink_call(f"cannot delete stale route {dst}/{r['dst_len']}",
-                         lambda: ipr.route("del", dst=dst, dst_len=r["dst_len"], gateway=gw,
-                                           oif=self.index, table=MAIN_TABLE), missing_ok=True)
-        # Direct routes (DirectRouting, or left by a host-gw run) for subnets nobody holds.
-        for net, gw in overlay_routes(ipr, self.ctx.iface.index, self.ctx.config).items():
-            peer = self._peers.get(net)
-            if (peer is not None and peer.direct) or str(net.network_address) == own:
-                continue
-            self._counts["swept"] += 1
-            log.info("removing stale route %s via %s on %s", net, gw, self.ctx.iface.name)
+            log.info("removing stale route %s via %s on %s", net, gw, self.ifname)
             netlink_call(f"cannot delete stale route {net}",
-                         lambda: ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
-                                           gateway=str(gw), oif=self.ctx.iface.index, table=MAIN_TABLE),
+                         lambda: ipr.route("del", dst=dst, dst_len=net.prefixlen, gateway=str(gw),
+                                           oif=self.index, table=MAIN_TABLE, proto=RTPROT_BOOT),
                          missing_ok=True)
+        if self.direct_routing:
+            for net, gw in owned_routes(ipr, self.ctx.iface.index, cfg).items():
+                peer = self._peers.get(net)
+                if (peer is not None and peer.direct) or net == own:
+                    continue
+                self._counts["swept"] += 1
+                log.info("removing stale route %s via %s on %s", net, gw, self.ctx.iface.name)
+                netlink_call(f"cannot delete stale route {net}",
+                             lambda: ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
+                                               gateway=str(gw), oif=self.ctx.iface.index,
+                                               table=MAIN_TABLE, proto=RTPROT_BOOT),
+                             missing_ok=True)
+        vteps = {p.mac for p in encap.values()}
         for n in ipr.get_neighbours(ifindex=self.index, family=socket.AF_INET):
             dst = n.get_attr("NDA_DST")
-            if not n["state"] & NUD_PERMANENT or dst in want_dst:
+            if not n["state"] & NUD_PERMANENT or not self._vtep_neighbour(dst):
+                continue
+            if n.get_attr("NDA_LLADDR"):
+                vteps.add(n.get_attr("NDA_LLADDR"))
+            if dst in want_dst:
                 continue
             self._counts["swept"] += 1
             log.info("removing stale neighbour %s on %s", dst, self.ifname)
             netlink_call(f"cannot delete stale neighbour {dst}",
                          lambda: ipr.neigh("del", dst=dst, ifindex=self.index), missing_ok=True)
+        peer_ips = {str(l.attrs.public_ip) for l in leases if l.attrs.backend_type == self.lease_type}
         for f in ipr.fdb("dump", ifindex=self.index):
             mac, dst = f.get_attr("NDA_LLADDR"), f.get_attr("NDA_DST")
-            if f["ifindex"] != self.index or dst is None or (mac, dst) in want_fdb:
+            if f["ifindex"] != self.index or dst is None or mac is None or (mac, dst) in want_fdb:
+                continue
+            if not f["state"] & NUD_PERMANENT or int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+                continue
+            if mac not in vteps and dst not in peer_ips:
                 continue
             self._counts["swept"] += 1
             log.info("removing stale fdb entry %s -> %s on %s", mac, dst, self.ifname)
