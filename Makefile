@@ -55,6 +55,8 @@ TEST_FUZZ_SECS ?= 20
 SAN_DIR ?= build/san
 FUZZ_DIR ?= build/fuzz
 ENGINE_SRCS = $(wildcard $(CSRC)/*.c)
+# the files that make syscalls: a harness that fakes them #includes these instead of linking them
+IO_SRCS = $(addprefix $(CSRC)/,engine.c tun_batch.c udp_batch.c)
 ENGINE_HDRS = $(wildcard $(CSRC)/*.h)
 # the inner source check's config fields exist only in newer sources
 STRESS_DEFS = $(shell grep -q network_len $(CSRC)/engine_cdef.h && echo -DSTRESS_INNER_CHECK)
@@ -81,14 +83,17 @@ asan-engine: clang
 		$(PY) csrc/tests/run_sanitized.py build/asan -q -p no:cacheprovider $(ASAN_TESTS)
 
 # The threaded stress program (csrc/tests/stress.c): route swaps during traffic, both ways.
-# engine.c alone gets stress_hooks.h force-included (fake TUN ioctls, injected EAGAIN).
+# The files that make syscalls get stress_hooks.h force-included (fake TUN ioctls, injected EAGAIN).
 $(SAN_DIR)/stress-%: csrc/tests/stress.c csrc/tests/stress_hooks.h $(ENGINE_SRCS) $(ENGINE_HDRS) | clang
 	@mkdir -p $(SAN_DIR)
-	flags="$(if $(filter tsan,$*),$(TSAN_FLAGS),$(ASAN_FLAGS))"; \
-	$(CLANG) $(SAN_CFLAGS) $$flags -I$(CSRC) -include csrc/tests/stress_hooks.h \
-		-c $(CSRC)/engine.c -o $@-engine.o && \
+	flags="$(if $(filter tsan,$*),$(TSAN_FLAGS),$(ASAN_FLAGS))"; objs=""; \
+	for src in $(IO_SRCS); do \
+		obj=$@-$$(basename $$src .c).o; objs="$$objs $$obj"; \
+		$(CLANG) $(SAN_CFLAGS) $$flags -I$(CSRC) -include csrc/tests/stress_hooks.h \
+			-c $$src -o $$obj || exit 1; \
+	done; \
 	$(CLANG) $(SAN_CFLAGS) $$flags $(STRESS_DEFS) -I$(CSRC) csrc/tests/stress.c \
-		$(filter-out $(CSRC)/engine.c,$(ENGINE_SRCS)) $@-engine.o -o $@
+		$(filter-out $(IO_SRCS),$(ENGINE_SRCS)) $$objs -o $@
 
 asan-stress: $(SAN_DIR)/stress-asan
 	timeout 120 $< $(STRESS_SECS)
@@ -106,7 +111,7 @@ $(FUZZ_DIR)/%: csrc/fuzz/%.c csrc/fuzz/fuzz_common.h $(ENGINE_SRCS) $(ENGINE_HDR
 	@mkdir -p $(FUZZ_DIR)
 	$(CLANG) $(SAN_CFLAGS) -fsanitize=fuzzer,address,undefined -fno-omit-frame-pointer \
 		-fno-sanitize-recover=undefined -I$(CSRC) -Icsrc/fuzz $< \
-		$(if $(shell grep -l '^#include "engine.c"' $<),$(filter-out $(CSRC)/engine.c,$(ENGINE_SRCS)),$(ENGINE_SRCS)) \
+		$(if $(shell grep -l '^#include "engine.c"' $<),$(filter-out $(IO_SRCS),$(ENGINE_SRCS)),$(ENGINE_SRCS)) \
 		-o $@
 
 fuzz: $(addprefix $(FUZZ_DIR)/,$(FUZZERS))

@@ -1,24 +1,20 @@
-/* Engine lifecycle, worker threads and the syscalls of the data plane.
+/* Engine lifecycle, worker threads and their rounds.
  *
- * Threads (csrc/README.md explains the choices): queue 0's worker carries both
- * directions unless rx_thread asks for a separate RX worker; extra TUN queues get TX-only workers.
- * A TX round reads the TUN until EAGAIN (bounded by count and bytes) and sends the batch with one
- * sendmmsg grouped by destination, with UDP GSO for runs of same-size datagrams. An RX round is
- * one recvmmsg; UDP GRO buffers are split by their segment size and each packet is written to the
- * TUN (on a vnet_hdr TUN, runs of TCP segments of one flow as one GSO frame). With TSO on, a TUN
- * read returns up to 64 KiB of one TCP flow, split here into MTU-sized packets whose headers live
- * in an arena and whose payloads are iovecs into the frame: no payload copy in userspace.
+ * Threads (csrc/README.md explains the choices): queue 0's worker carries both directions
+ * unless rx_thread asks for a separate RX worker; extra TUN queues get TX-only workers.
+ * A TX round reads the TUN until EAGAIN (bounded by count and bytes), decides each frame's fate
+ * (route, TTL, MTU, ICMP errors) and hands it to the socket layer, then flushes. An RX round is
+ * one receive: each packet is checked and handed to the TUN layer, which writes them. How
+ * frames and packets cross the two fds (virtio_net_hdr, TSO, GSO, GRO, coalescing, full send
+ * buffers) is the batch layers' business (batch.h); the rounds never branch on an offload.
  *
- * Every wire datagram is one plain IPv4 packet of at most the overlay MTU: GSO only lets one
- * syscall carry many of them.
+ * Every wire datagram is one plain IPv4 packet of at most the overlay MTU.
  */
 #define _GNU_SOURCE
-#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if.h>
 #include <linux/if_tun.h>
-#include <netinet/in.h>
 #include <netinet/udp.h>
 #include <poll.h>
 #include <stdio.h>
@@ -26,10 +22,9 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "batch.h"
 
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
@@ -41,26 +36,23 @@
 #define SOL_UDP 17
 #endif
 
-#define SLOT_SIZE (65536 + 64)
-#define TX_READS 64       /* TUN reads per batch */
-#define TX_MAX_DGRAMS 4096 /* datagrams queued before a flush */
-#define GSO_MAX_SEGS 64    /* kernel limit (UDP_MAX_SEGMENTS) */
-#define GSO_MAX_BYTES 65507
-#define MMSG_MAX 1024
-#define RX_MSGS 64
-#define RX_PKTS (RX_MSGS * GSO_MAX_SEGS) /* packets held before they are written to the TUN */
-/* With GRO (and TSO on the TX side) a batch is bounded by bytes, not datagrams: ~512 KiB stays
+#define TX_READS 64 /* TUN reads per round */
+/* With GRO (and TSO on the TX side) a round is bounded by bytes, not datagrams: ~512 KiB stays
  * in L2 between the copy in, the checksum pass and the copy out. */
 #define BATCH_BYTES (512 * 1024)
-/* A full socket send buffer is waited out in slices, for at most FLUSH_WAIT_MAX_MS per flush;
- * what is still queued then is dropped (counted drop_tx_socket_full), as a full NIC queue
- * drops. Bounded so neither the other direction nor a stop waits behind a saturated egress. */
-#define FLUSH_WAIT_SLICE_MS 5
-#define FLUSH_WAIT_MAX_MS 100
-/* After a failed UDP GSO send, GSO is off for GSO_RETRY_FIRST_MS, then tried again; each
- * further failure doubles the pause up to GSO_RETRY_MAX_MS, a success resets it. */
-#define GSO_RETRY_FIRST_MS 1000
-#define GSO_RETRY_MAX_MS 60000
+
+/* A worker's TX state: the TUN read slots (frames live there until the flush) and the socket
+ * layer's queue. */
+struct fl_tx_state {
+    uint8_t *slots; /* TX_READS * FL_SLOT_SIZE */
+    struct fl_udp_out *out;
+};
+
+/* A worker's RX state: the socket layer's receive batch and the TUN layer's writer. */
+struct fl_rx_state {
+    struct fl_udp_in *in;
+    struct fl_tun_writer tw;
+};
 
 static const char *const counter_names[C_COUNT] = {
     [C_NONE] = "none",
@@ -114,79 +106,52 @@ const char *fl_counter_name(int i)
     return i >= 0 && i < C_COUNT && counter_names[i] ? counter_names[i] : "";
 }
 
-/* ---- per-worker buffers ---- */
 
-struct out_dgram {
-    uint32_t hop;
-    uint16_t port;
-    int len;
-    int iov0, n_iov;
-};
-
-struct tx_io {
-    uint8_t *slots;  /* TX_READS * SLOT_SIZE */
-    uint8_t *hdrs;   /* TX_MAX_DGRAMS * FL_SEG_HDR_MAX */
-    struct iovec *iov; /* 2 * TX_MAX_DGRAMS */
-    struct out_dgram *out;
-    int n_out, n_iov, n_hdr;
-    struct mmsghdr *msgs;
-    struct sockaddr_in *addrs;
-    uint8_t *cmsgs; /* MMSG_MAX * CMSG_SPACE(sizeof(uint16_t)) */
-    int *msg_ndg;
-    int seg_len[GSO_MAX_SEGS];
-    /* test sink: when set, flush copies datagrams here instead of sending */
-    uint8_t *sink;
-    int sink_cap, sink_used, *sink_lens, sink_max, sink_n;
-};
-
-struct rx_io {
-    uint8_t *slots; /* RX_MSGS * SLOT_SIZE */
-    struct mmsghdr msgs[RX_MSGS];
-    struct iovec iov[RX_MSGS];
-    struct sockaddr_in addrs[RX_MSGS];
-    uint8_t cmsgs[RX_MSGS][CMSG_SPACE(sizeof(int))];
-    uint8_t *pkts[RX_PKTS];
-    int lens[RX_PKTS];
-    uint8_t scratch[256];
-    struct iovec wiov[2 + 2 * GSO_MAX_SEGS + 8];
-};
-
-#define CMSG_GSO_SPACE CMSG_SPACE(sizeof(uint16_t))
-
-static void tx_io_free(struct tx_io *io)
+static void tx_state_free(struct fl_tx_state *tx)
 {
-    if (!io)
+    if (!tx)
         return;
-    free(io->slots);
-    free(io->hdrs);
-    free(io->iov);
-    free(io->out);
-    free(io->msgs);
-    free(io->addrs);
-    free(io->cmsgs);
-    free(io->msg_ndg);
-    free(io);
+    free(tx->slots);
+    fl_udpo_free(tx->out);
+    free(tx);
 }
 
-static struct tx_io *tx_io_new(void)
+static int tx_wait_room(struct fl_worker *w, int timeout_ms);
+
+static struct fl_tx_state *tx_state_new(int udp_fd)
 {
-    struct tx_io *io = calloc(1, sizeof(*io));
-    if (!io)
+    struct fl_tx_state *tx = calloc(1, sizeof(*tx));
+    if (!tx)
         return NULL;
-    io->slots = malloc((size_t)TX_READS * SLOT_SIZE);
-    io->hdrs = malloc((size_t)TX_MAX_DGRAMS * FL_SEG_HDR_MAX);
-    io->iov = malloc(sizeof(struct iovec) * 2 * TX_MAX_DGRAMS);
-    io->out = malloc(sizeof(struct out_dgram) * TX_MAX_DGRAMS);
-    io->msgs = calloc(MMSG_MAX, sizeof(struct mmsghdr));
-    io->addrs = calloc(MMSG_MAX, sizeof(struct sockaddr_in));
-    io->cmsgs = calloc(MMSG_MAX, CMSG_GSO_SPACE);
-    io->msg_ndg = calloc(MMSG_MAX, sizeof(int));
-    if (!io->slots || !io->hdrs || !io->iov || !io->out || !io->msgs || !io->addrs ||
-        !io->cmsgs || !io->msg_ndg) {
-        tx_io_free(io);
+    tx->slots = malloc((size_t)TX_READS * FL_SLOT_SIZE);
+    tx->out = fl_udpo_new(udp_fd, tx_wait_room);
+    if (!tx->slots || !tx->out) {
+        tx_state_free(tx);
         return NULL;
     }
-    return io;
+    return tx;
+}
+
+static void rx_state_free(struct fl_rx_state *rx)
+{
+    if (!rx)
+        return;
+    fl_udpi_free(rx->in);
+    free(rx);
+}
+
+static struct fl_rx_state *rx_state_new(const struct fl_engine *e)
+{
+    struct fl_rx_state *rx = calloc(1, sizeof(*rx));
+    if (!rx)
+        return NULL;
+    rx->in = fl_udpi_new();
+    if (!rx->in) {
+        free(rx);
+        return NULL;
+    }
+    fl_tunw_init(&rx->tw, e->cfg.tun_fds[0], e->feat.vnet_hdr, e->feat.coalesce);
+    return rx;
 }
 
 /* ---- small helpers ---- */
@@ -214,141 +179,17 @@ static int backoff(struct fl_engine *e, struct fl_worker *w)
     return poll(&p, 1, 50) > 0 ? -1 : 0;
 }
 
-/* Writes an ICMP error back into the TUN (with a GSO_NONE vnet header when the TUN wants one). */
-static void tun_write_icmp(struct fl_worker *w, int fd, uint8_t *icmp, int len)
-{
-    if (fd < 0 || len <= 0)
-        return;
-    uint8_t vh[FL_VNET_HDR_LEN] = {0};
-    struct iovec iov[2] = {{vh, FL_VNET_HDR_LEN}, {icmp, (size_t)len}};
-    int vnet = w->e->feat.vnet_hdr;
-    if (writev(fd, iov + !vnet, 2 - !vnet) < 0)
-        fl_cnt(w, D_RX_TUN_WRITE_ERROR, 1);
-}
+static int rx_round(struct fl_worker *w, struct fl_rx_state *rx, int ufd, int *failed);
 
-/* ---- TX: TUN -> UDP ---- */
-
-static int gso_enabled(struct fl_engine *e)
-{
-    if (!e->feat.gso)
-        return 0;
-    uint64_t retry = atomic_load_explicit(&e->gso_retry_ns, memory_order_relaxed);
-    return retry == 0 || fl_now_ns() >= retry;
-}
-
-/* A GSO send failed (the egress cannot segment or checksum): pause GSO, doubling the pause
- * while it keeps failing, so a route or device change that made it fail is re-probed later
- * instead of costing GSO for good. */
-static void gso_failed(struct fl_engine *e)
-{
-    uint64_t b = atomic_load(&e->gso_backoff_ns);
-    if (b == 0)
-        b = (uint64_t)GSO_RETRY_FIRST_MS * 1000000ULL;
-    atomic_store(&e->gso_retry_ns, fl_now_ns() + b);
-    b *= 2;
-    if (b > (uint64_t)GSO_RETRY_MAX_MS * 1000000ULL)
-        b = (uint64_t)GSO_RETRY_MAX_MS * 1000000ULL;
-    atomic_store(&e->gso_backoff_ns, b);
-}
-
-static void gso_worked(struct fl_engine *e)
-{
-    if (atomic_load_explicit(&e->gso_backoff_ns, memory_order_relaxed) != 0) {
-        atomic_store(&e->gso_backoff_ns, 0);
-        atomic_store(&e->gso_retry_ns, 0);
-    }
-}
-
-static int stopping(struct fl_engine *e)
-{
-    return atomic_load_explicit(&e->stopping, memory_order_relaxed);
-}
-
-static int rx_round(struct fl_worker *w, struct rx_io *io, int ufd, int tfd, int *failed);
-
-/* Builds up to MMSG_MAX messages from io->out[pos..]; returns the message count. */
-static int tx_build(struct fl_worker *w, struct tx_io *io, int pos, int use_gso)
-{
-    int nm = 0;
-    while (pos < io->n_out && nm < MMSG_MAX) {
-        struct out_dgram *d = &io->out[pos];
-        int k = 1, total = d->len, n_iov = d->n_iov;
-        if (use_gso) {
-            while (pos + k < io->n_out && k < GSO_MAX_SEGS) {
-                struct out_dgram *x = &io->out[pos + k];
-                if (x->hop != d->hop || x->port != d->port || x->len > d->len ||
-                    total + x->len > GSO_MAX_BYTES || io->out[pos + k - 1].len != d->len)
-                    break;
-                total += x->len;
-                n_iov += x->n_iov;
-                k++;
-            }
-        }
-        struct mmsghdr *m = &io->msgs[nm];
-        struct sockaddr_in *a = &io->addrs[nm];
-        memset(m, 0, sizeof(*m));
-        a->sin_family = AF_INET;
-        a->sin_addr.s_addr = htonl(d->hop);
-        a->sin_port = htons(d->port);
-        m->msg_hdr.msg_name = a;
-        m->msg_hdr.msg_namelen = sizeof(*a);
-        m->msg_hdr.msg_iov = &io->iov[d->iov0];
-        m->msg_hdr.msg_iovlen = (size_t)n_iov;
-        if (k > 1) {
-            uint8_t *cb = io->cmsgs + (size_t)nm * CMSG_GSO_SPACE;
-            memset(cb, 0, CMSG_GSO_SPACE);
-            m->msg_hdr.msg_control = cb;
-            m->msg_hdr.msg_controllen = CMSG_GSO_SPACE;
-            struct cmsghdr *c = CMSG_FIRSTHDR(&m->msg_hdr);
-            c->cmsg_level = SOL_UDP;
-            c->cmsg_type = UDP_SEGMENT;
-            c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-            uint16_t gs = (uint16_t)d->len;
-            memcpy(CMSG_DATA(c), &gs, sizeof(gs));
-        }
-        io->msg_ndg[nm] = k;
-        nm++;
-        pos += k;
-    }
-    return nm;
-}
-
-static void tx_count_sent(struct fl_worker *w, struct tx_io *io, int pos, int k)
-{
-    uint64_t bytes = 0;
-    for (int i = 0; i < k; i++)
-        bytes += (uint64_t)io->out[pos + i].len;
-    fl_cnt(w, C_TX_PACKETS, (uint64_t)k);
-    fl_cnt(w, C_TX_BYTES, bytes);
-    fl_cnt(w, C_TX_MSGS, 1);
-    if (k > 1)
-        fl_cnt(w, C_TX_GSO_MSGS, 1);
-}
-
-static void tx_sink(struct fl_worker *w, struct tx_io *io)
-{
-    for (int i = 0; i < io->n_out; i++) {
-        struct out_dgram *d = &io->out[i];
-        if (io->sink_n >= io->sink_max || io->sink_used + d->len > io->sink_cap)
-            break;
-        for (int v = 0; v < d->n_iov; v++) {
-            memcpy(io->sink + io->sink_used, io->iov[d->iov0 + v].iov_base,
-                   io->iov[d->iov0 + v].iov_len);
-            io->sink_used += (int)io->iov[d->iov0 + v].iov_len;
-        }
-        io->sink_lens[io->sink_n++] = d->len;
-    }
-}
-
-/* Waits up to timeout_ms for room in the socket's send buffer. The worker is offline meanwhile
- * (the queued datagrams hold copies of their next hop, never a table pointer) and online again,
- * at a fresh grace period, before this returns: the caller may go on looking up routes. The
- * combined worker runs its RX rounds while it waits, so a saturated egress cannot starve the
- * other direction. Returns -1 when stopping, else 0. */
+/* The socket layer's wait for room in the send buffer (fl_wait_room_fn). The worker is offline
+ * meanwhile (queued datagrams hold copies of their next hop, never a table pointer) and online
+ * again, at a fresh grace period, before this returns: the caller may go on looking up routes.
+ * The combined worker runs its RX rounds while it waits, so a saturated egress cannot starve
+ * the other direction. Returns -1 when stopping, else 0. */
 static int tx_wait_room(struct fl_worker *w, int timeout_ms)
 {
     struct fl_engine *e = w->e;
-    int ufd = e->cfg.udp_fd, serve_rx = w->kind == FL_W_BOTH && w->io2;
+    int ufd = e->cfg.udp_fd, serve_rx = w->kind == FL_W_BOTH && w->rx;
     int r = 0;
     fl_rcu_offline(w);
     for (;;) {
@@ -366,7 +207,7 @@ static int tx_wait_room(struct fl_worker *w, int timeout_ms)
         if (n > 0 && serve_rx && (p[0].revents & POLLIN) && !(p[0].revents & POLLOUT)) {
             int failed = 0;
             fl_cnt(w, C_TX_WAIT_RX_ROUNDS, 1);
-            rx_round(w, w->io2, ufd, e->cfg.tun_fds[0], &failed);
+            rx_round(w, w->rx, ufd, &failed);
             timeout_ms = 0; /* the slice is spent: let the caller retry the send */
             if (!failed)
                 continue;
@@ -377,168 +218,39 @@ static int tx_wait_room(struct fl_worker *w, int timeout_ms)
     return r;
 }
 
-static void tx_flush(struct fl_worker *w, struct tx_io *io)
-{
-    struct fl_engine *e = w->e;
-    if (io->sink) {
-        tx_sink(w, io);
-        io->n_out = io->n_iov = io->n_hdr = 0;
-        return;
-    }
-    int pos = 0;
-    uint64_t deadline = 0; /* set at the first EAGAIN: the flush's whole wait budget */
-    while (pos < io->n_out) {
-        int use_gso = gso_enabled(e);
-        int nm = tx_build(w, io, pos, use_gso);
-        int done = 0;
-        while (done < nm) {
-            int r = sendmmsg(e->cfg.udp_fd, io->msgs + done, (unsigned)(nm - done), MSG_DONTWAIT);
-            fl_cnt(w, C_TX_SENDMMSG, 1);
-            if (r > 0) {
-                for (int i = 0; i < r; i++) {
-                    tx_count_sent(w, io, pos, io->msg_ndg[done + i]);
-                    pos += io->msg_ndg[done + i];
-                }
-                if (use_gso)
-                    gso_worked(e);
-                done += r;
-                continue;
-            }
-            int err = r < 0 ? errno : EAGAIN;
-            if (err == EINTR)
-                continue;
-            if (err == EAGAIN || err == ENOBUFS) {
-                /* socket buffer full: wait for room rather than drop a TCP window's worth */
-                uint64_t now = fl_now_ns();
-                if (!deadline)
-                    deadline = now + (uint64_t)FLUSH_WAIT_MAX_MS * 1000000ULL;
-                if (now < deadline && !stopping(e)) {
-                    fl_cnt(w, C_TX_EAGAIN_WAITS, 1);
-                    int left = (int)((deadline - now) / 1000000ULL) + 1;
-                    if (tx_wait_room(w, left < FLUSH_WAIT_SLICE_MS ? left : FLUSH_WAIT_SLICE_MS) == 0)
-                        continue;
-                }
-                /* out of budget, or stopping: the rest of the batch is dropped, and counted */
-                fl_cnt(w, D_TX_SOCKET_FULL, (uint64_t)(io->n_out - pos));
-                pos = io->n_out;
-                break;
-            }
-            if ((err == EIO || err == EINVAL) && io->msg_ndg[done] > 1) {
-                /* the egress cannot do UDP GSO now: send this batch's rest without it */
-                gso_failed(e);
-                fl_cnt(w, C_TX_GSO_FALLBACKS, 1); /* the daemon logs counter changes */
-                break;
-            }
-            /* this message cannot go (unreachable, EPERM, EMSGSIZE...): drop it, go on */
-            fl_cnt(w, D_TX_SEND_ERROR, (uint64_t)io->msg_ndg[done]);
-            pos += io->msg_ndg[done];
-            done++;
-        }
-    }
-    io->n_out = io->n_iov = io->n_hdr = 0;
-}
+/* ---- TX: TUN -> UDP ---- */
 
-static void tx_queue(struct tx_io *io, uint32_t hop, uint16_t port, struct iovec *iov, int n_iov,
-                     int len)
-{
-    struct out_dgram *d = &io->out[io->n_out++];
-    d->hop = hop;
-    d->port = port;
-    d->len = len;
-    d->iov0 = io->n_iov;
-    d->n_iov = n_iov;
-    for (int i = 0; i < n_iov; i++)
-        io->iov[io->n_iov++] = iov[i];
-}
-
-/* One read from the TUN (with its vnet header when the TUN has one): verdict, ICMP, queueing.
+/* One TUN read: parse, verdict (ICMP error back into the TUN if any), hand to the socket layer.
  * Returns 0 or a drop reason. */
-static int tx_handle(struct fl_worker *w, struct tx_io *io, int tun_fd, uint8_t *buf, int n)
+static int tx_frame(struct fl_worker *w, struct fl_tx_state *tx, int tun_fd, uint8_t *buf, int n)
 {
     struct fl_engine *e = w->e;
-    struct fl_vnet_hdr vh = {0};
-    uint8_t *pkt = buf;
-    int len = n;
-    if (e->feat.vnet_hdr) {
-        if (n < FL_VNET_HDR_LEN)
-            return D_TX_BAD_VNET;
-        memcpy(&vh, buf, FL_VNET_HDR_LEN);
-        pkt += FL_VNET_HDR_LEN;
-        len -= FL_VNET_HDR_LEN;
-    }
+    struct fl_frame f;
+    int v = fl_frame_parse(e->feat.vnet_hdr, buf, n, &f);
+    if (v)
+        return v;
     uint8_t icmp[128];
     int icmp_len = 0;
     uint32_t hop = 0;
     uint16_t port = 0;
-    int gso = vh.gso_type & ~FL_VNET_GSO_ECN;
-    if (gso == FL_VNET_GSO_NONE) {
-        if (fl_ip_check(pkt, len, 1) == 0 && fl_vnet_finish_csum(pkt, len, &vh) < 0)
-            return D_TX_BAD_VNET;
-        int v = fl_tx_one(w, pkt, len, 0, &hop, &port, icmp, &icmp_len);
-        if (v) {
-            tun_write_icmp(w, tun_fd, icmp, icmp_len);
-            return v;
-        }
-        if (io->n_out >= TX_MAX_DGRAMS)
-            tx_flush(w, io);
-        struct iovec one = {pkt, (size_t)len};
-        tx_queue(io, hop, port, &one, 1, len);
-        return 0;
-    }
-    if (gso != FL_VNET_GSO_TCPV4)
-        return D_TX_BAD_VNET;
-    /* A TSO frame: check the template with the size its wire packets will have. */
-    int hdr = fl_tso_hdr_len(pkt, len, vh.gso_size);
-    if (hdr < 0)
-        return -hdr;
-    int v = fl_tx_one(w, pkt, len, hdr + vh.gso_size, &hop, &port, icmp, &icmp_len);
+    v = fl_tx_one(w, f.pkt, f.len, f.gso_size ? fl_frame_wire_len(&f) : 0, &hop, &port, icmp,
+                  &icmp_len);
     if (v) {
-        tun_write_icmp(w, tun_fd, icmp, icmp_len);
+        fl_tun_write_one(w, tun_fd, e->feat.vnet_hdr, icmp, icmp_len);
         return v;
     }
-    fl_cnt(w, C_TX_TSO_FRAMES, 1);
-    int first = 0;
-    for (;;) {
-        int room = TX_MAX_DGRAMS - io->n_out;
-        if (room > GSO_MAX_SEGS)
-            room = GSO_MAX_SEGS;
-        if (room <= 0) {
-            tx_flush(w, io);
-            continue;
-        }
-        struct iovec *iov = &io->iov[io->n_iov];
-        uint8_t *hdrs = io->hdrs + (size_t)io->n_out * FL_SEG_HDR_MAX;
-        int k = fl_tso_split(pkt, len, vh.gso_size, first, room, hdrs, iov, io->seg_len);
-        if (k < 0)
-            return -k;
-        for (int i = 0; i < k; i++) {
-            struct out_dgram *d = &io->out[io->n_out++];
-            d->hop = hop;
-            d->port = port;
-            d->len = io->seg_len[i];
-            d->iov0 = io->n_iov;
-            d->n_iov = 2;
-            io->n_iov += 2;
-        }
-        fl_cnt(w, C_TX_TSO_SEGMENTS, (uint64_t)k);
-        first += k;
-        int payload = len - hdr;
-        int nseg = payload == 0 ? 1 : (payload + vh.gso_size - 1) / vh.gso_size;
-        if (first >= nseg || k == 0)
-            break;
-    }
-    return 0;
+    return fl_udpo_add(w, tx->out, hop, port, &f);
 }
 
 /* One TX round: up to TX_READS reads, then one flush. Returns the reads done; a read error
  * other than EAGAIN sets *failed. */
-static int tx_round(struct fl_worker *w, struct tx_io *io, int fd, int *failed)
+static int tx_round(struct fl_worker *w, struct fl_tx_state *tx, int fd, int *failed)
 {
     fl_rcu_online(w);
     int reads = 0, bytes = 0;
     while (reads < TX_READS && bytes < BATCH_BYTES) {
-        uint8_t *buf = io->slots + (size_t)reads * SLOT_SIZE;
-        ssize_t n = read(fd, buf, SLOT_SIZE);
+        uint8_t *buf = tx->slots + (size_t)reads * FL_SLOT_SIZE;
+        ssize_t n = read(fd, buf, FL_SLOT_SIZE);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -548,7 +260,7 @@ static int tx_round(struct fl_worker *w, struct tx_io *io, int fd, int *failed)
         }
         reads++;
         bytes += (int)n;
-        int v = tx_handle(w, io, fd, buf, (int)n);
+        int v = tx_frame(w, tx, fd, buf, (int)n);
         if (v)
             fl_cnt(w, v, 1);
     }
@@ -556,8 +268,7 @@ static int tx_round(struct fl_worker *w, struct tx_io *io, int fd, int *failed)
         fl_cnt(w, C_TX_BATCHES, 1);
         fl_cnt(w, C_TX_BATCH_READS, (uint64_t)reads);
     }
-    /* the queued datagrams hold no table pointer: the flush may wait offline */
-    tx_flush(w, io);
+    fl_udpo_flush(w, tx->out);
     fl_rcu_offline(w);
     return reads;
 }
@@ -566,7 +277,6 @@ static void *tx_main(void *arg)
 {
     struct fl_worker *w = arg;
     struct fl_engine *e = w->e;
-    struct tx_io *io = w->io;
     int fd = e->cfg.tun_fds[w->queue];
     char name[16]; /* a thread name's limit (TASK_COMM_LEN), terminator included */
     snprintf(name, sizeof(name), "fl-tx%d", w->queue);
@@ -576,7 +286,7 @@ static void *tx_main(void *arg)
         if (wait_fd(e, fd, POLLIN, -1) < 0)
             break;
         int failed = 0;
-        while (!stopping(e) && tx_round(w, io, fd, &failed) > 0 && !failed)
+        while (!fl_stopping(e) && tx_round(w, w->tx, fd, &failed) > 0 && !failed)
             ;
         if (failed && backoff(e, w) < 0)
             break;
@@ -587,139 +297,36 @@ static void *tx_main(void *arg)
 
 /* ---- RX: UDP -> TUN ---- */
 
-struct rx_emit_ctx {
-    struct fl_worker *w;
-    int fd;
-};
-
-static int rx_emit(void *ctx, struct iovec *iov, int n_iov, int total)
-{
-    struct rx_emit_ctx *c = ctx;
-    ssize_t r;
-    do
-        r = writev(c->fd, iov, n_iov);
-    while (r < 0 && errno == EINTR);
-    fl_cnt(c->w, C_RX_TUN_WRITES, 1);
-    if (r < 0) {
-        /* iov = [vnet header,] packet, or vnet header + merged header + one payload per
-         * segment: a frame of n_iov > 2 carried n_iov - 2 packets, anything else one */
-        fl_cnt(c->w, D_RX_TUN_WRITE_ERROR, (uint64_t)(n_iov > 2 ? n_iov - 2 : 1));
-        return -1;
-    }
-    return 0;
-}
-
-static void rx_deliver(struct fl_worker *w, struct rx_io *io, int fd, int n)
-{
-    struct fl_engine *e = w->e;
-    if (!n)
-        return;
-    struct rx_emit_ctx ctx = {w, fd};
-    if (e->feat.coalesce) {
-        uint64_t frames = 0, segs = 0;
-        fl_coalesce(io->pkts, io->lens, n, io->scratch, io->wiov,
-                    (int)(sizeof(io->wiov) / sizeof(io->wiov[0])), rx_emit, &ctx, &frames, &segs);
-        fl_cnt(w, C_RX_COALESCED_FRAMES, frames);
-        fl_cnt(w, C_RX_COALESCED_SEGMENTS, segs);
-        return;
-    }
-    uint8_t vh[FL_VNET_HDR_LEN] = {0};
-    int vnet = e->feat.vnet_hdr;
-    for (int i = 0; i < n; i++) {
-        struct iovec iov[2] = {{vh, FL_VNET_HDR_LEN}, {io->pkts[i], (size_t)io->lens[i]}};
-        rx_emit(&ctx, iov + !vnet, 2 - !vnet, io->lens[i]);
-    }
-}
-
-static void rx_setup(struct rx_io *io)
-{
-    for (int i = 0; i < RX_MSGS; i++) {
-        io->iov[i].iov_base = io->slots + (size_t)i * SLOT_SIZE;
-        io->iov[i].iov_len = SLOT_SIZE;
-    }
-}
-
 static int rx_vlen(struct fl_engine *e)
 {
-    return e->feat.gro ? BATCH_BYTES / 65536 : RX_MSGS;
+    return e->feat.gro ? BATCH_BYTES / 65536 : FL_RX_MSGS;
 }
 
-/* One RX round: one recvmmsg, checks, writes to the TUN. Returns the datagrams received; a
+/* One RX round: one receive, checks, writes to the TUN. Returns the datagrams received; a
  * socket error that is not a pending SO_ERROR sets *failed. */
-static int rx_round(struct fl_worker *w, struct rx_io *io, int ufd, int tfd, int *failed)
+static int rx_round(struct fl_worker *w, struct fl_rx_state *rx, int ufd, int *failed)
 {
-    for (int i = 0; i < RX_MSGS; i++) {
-        struct msghdr *h = &io->msgs[i].msg_hdr;
-        h->msg_name = &io->addrs[i];
-        h->msg_namelen = sizeof(io->addrs[i]);
-        h->msg_iov = &io->iov[i];
-        h->msg_iovlen = 1;
-        h->msg_control = io->cmsgs[i];
-        h->msg_controllen = sizeof(io->cmsgs[i]);
-        h->msg_flags = 0;
-    }
-    int r = recvmmsg(ufd, io->msgs, (unsigned)rx_vlen(w->e), MSG_DONTWAIT, NULL);
-    if (r < 0) {
-        if (errno != EAGAIN && errno != EINTR) {
-            /* a pending socket error (e.g. from an ICMP): reading it clears it */
-            int soerr = 0;
-            socklen_t sl = sizeof(soerr);
-            if (getsockopt(ufd, SOL_SOCKET, SO_ERROR, &soerr, &sl) != 0 || !soerr)
-                *failed = 1;
-        }
+    int r = fl_udpi_recv(w, rx->in, ufd, rx_vlen(w->e), failed);
+    if (r <= 0)
         return 0;
-    }
     fl_rcu_online(w);
     const struct fl_rtable *t = fl_rcu_table(w);
-    fl_cnt(w, C_RX_BATCHES, 1);
-    fl_cnt(w, C_RX_BATCH_MSGS, (uint64_t)r);
-    int n = 0;
-    for (int i = 0; i < r; i++) {
-        struct msghdr *h = &io->msgs[i].msg_hdr;
-        int len = (int)io->msgs[i].msg_len;
-        uint8_t *buf = io->iov[i].iov_base;
-        if (h->msg_flags & MSG_TRUNC) {
-            fl_cnt(w, D_RX_TRUNCATED, 1);
+    uint8_t *pkt;
+    int len;
+    uint32_t src;
+    uint16_t sport;
+    while (fl_udpi_next(w, rx->in, &pkt, &len, &src, &sport)) {
+        int v = fl_rx_one(w, t, pkt, len, src, sport);
+        if (v) {
+            fl_cnt(w, v, 1);
             continue;
         }
-        if (len == 0) {
-            fl_cnt(w, D_RX_MALFORMED, 1);
-            continue;
-        }
-        int seg = len;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c; c = CMSG_NXTHDR(h, c)) {
-            if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO) {
-                int gs;
-                memcpy(&gs, CMSG_DATA(c), sizeof(gs));
-                if (gs > 0 && gs < len)
-                    seg = gs;
-            }
-        }
-        if (seg < len)
-            fl_cnt(w, C_RX_GRO_MSGS, 1);
-        uint32_t src = ntohl(io->addrs[i].sin_addr.s_addr);
-        uint16_t sport = ntohs(io->addrs[i].sin_port);
-        for (int off = 0; off < len; off += seg) {
-            int l = len - off < seg ? len - off : seg;
-            int v = fl_rx_one(w, t, buf + off, l, src, sport);
-            if (v) {
-                fl_cnt(w, v, 1);
-                continue;
-            }
-            fl_cnt(w, C_RX_PACKETS, 1);
-            fl_cnt(w, C_RX_BYTES, (uint64_t)l);
-            if (n == RX_PKTS) {
-                /* GRO buffers of tiny segments: write what is held, then go on */
-                rx_deliver(w, io, tfd, n);
-                n = 0;
-            }
-            io->pkts[n] = buf + off;
-            io->lens[n] = l;
-            n++;
-        }
+        fl_cnt(w, C_RX_PACKETS, 1);
+        fl_cnt(w, C_RX_BYTES, (uint64_t)len);
+        fl_tunw_add(w, &rx->tw, pkt, len);
     }
     fl_rcu_offline(w); /* packets are checked: no table needed to write them */
-    rx_deliver(w, io, tfd, n);
+    fl_tunw_flush(w, &rx->tw);
     return r;
 }
 
@@ -727,15 +334,14 @@ static void *rx_main(void *arg)
 {
     struct fl_worker *w = arg;
     struct fl_engine *e = w->e;
-    struct rx_io *io = w->io2;
-    int ufd = e->cfg.udp_fd, tfd = e->cfg.tun_fds[0];
+    int ufd = e->cfg.udp_fd;
     pthread_setname_np(pthread_self(), "fl-rx");
     for (;;) {
         fl_rcu_offline(w);
         if (wait_fd(e, ufd, POLLIN, -1) < 0)
             break;
         int failed = 0;
-        while (!stopping(e) && rx_round(w, io, ufd, tfd, &failed) > 0 && !failed)
+        while (!fl_stopping(e) && rx_round(w, w->rx, ufd, &failed) > 0 && !failed)
             ;
         if (failed && backoff(e, w) < 0)
             break;
@@ -751,8 +357,6 @@ static void *both_main(void *arg)
 {
     struct fl_worker *w = arg;
     struct fl_engine *e = w->e;
-    struct tx_io *tio = w->io;
-    struct rx_io *rio = w->io2;
     int tfd = e->cfg.tun_fds[0], ufd = e->cfg.udp_fd;
     pthread_setname_np(pthread_self(), "fl-txrx0");
     for (;;) {
@@ -769,10 +373,10 @@ static void *both_main(void *arg)
             break;
         int failed = 0, busy;
         do {
-            int a = tx_round(w, tio, tfd, &failed);
-            int b = rx_round(w, rio, ufd, tfd, &failed);
+            int a = tx_round(w, w->tx, tfd, &failed);
+            int b = rx_round(w, w->rx, ufd, &failed);
             busy = a || b;
-        } while (busy && !failed && !stopping(e));
+        } while (busy && !failed && !fl_stopping(e));
         if (failed && backoff(e, w) < 0)
             break;
     }
@@ -860,7 +464,7 @@ struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errl
         w->kind = (q == 0 && !cfg->rx_thread) ? FL_W_BOTH : FL_W_TX;
         w->queue = q;
         atomic_store(&w->qs, FL_QS_OFFLINE);
-        if (!(w->io = tx_io_new()))
+        if (!(w->tx = tx_state_new(cfg->udp_fd)))
             FAIL("out of memory");
     }
     if (cfg->n_tun > 0) {
@@ -871,15 +475,8 @@ struct fl_engine *fl_engine_new(const struct fl_config *cfg, char *err, int errl
             w->kind = FL_W_RX;
             atomic_store(&w->qs, FL_QS_OFFLINE);
         }
-        struct rx_io *io = calloc(1, sizeof(*io));
-        if (io)
-            io->slots = malloc((size_t)RX_MSGS * SLOT_SIZE);
-        if (!io || !io->slots) {
-            free(io);
+        if (!(w->rx = rx_state_new(e)))
             FAIL("out of memory");
-        }
-        rx_setup(io);
-        w->io2 = io;
     }
     return e;
 fail:
@@ -937,14 +534,10 @@ void fl_engine_free(struct fl_engine *e)
         return;
     fl_engine_stop(e);
     for (int i = 0; i < e->n_workers; i++) {
-        tx_io_free(e->workers[i].io);
-        struct rx_io *rio = e->workers[i].io2;
-        if (rio) {
-            free(rio->slots);
-            free(rio);
-        }
+        tx_state_free(e->workers[i].tx);
+        rx_state_free(e->workers[i].rx);
     }
-    tx_io_free(e->test_worker.io);
+    fl_udpo_free(e->test_worker.test_out);
     fl_rt_free(atomic_load(&e->table));
     if (e->stop_fd >= 0)
         close(e->stop_fd);
@@ -955,7 +548,7 @@ void fl_engine_free(struct fl_engine *e)
 void fl_engine_features(struct fl_engine *e, struct fl_features *out)
 {
     *out = e->feat;
-    out->gso = gso_enabled(e); /* off while paused after a failed GSO send */
+    out->gso = fl_gso_enabled(e); /* off while paused after a failed GSO send */
 }
 
 void fl_engine_counters(struct fl_engine *e, uint64_t *out, int n)
@@ -969,115 +562,4 @@ void fl_engine_counters(struct fl_engine *e, uint64_t *out, int n)
         s += atomic_load_explicit(&e->test_worker.c[i], memory_order_relaxed);
         out[i] = s;
     }
-}
-
-/* ---- pure entry points for the tests ---- */
-
-int fl_lookup(struct fl_engine *e, uint32_t dst, uint32_t *next_hop, uint16_t *port)
-{
-    struct fl_worker *w = &e->test_worker;
-    fl_rcu_online(w);
-    const struct fl_rt_entry *r = fl_rt_lookup(fl_rcu_table(w), dst);
-    if (r) {
-        *next_hop = r->next_hop;
-        *port = r->port;
-    }
-    fl_rcu_offline(w);
-    return r != NULL;
-}
-
-int fl_tx_packet(struct fl_engine *e, uint8_t *pkt, int len, uint32_t *next_hop, uint16_t *port,
-                 uint8_t *icmp, int *icmp_len)
-{
-    struct fl_worker *w = &e->test_worker;
-    fl_rcu_online(w);
-    int v = fl_tx_one(w, pkt, len, 0, next_hop, port, icmp, icmp_len);
-    fl_rcu_offline(w);
-    if (v)
-        fl_cnt(w, v, 1);
-    return v;
-}
-
-int fl_rx_packet(struct fl_engine *e, const uint8_t *pkt, int len, uint32_t src,
-                 uint16_t src_port)
-{
-    struct fl_worker *w = &e->test_worker;
-    fl_rcu_online(w);
-    int v = fl_rx_one(w, fl_rcu_table(w), pkt, len, src, src_port);
-    fl_rcu_offline(w);
-    if (v)
-        fl_cnt(w, v, 1);
-    return v;
-}
-
-int fl_test_split(struct fl_engine *e, const uint8_t *frame, int len, uint8_t *out, int cap,
-                  int *lens, int max)
-{
-    struct fl_worker *w = &e->test_worker;
-    if (len < 0 || len > SLOT_SIZE)
-        return -D_TX_MALFORMED;
-    if (!w->io && !(w->io = tx_io_new()))
-        return -1;
-    struct tx_io *io = w->io;
-    int saved = e->feat.vnet_hdr;
-    e->feat.vnet_hdr = 1;
-    memcpy(io->slots, frame, (size_t)len);
-    io->sink = out;
-    io->sink_cap = cap;
-    io->sink_used = 0;
-    io->sink_lens = lens;
-    io->sink_max = max;
-    io->sink_n = 0;
-    fl_rcu_online(w);
-    int v = tx_handle(w, io, -1, io->slots, len);
-    fl_rcu_offline(w);
-    tx_flush(w, io);
-    io->sink = NULL;
-    e->feat.vnet_hdr = saved;
-    if (v) {
-        fl_cnt(w, v, 1);
-        return -v;
-    }
-    return io->sink_n;
-}
-
-struct sink_ctx {
-    uint8_t *out;
-    int cap, used, *lens, max, n;
-};
-
-static int sink_emit(void *ctx, struct iovec *iov, int n_iov, int total)
-{
-    struct sink_ctx *s = ctx;
-    int need = 0;
-    for (int i = 0; i < n_iov; i++)
-        need += (int)iov[i].iov_len;
-    if (s->n >= s->max || s->used + need > s->cap)
-        return -1;
-    for (int i = 0; i < n_iov; i++) {
-        memcpy(s->out + s->used, iov[i].iov_base, iov[i].iov_len);
-        s->used += (int)iov[i].iov_len;
-    }
-    s->lens[s->n++] = need;
-    return 0;
-}
-
-int fl_test_coalesce(const uint8_t *pkts, const int *lens, int n, uint8_t *out, int cap,
-                     int *out_lens, int max)
-{
-    if (n < 0 || n > RX_MSGS * GSO_MAX_SEGS)
-        return -1;
-    static __thread uint8_t *ptrs[RX_MSGS * GSO_MAX_SEGS];
-    uint8_t scratch[256];
-    struct iovec iov[2 + 2 * GSO_MAX_SEGS + 8];
-    int off = 0;
-    for (int i = 0; i < n; i++) {
-        ptrs[i] = (uint8_t *)pkts + off;
-        off += lens[i];
-    }
-    struct sink_ctx s = {out, cap, 0, out_lens, max, 0};
-    uint64_t frames = 0, segs = 0;
-    fl_coalesce(ptrs, lens, n, scratch, iov, (int)(sizeof(iov) / sizeof(iov[0])), sink_emit, &s,
-                &frames, &segs);
-    return s.n;
 }

@@ -120,7 +120,11 @@ struct fl_icmp_bucket {
 };
 enum { FL_W_TX, FL_W_RX, FL_W_TEST, FL_W_BOTH };
 
-/* A worker's private state. Pure-function calls from Python use e->test_worker. */
+struct fl_tx_state;
+struct fl_rx_state;
+struct fl_udp_out;
+
+/* A worker's private state. The test entry points (testapi.c) use e->test_worker. */
 struct fl_worker {
     struct fl_engine *e;
     pthread_t thread;
@@ -130,8 +134,9 @@ struct fl_worker {
     _Atomic uint64_t qs; /* last grace-period generation seen, or FL_QS_OFFLINE */
     _Atomic uint64_t c[C_COUNT];
     struct fl_icmp_bucket icmp[FL_ICMP_KINDS][FL_ICMP_SLOTS];
-    void *io;  /* engine.c's TX buffers */
-    void *io2; /* engine.c's RX buffers */
+    struct fl_tx_state *tx;        /* TUN -> UDP (engine.c), when this worker carries TX */
+    struct fl_rx_state *rx;        /* UDP -> TUN (engine.c), when this worker carries RX */
+    struct fl_udp_out *test_out;   /* the test worker's datagram queue (testapi.c) */
 };
 
 #define FL_MAX_WORKERS (FL_MAX_QUEUES + 2)
@@ -155,6 +160,11 @@ struct fl_engine {
     _Atomic uint64_t c_engine[C_COUNT]; /* counters bumped outside workers */
 };
 
+static inline int fl_stopping(struct fl_engine *e)
+{
+    return atomic_load_explicit(&e->stopping, memory_order_relaxed);
+}
+
 static inline void fl_cnt(struct fl_worker *w, int i, uint64_t v)
 {
     /* single writer per array: a relaxed load+store is an atomic counter for readers */
@@ -175,7 +185,6 @@ struct fl_rtable *fl_rcu_table(struct fl_worker *w);
 /* packet.c */
 uint32_t fl_csum_partial(const uint8_t *p, int len, uint32_t sum);
 uint16_t fl_csum_fold(uint32_t sum);
-uint16_t fl_checksum(const uint8_t *p, int len);
 int fl_ip_check(const uint8_t *p, int len, int exact); /* 0 ok, else 1 = not v4, 2 = malformed */
 int fl_make_icmp(struct fl_worker *w, const uint8_t *orig, int orig_len, uint8_t type, uint8_t code,
                  uint16_t mtu, uint8_t *out);

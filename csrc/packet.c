@@ -107,7 +107,13 @@ __attribute__((target("avx2"))) static uint64_t sum64_avx2(const uint8_t *p, int
     return v[0] + v[1] + v[2] + v[3];
 }
 
-static int have_avx2 = -1;
+/* Decided once, before any worker runs (no lazily written shared flag). */
+static int have_avx2;
+__attribute__((constructor)) static void detect_avx2(void)
+{
+    __builtin_cpu_init();
+    have_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+}
 #endif
 
 /* Sum of the bytes as native 16-bit words, not folded past 32 bits. */
@@ -116,8 +122,6 @@ uint32_t fl_csum_partial(const uint8_t *p, int len, uint32_t sum)
     uint64_t s = sum, c = 0;
 #if defined(__x86_64__)
     if (len >= 256) {
-        if (have_avx2 < 0)
-            have_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
         if (have_avx2) {
             int done;
             uint64_t v = sum64_avx2(p, len, &done);
@@ -183,11 +187,6 @@ uint16_t fl_csum_fold(uint32_t sum)
 /* The checksum to store (native order) for these bytes. */
 static inline uint16_t csum_final(uint32_t sum) { return (uint16_t)~fl_csum_fold(sum); }
 
-/* Exported for tests: the Internet checksum as a number (0 when the bytes verify). */
-uint16_t fl_checksum(const uint8_t *p, int len)
-{
-    return ntohs(csum_final(fl_csum_partial(p, len, 0)));
-}
 
 static inline uint32_t pseudo_sum(const uint8_t *ip, uint8_t proto, int l4_len)
 {
@@ -398,7 +397,9 @@ int fl_vnet_finish_csum(uint8_t *pkt, int len, const struct fl_vnet_hdr *vh)
     if (!(vh->flags & FL_VNET_F_NEEDS_CSUM))
         return 0;
     int start = vh->csum_start, off = vh->csum_offset;
-    if (start > len || start + off + 2 > len)
+    /* the checksummed part starts past the IP header (a checked packet's): a start inside it
+     * would overwrite header bytes its own checksum covers */
+    if (start < (pkt[0] & 15) * 4 || start > len || start + off + 2 > len)
         return -1;
     uint16_t c = csum_final(fl_csum_partial(pkt + start, len - start, 0));
     if (pkt[IPH_PROTO] == PROTO_UDP && c == 0)

@@ -418,7 +418,9 @@ def test_flood_of_hostile_datagrams_during_a_transfer(pair_factory) -> None:
             break
         time.sleep(0.1)
     print(f"flood: engine drops {dropped}, kernel receive-buffer drops {kernel}")
-    assert sum(dropped.values()) + kernel == FLOOD
+    # the kernel's count also holds the transfers' own datagrams it dropped, so with kernel
+    # drops the flood's share is only bounded; without, every datagram is matched by reason
+    assert sum(dropped.values()) <= FLOOD <= sum(dropped.values()) + kernel
     if kernel == 0:
         assert dropped == sent
     assert all(c[k] == before[k] for k in c if k.startswith("drop_rx") and k not in kinds)

@@ -16,15 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastlane.engine import Engine, EngineError, Route, coalesce
+from fastlane.engine import EngineError, Route
 
+from tests.engine_probe import ProbeEngine, coalesce
 from tests.packets import (IP, MTU, NET, TUN_ADDR, bad_csum, csum, ipv4, tcp_pseudo, tcp_segment,
                            tcp_valid, tso_frame, udp_packet, vnet_hdr)
 
 
 @pytest.fixture
-def engine() -> Engine:
-    e = Engine([], -1, MTU, TUN_ADDR, icmp_rate=1000, icmp_burst=1000)
+def engine() -> ProbeEngine:
+    e = ProbeEngine([], -1, MTU, TUN_ADDR, icmp_rate=1000, icmp_burst=1000)
     e.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285),
                   Route(NET("10.1.3.0/24"), IP("192.168.0.3"), 9000)])
     return e
@@ -38,7 +39,7 @@ def engine() -> Engine:
 def test_checksum_matches_reference_at_any_length_and_alignment(size: int, seed: int,
                                                                  offset: int) -> None:
     """The C sum (scalar, and AVX2 from 256 bytes on) against RFC 1071 done in Python."""
-    from fastlane._engine import ffi, lib
+    from tests._engine_test import ffi, lib
 
     data = random.Random(seed).randbytes(size)
     if seed % 3 == 0:
@@ -72,7 +73,7 @@ route_st = st.tuples(
 @given(routes=st.lists(route_st, max_size=40), probes=st.lists(st.integers(0, 2**32 - 1), max_size=20),
        data=st.data())
 def test_lookup_matches_longest_prefix_reference(routes, probes, data) -> None:
-    e = Engine([], -1, MTU, TUN_ADDR)
+    e = ProbeEngine([], -1, MTU, TUN_ADDR)
     # Route() normalises to the network address, so give it masked nets
     rs = []
     for net, plen, hop, port in routes:
@@ -89,21 +90,21 @@ def test_lookup_matches_longest_prefix_reference(routes, probes, data) -> None:
 
 
 def test_route_port_validated() -> None:
-    e = Engine([], -1, MTU, TUN_ADDR)
+    e = ProbeEngine([], -1, MTU, TUN_ADDR)
     with pytest.raises(ValueError):
         e.set_routes([Route(NET("10.0.0.0/8"), IP("1.2.3.4"), 0)])
 
 
 def test_bad_config_is_a_clear_error() -> None:
     with pytest.raises(EngineError, match="MTU"):
-        Engine([], -1, 10, TUN_ADDR)
+        ProbeEngine([], -1, 10, TUN_ADDR)
     with pytest.raises(EngineError, match="fd"):
-        Engine([-1], 3, MTU, TUN_ADDR)
+        ProbeEngine([-1], 3, MTU, TUN_ADDR)
 
 
 def test_route_swap_under_concurrent_lookups() -> None:
     """Readers in other threads keep seeing one whole table or the other, never garbage."""
-    e = Engine([], -1, MTU, TUN_ADDR)
+    e = ProbeEngine([], -1, MTU, TUN_ADDR)
     a = [Route(NET(f"10.{i}.0.0/16"), IP("192.168.0.1"), 1) for i in range(50)]
     b = [Route(NET(f"10.{i}.0.0/16"), IP("192.168.0.2"), 2) for i in range(50)]
     stop = threading.Event()
@@ -130,7 +131,7 @@ def test_route_swap_under_concurrent_lookups() -> None:
 
 # ---------------------------------------------------------------- encap verdicts
 
-def test_forward_decrements_ttl_with_valid_checksum(engine: Engine) -> None:
+def test_forward_decrements_ttl_with_valid_checksum(engine: ProbeEngine) -> None:
     pkt = udp_packet("10.1.1.5", "10.1.2.9", ttl=64)
     verdict, out, dest, icmp = engine.encap_verdict(pkt)
     assert verdict == "forward" and dest == (IP("192.168.0.2"), 8285) and icmp == b""
@@ -141,7 +142,7 @@ def test_forward_decrements_ttl_with_valid_checksum(engine: Engine) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ttl=st.integers(2, 255), tos=st.integers(0, 255), ident=st.integers(0, 65535),
        size=st.integers(0, 1400), df=st.booleans(), proto=st.sampled_from([6, 17, 47, 0, 255]))
-def test_incremental_checksum_equals_recomputed(engine: Engine, ttl, tos, ident, size, df, proto) -> None:
+def test_incremental_checksum_equals_recomputed(engine: ProbeEngine, ttl, tos, ident, size, df, proto) -> None:
     pkt = ipv4("10.1.1.5", "10.1.3.1", bytes(size), ttl=ttl, tos=tos, ident=ident, df=df,
                proto=proto)
     verdict, out, dest, _ = engine.encap_verdict(pkt)
@@ -163,14 +164,14 @@ def check_icmp(reply: bytes, orig: bytes, type_: int, code: int, mtu: int = 0) -
     assert ic[8:] == orig[: ihl + 8]
 
 
-def test_no_route_answers_net_unreachable(engine: Engine) -> None:
+def test_no_route_answers_net_unreachable(engine: ProbeEngine) -> None:
     pkt = udp_packet("10.1.1.5", "10.9.9.9")
     verdict, _, _, icmp = engine.encap_verdict(pkt)
     assert verdict == "drop_tx_no_route"
     check_icmp(icmp, pkt, 3, 0)
 
 
-def test_no_route_quote_keeps_ip_options(engine: Engine) -> None:
+def test_no_route_quote_keeps_ip_options(engine: ProbeEngine) -> None:
     pkt = udp_packet("10.1.1.5", "10.9.9.9", options=b"\x01\x01\x01\x00")
     verdict, _, _, icmp = engine.encap_verdict(pkt)
     assert verdict == "drop_tx_no_route"
@@ -179,14 +180,14 @@ def test_no_route_quote_keeps_ip_options(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("ttl", [0, 1])
-def test_ttl_expiry_answers_time_exceeded(engine: Engine, ttl: int) -> None:
+def test_ttl_expiry_answers_time_exceeded(engine: ProbeEngine, ttl: int) -> None:
     pkt = udp_packet("10.1.1.5", "10.1.2.9", ttl=ttl)
     verdict, _, _, icmp = engine.encap_verdict(pkt)
     assert verdict == "drop_tx_ttl_expired"
     check_icmp(icmp, pkt, 11, 0)
 
 
-def test_too_big_with_df_answers_frag_needed(engine: Engine) -> None:
+def test_too_big_with_df_answers_frag_needed(engine: ProbeEngine) -> None:
     pkt = udp_packet("10.1.1.5", "10.1.2.9", size=MTU - 28 + 1, df=True)
     assert len(pkt) == MTU + 1
     verdict, _, _, icmp = engine.encap_verdict(pkt)
@@ -196,7 +197,7 @@ def test_too_big_with_df_answers_frag_needed(engine: Engine) -> None:
     assert engine.encap_verdict(ok)[0] == "forward"
 
 
-def test_too_big_without_df_dropped_silently(engine: Engine) -> None:
+def test_too_big_without_df_dropped_silently(engine: ProbeEngine) -> None:
     pkt = udp_packet("10.1.1.5", "10.1.2.9", size=MTU)
     assert engine.encap_verdict(pkt)[::3] == ("drop_tx_oversize", b"")
 
@@ -216,18 +217,18 @@ def test_too_big_without_df_dropped_silently(engine: Engine) -> None:
     udp_packet("10.1.1.5", "255.255.255.255"),
 ], ids=["icmp-unreach", "icmp-time-exceeded", "fragment", "src-zero", "src-this-network",
         "src-loopback", "src-multicast", "src-reserved", "src-bcast", "dst-bcast"])
-def test_no_icmp_about_icmp_errors_fragments_or_odd_addresses(engine: Engine, pkt: bytes) -> None:
+def test_no_icmp_about_icmp_errors_fragments_or_odd_addresses(engine: ProbeEngine, pkt: bytes) -> None:
     verdict, _, _, icmp = engine.encap_verdict(pkt)
     assert verdict == "drop_tx_no_route" and icmp == b""
 
 
-def test_icmp_echo_request_without_route_is_answered(engine: Engine) -> None:
+def test_icmp_echo_request_without_route_is_answered(engine: ProbeEngine) -> None:
     pkt = ipv4("10.1.1.5", "10.9.9.9", bytes([8, 0, 0, 0]) + bytes(32), proto=1)
     assert engine.encap_verdict(pkt)[3] != b""
 
 
 def test_icmp_rate_limited() -> None:
-    e = Engine([], -1, MTU, TUN_ADDR, icmp_rate=1, icmp_burst=3)
+    e = ProbeEngine([], -1, MTU, TUN_ADDR, icmp_rate=1, icmp_burst=3)
     pkt = udp_packet("10.1.1.5", "10.9.9.9")
     replies = [e.encap_verdict(pkt)[3] for _ in range(10)]
     assert sum(1 for r in replies if r) == 3
@@ -244,7 +245,7 @@ def test_icmp_budget_is_per_source_and_frag_needed_has_its_own() -> None:
     """One container flooding unroutable packets uses up only its own budget: another
     source still gets its errors, and path MTU discovery ("fragmentation needed") is never
     suppressed by the other kinds of error."""
-    e = Engine([], -1, MTU, TUN_ADDR, icmp_rate=1, icmp_burst=3)
+    e = ProbeEngine([], -1, MTU, TUN_ADDR, icmp_rate=1, icmp_burst=3)
     e.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285)])
     flooder = "10.1.1.5"
     other = next(f"10.1.1.{i}" for i in range(6, 250) if _icmp_slot(f"10.1.1.{i}") != _icmp_slot(flooder))
@@ -267,7 +268,7 @@ def test_icmp_budget_is_per_source_and_frag_needed_has_its_own() -> None:
     (b"\x44" + udp_packet("10.1.1.5", "10.1.2.9")[1:], "drop_tx_malformed"),
     (b"\x4f" + udp_packet("10.1.1.5", "10.1.2.9", size=0)[1:], "drop_tx_malformed"),
 ], ids=["empty", "ipv6", "short", "total-length", "ihl-4", "ihl-past-end"])
-def test_encap_header_checks(engine: Engine, pkt: bytes, reason: str) -> None:
+def test_encap_header_checks(engine: ProbeEngine, pkt: bytes, reason: str) -> None:
     assert engine.encap_verdict(pkt)[0] == reason
 
 
@@ -291,7 +292,7 @@ GOOD = udp_packet("10.1.2.9", "10.1.1.5")
     (bad_csum(GOOD), "192.168.0.2", "drop_rx_bad_checksum"),
 ], ids=["ok", "ok-other-peer", "other-peer-wrong-port", "wrong-port", "foreign", "ipv6", "empty", "short", "truncated", "trailing",
         "ihl-4", "bad-checksum"])
-def test_decap_checks(engine: Engine, pkt: bytes, src: str, reason: str) -> None:
+def test_decap_checks(engine: ProbeEngine, pkt: bytes, src: str, reason: str) -> None:
     addr, _, port = src.partition(":")
     assert engine.decap_verdict(pkt, IP(addr), int(port or 8285)) == reason
 
@@ -299,7 +300,7 @@ def test_decap_checks(engine: Engine, pkt: bytes, src: str, reason: str) -> None
 def test_decap_inner_source_must_belong_to_the_sending_peer() -> None:
     """A peer may only send inner sources from its own subnets (or from outside the Network):
     never another peer's pods, never ours, never an unleased part of the Network."""
-    e = Engine([], -1, MTU, TUN_ADDR, network=NET("10.1.0.0/16"))
+    e = ProbeEngine([], -1, MTU, TUN_ADDR, network=NET("10.1.0.0/16"))
     e.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285),
                   Route(NET("10.1.4.0/24"), IP("192.168.0.2"), 8285),
                   Route(NET("10.1.3.0/24"), IP("192.168.0.3"), 8285)])
@@ -312,7 +313,7 @@ def test_decap_inner_source_must_belong_to_the_sending_peer() -> None:
         assert e.decap_verdict(udp_packet(src, "10.1.1.5"), peer) == verdict, src
     assert e.counters()["drop_rx_inner_source"] == 3
     # with no Network known (a test engine) only the outer checks apply
-    e2 = Engine([], -1, MTU, TUN_ADDR)
+    e2 = ProbeEngine([], -1, MTU, TUN_ADDR)
     e2.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285)])
     assert e2.decap_verdict(udp_packet("10.1.3.9", "10.1.1.5"), peer) == "deliver"
 
@@ -323,7 +324,7 @@ def test_decap_inner_source_must_belong_to_the_sending_peer() -> None:
 def test_decap_inner_source_matches_model(routes, inner, sender) -> None:
     """Property: delivered iff the inner source is outside the Network or its longest-prefix
     route leads to the sending peer."""
-    e = Engine([], -1, MTU, TUN_ADDR, network=NET("10.1.0.0/16"))
+    e = ProbeEngine([], -1, MTU, TUN_ADDR, network=NET("10.1.0.0/16"))
     table = {NET(f"10.1.{third}.0/24"): IP(f"192.168.0.{peer}") for third, peer in routes}
     e.set_routes([Route(net, hop, 8285) for net, hop in table.items()])
     src, hop = IP(inner), IP(f"192.168.0.{sender}")
@@ -336,17 +337,17 @@ def test_decap_inner_source_matches_model(routes, inner, sender) -> None:
 
 
 def test_decap_source_check_can_be_disabled() -> None:
-    e = Engine([], -1, MTU, TUN_ADDR, check_source=False)
+    e = ProbeEngine([], -1, MTU, TUN_ADDR, check_source=False)
     assert e.decap_verdict(GOOD, IP("203.0.113.1")) == "deliver"
 
 
-def test_decap_source_check_follows_the_current_table(engine: Engine) -> None:
+def test_decap_source_check_follows_the_current_table(engine: ProbeEngine) -> None:
     engine.set_routes([Route(NET("10.1.3.0/24"), IP("192.168.0.3"), 9000)])
     assert engine.decap_verdict(GOOD, IP("192.168.0.2")) == "drop_rx_foreign_source"
     assert engine.decap_verdict(GOOD, IP("192.168.0.3"), 9000) == "deliver"
 
 
-def test_drop_counters_exact(engine: Engine) -> None:
+def test_drop_counters_exact(engine: ProbeEngine) -> None:
     for _ in range(5):
         engine.decap_verdict(GOOD, IP("1.1.1.1"))
     for _ in range(3):
@@ -360,7 +361,7 @@ def test_drop_counters_exact(engine: Engine) -> None:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=2000))
-def test_hostile_bytes_never_crash(engine: Engine, data: bytes) -> None:
+def test_hostile_bytes_never_crash(engine: ProbeEngine, data: bytes) -> None:
     engine.encap_verdict(data)
     assert engine.decap_verdict(data, IP("192.168.0.2")) in (
         "deliver", "drop_rx_not_ipv4", "drop_rx_malformed", "drop_rx_bad_checksum")
@@ -371,7 +372,7 @@ def test_hostile_bytes_never_crash(engine: Engine, data: bytes) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pos=st.lists(st.integers(0, 2000), max_size=6), vals=st.lists(st.integers(0, 255), min_size=6,
        max_size=6), cut=st.integers(0, 2100))
-def test_mutated_frames_never_crash(engine: Engine, pos, vals, cut) -> None:
+def test_mutated_frames_never_crash(engine: ProbeEngine, pos, vals, cut) -> None:
     """Valid-looking vnet/TCP frames with a few bytes changed: split and coalesce survive."""
     frame = bytearray(tso_frame(bytes(1500), 500))
     for p, v in zip(pos, vals):
@@ -391,7 +392,7 @@ def test_mutated_frames_never_crash(engine: Engine, pos, vals, cut) -> None:
 @given(size=st.integers(1, 65000), mss=st.integers(100, MTU - 40), flags=st.sampled_from(
     [0x10, 0x18, 0x19, 0x98]), seed=st.integers(0, 1000),
     ts=st.booleans())
-def test_tso_split_gives_valid_mtu_packets(engine: Engine, size, mss, flags, seed, ts) -> None:
+def test_tso_split_gives_valid_mtu_packets(engine: ProbeEngine, size, mss, flags, seed, ts) -> None:
     options = b"\x01\x01\x08\x0a" + struct.pack("!II", 111, 222) if ts else b""
     if 40 + len(options) + size > 65535:
         size = 65535 - 40 - len(options)
@@ -417,7 +418,7 @@ def test_tso_split_gives_valid_mtu_packets(engine: Engine, size, mss, flags, see
     assert got == payload
 
 
-def test_split_of_plain_needs_csum_packet_completes_checksum(engine: Engine) -> None:
+def test_split_of_plain_needs_csum_packet_completes_checksum(engine: ProbeEngine) -> None:
     pkt = bytearray(udp_packet("10.1.1.5", "10.1.2.9", size=100))
     # UDP checksum as the kernel leaves it with CHECKSUM_PARTIAL: the pseudo-header sum
     s = sum(struct.unpack("!6H", bytes(pkt[12:20]) + struct.pack("!HH", 17, 108)))
@@ -430,20 +431,20 @@ def test_split_of_plain_needs_csum_packet_completes_checksum(engine: Engine) -> 
     assert csum(pseudo + out[20:]) == 0 and out[26:28] != pkt[26:28]
 
 
-def test_split_refuses_unknown_gso_types(engine: Engine) -> None:
+def test_split_refuses_unknown_gso_types(engine: ProbeEngine) -> None:
     frame = tso_frame(bytes(3000), 1000)
     assert engine.split(frame[:1] + b"\x03" + frame[2:]) == "drop_tx_bad_vnet"  # UDP (UFO)
     assert engine.split(frame[:1] + b"\x04" + frame[2:]) == "drop_tx_bad_vnet"  # TCPV6
     assert engine.split(frame[:1] + b"\x05" + frame[2:]) == "drop_tx_bad_vnet"  # UDP_L4
 
 
-def test_split_of_frame_without_route_drops(engine: Engine) -> None:
+def test_split_of_frame_without_route_drops(engine: ProbeEngine) -> None:
     frame = bytearray(tso_frame(bytes(3000), 1000))
     frame[10 + 16:10 + 20] = IP("10.200.0.1").packed
     assert engine.split(bytes(frame)) == "drop_tx_no_route"
 
 
-def test_split_with_oversized_segments_and_df_says_too_big(engine: Engine) -> None:
+def test_split_with_oversized_segments_and_df_says_too_big(engine: ProbeEngine) -> None:
     assert engine.split(tso_frame(bytes(5000), MTU - 39)) == "drop_tx_too_big"
 
 
@@ -514,7 +515,7 @@ def test_engine_changes_become_log_lines() -> None:
     when nothing changed."""
     from fastlane.engine import describe_changes
 
-    e = Engine([], -1, MTU, TUN_ADDR)
+    e = ProbeEngine([], -1, MTU, TUN_ADDR)
     e.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285)])
     before, feats = e.counters(), {"gso": True, "tso": True}
     assert describe_changes(before, e.counters(), feats, feats) == []

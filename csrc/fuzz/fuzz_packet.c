@@ -27,6 +27,7 @@
 #include <sys/uio.h>
 
 #include "engine.h"
+#include "engine_test_cdef.h"
 #include "fuzz_common.h"
 
 #define OPS 9
@@ -193,10 +194,12 @@ static void op_vnet_csum(struct fz_in *in)
     if (!(vh.flags & FL_VNET_F_NEEDS_CSUM)) {
         FZ_CHECK(r == 0 && memcmp(p, d, n) == 0, "no NEEDS_CSUM, yet changed");
     } else if (r != 0) {
-        FZ_CHECK(at + 2 > n, "refused a field inside the packet");
+        FZ_CHECK(at + 2 > n || start < (size_t)((d[0] & 15) * 4),
+                 "refused a field inside the packet's L4 part");
         FZ_CHECK(memcmp(p, d, n) == 0, "refused, yet changed");
     } else {
         FZ_CHECK(at + 2 <= n, "wrote past the packet");
+        FZ_CHECK(start >= (size_t)((d[0] & 15) * 4), "wrote inside the IP header");
         if (vh.csum_offset % 2 == 0) {
             uint16_t want = (uint16_t)~fz_ref_sum(d + start, n - start, 0);
             if (d[9] == 17 && want == 0)

@@ -1,8 +1,9 @@
 /* libFuzzer harness: whole worker loops of engine.c (TX and RX rounds, flushes, waits, GSO
  * fallback, coalescing, back-off) with every syscall on the TUN and the UDP socket faked.
  *
- * The real engine.c is #included after its syscalls are renamed to the fz_* fakes below, so the
- * code under test is exactly the engine's; nothing in engine.c is edited. The worker loops
+ * The real engine.c and its batch layers (tun_batch.c, udp_batch.c) are #included after their
+ * syscalls are renamed to the fz_* fakes below, so the code under test is exactly the engine's;
+ * nothing in them is edited. The worker loops
  * (tx_main/rx_main/both_main) run in this thread, one after the other, each on its own slice of
  * the input, and end when their slice does (the fake poll then reports the stop eventfd).
  *
@@ -309,6 +310,8 @@ static int fz_ioctl(int fd, unsigned long req, ...)
 #define pthread_setname_np(t, name) ((void)(t), (void)(name), 0)
 
 #include "engine.c"
+#include "tun_batch.c"
+#include "udp_batch.c"
 
 #undef poll
 #undef read

@@ -4,8 +4,8 @@
  * stop that waits for a flood to end, an RX batch overflowing its arrays, a miscounted TUN
  * write error, UDP GSO lost for good after one failure, a saturated egress starving RX, a
  * route writer reading a table another writer freed) live in code paths that real sockets
- * reach only by timing. Here engine.c is compiled with read/sendmmsg/recvmmsg/writev/poll
- * renamed to fakes that script exactly the case, and each scenario checks the outcome. Built
+ * reach only by timing. Here engine.c and the batch layers (tun_batch.c, udp_batch.c) are
+ * compiled with read/sendmmsg/recvmmsg/writev/poll renamed to fakes that script exactly the case, and each scenario checks the outcome. Built
  * with ASan+UBSan by tests/test_engine_regress.py, so memory errors fail the scenario too.
  *
  * Usage: regress <scenario>; exit 0 = pass, anything else = fail (message on stderr).
@@ -310,6 +310,8 @@ int fz_mutex_unlock(pthread_mutex_t *m)
 #define writev fz_writev
 #define poll fz_poll
 #include "engine.c"
+#include "tun_batch.c"
+#include "udp_batch.c"
 #undef read
 #undef sendmmsg
 #undef recvmmsg
@@ -366,7 +368,7 @@ static void sc_online_after_wait(void)
     g_reads_left = 3; /* three frames of thousands of segments: a flush mid-round */
     g_send_eagain_first = 1;
     int failed = 0;
-    tx_round(g_w, g_w->io, g_tfd, &failed);
+    tx_round(g_w, g_w->tx, g_tfd, &failed);
     long segs = 3L * ((g_tso_payload + g_tso_mss - 1) / g_tso_mss);
     printf("offline reads %ld, waits %llu, sent %ld of %ld\n", g_offline_reads,
            (unsigned long long)counter("tx_eagain_waits"), g_sent_dgrams, segs);
@@ -406,7 +408,7 @@ static void sc_rx_tiny_gro_segments(void)
     g_recv_kind = RECV_GRO_TINY;
     g_recv_left = 8;
     int failed = 0;
-    int r = rx_round(g_w, g_w->io2, g_ufd, g_tfd, &failed);
+    int r = rx_round(g_w, g_w->rx, g_ufd, &failed);
     long want = 8L * (65000 / 20);
     printf("datagrams %d, packets %llu, written %ld (want %ld)\n", r,
            (unsigned long long)counter("rx_packets"), g_written, want);
@@ -421,7 +423,7 @@ static void sc_tun_write_error_counts_one(void)
     g_recv_left = 1;
     g_write_fail = 1;
     int failed = 0;
-    rx_round(g_w, g_w->io2, g_ufd, g_tfd, &failed);
+    rx_round(g_w, g_w->rx, g_ufd, &failed);
     printf("drop_rx_tun_write_error = %llu\n",
            (unsigned long long)counter("drop_rx_tun_write_error"));
     if (counter("drop_rx_tun_write_error") != 1)
@@ -437,20 +439,20 @@ static void sc_gso_fallback_and_reprobe(void)
     g_gso_broken = 1;
     g_reads_left = 10;
     int failed = 0;
-    tx_round(g_w, g_w->io, g_tfd, &failed);
+    tx_round(g_w, g_w->tx, g_tfd, &failed);
     printf("round 1: sent %ld, gso msgs %ld, gso now %d\n", g_sent_dgrams, g_sent_gso_msgs,
-           gso_enabled(g_e));
+           fl_gso_enabled(g_e));
     if (g_sent_dgrams != 10 || counter("drop_tx_send_error") != 0)
         fail("the batch must go out without GSO");
-    if (gso_enabled(g_e))
+    if (fl_gso_enabled(g_e))
         fail("GSO must pause after a failure");
     g_gso_broken = 0;
     usleep((GSO_RETRY_FIRST_MS + 100) * 1000);
     g_reads_left = 10;
-    tx_round(g_w, g_w->io, g_tfd, &failed);
+    tx_round(g_w, g_w->tx, g_tfd, &failed);
     printf("round 2: sent %ld, gso msgs %ld, gso now %d\n", g_sent_dgrams, g_sent_gso_msgs,
-           gso_enabled(g_e));
-    if (g_sent_gso_msgs < 1 || !gso_enabled(g_e) || g_sent_dgrams != 20)
+           fl_gso_enabled(g_e));
+    if (g_sent_gso_msgs < 1 || !fl_gso_enabled(g_e) || g_sent_dgrams != 20)
         fail("GSO must be tried again after the pause");
     if (counter("tx_gso_fallbacks") != 1)
         fail("the fallback must be counted");
@@ -468,7 +470,7 @@ static void sc_saturated_egress(void)
     g_recv_kind = RECV_ONE;
     g_recv_left = 20;
     int failed = 0;
-    tx_round(g_w, g_w->io, g_tfd, &failed);
+    tx_round(g_w, g_w->tx, g_tfd, &failed);
     printf("rx packets while TX waited: %llu\n", (unsigned long long)counter("rx_packets"));
     if (counter("rx_packets") != 20)
         fail("RX was starved while TX waited");

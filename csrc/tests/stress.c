@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "engine.h"
+#include "engine_test_cdef.h"
 
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
