@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
+# both engine modules: the shipped fastlane._engine and the tests' tests._engine_test (build.py)
 build: venv
-	rm -f fastlane/_engine*.so
+	rm -f fastlane/_engine*.so tests/_engine_test*.so
 	$(PY) build.py
 
 test: install
@@ -37,7 +38,7 @@ bench: install
 	$(VENV)/bin/fastlane bench --quick
 
 clean:
-	rm -rf build fastlane/_engine*.so fastlane/_engine.c *.egg-info
+	rm -rf build fastlane/_engine*.so fastlane/_engine.c tests/_engine_test*.so tests/_engine_test.c *.egg-info
 
 # ---- Sanitizers and fuzzing (csrc/README.md, "Sanitizers and fuzzing") ----
 # Everything builds under build/{asan,san,fuzz}; the in-place fastlane/_engine*.so is never touched.
