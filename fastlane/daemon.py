@@ -467,6 +467,10 @@ class Daemon:
         except Fatal as exc:
             log.error("%s", exc)
             return 1
+        except Exception as exc:  # a bug: still one line (the traceback at -v=2), exit 1
+            log.debug("unexpected error", exc_info=True)
+            log.error("fastlane stopped: %s", describe(exc))
+            return 1
         finally:
             for t in self._tasks:
                 t.cancel()

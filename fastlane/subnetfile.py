@@ -73,7 +73,7 @@ def read_vars(path: str | Path) -> dict[str, str]:
     """KEY=VALUE lines of an env file; missing file -> {} (a first start)."""
     try:
         text = Path(path).read_text()
-    except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):  # missing, a directory, unreadable, not a directory
         return {}
     return parse_vars(text)
 

@@ -244,3 +244,174 @@ def test_public_ip_overrides_advertised_address(nodes, cluster, prefix):
     a.wait_subnet_file()
     (value,) = leases(etcd, prefix).values()
     assert json.loads(value)["PublicIP"] == "203.0.113.7"
+
+
+# ---- failure handling: what keeps the node up, what stops it (docs/drop-in.md) --------------
+
+READYZ = """
+import sys, urllib.request as u, urllib.error as e
+try:
+    print(u.urlopen(f"http://127.0.0.1:{sys.argv[1]}/readyz", timeout=5).status)
+except e.HTTPError as x:
+    print(x.code)
+"""
+
+
+def _readyz(topo, node, port: int) -> str:
+    return topo.run(node.host.netns, sys.executable, "-c", READYZ, str(port)).stdout.strip()
+
+
+def _last_line(node) -> str:
+    return [l for l in node.log().splitlines() if l.strip()][-1]
+
+
+def test_subnet_file_unwritable_keeps_forwarding_not_ready_then_ready(nodes, cluster, prefix, tmp_path):
+    topo, etcd = cluster
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the subnet file's directory should be\n")
+    a = nodes(0, f"-subnet-file={blocker}/subnet.env", "-healthz-port=18771")
+    a.start()
+    assert wait_until(lambda: "failed to write subnet file" in a.log(), 20), a.log()
+    assert len(leases(etcd, prefix)) == 1 and a.proc.poll() is None  # the lease is held
+    assert _readyz(topo, a, 18771) == "503"
+    blocker.unlink()  # the operator fixes it: the next retry writes the file
+    assert wait_until(lambda: (blocker / "subnet.env").exists(), 40), a.log()
+    assert wait_until(lambda: _readyz(topo, a, 18771) == "200", 10)
+    assert "FLANNEL_SUBNET=10.1." in (blocker / "subnet.env").read_text()
+    assert "Traceback" not in a.log()
+
+
+FAKE_IPTABLES = """#!/bin/sh
+# Fails until {flag} exists, then is the real {real}.
+[ -e {flag} ] && exec {real} "$@"
+echo "{name}: fake failure for the test" >&2
+exit 1
+"""
+
+
+def test_iptables_failure_is_retried_not_fatal(nodes, cluster, tmp_path):
+    import os
+    import shutil
+
+    topo, _ = cluster
+    bindir, flag = tmp_path / "bin", tmp_path / "iptables-works"
+    bindir.mkdir()
+    for name in ("iptables", "iptables-restore"):
+        fake = bindir / name
+        fake.write_text(FAKE_IPTABLES.format(flag=flag, real=shutil.which(name), name=name))
+        fake.chmod(0o755)
+    env = {"PATH": f"{bindir}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"}
+    a = nodes(0, "-ip-masq", "-iptables-resync=1", env=env).start()
+    env_file = a.wait_subnet_file()  # flanneld writes the subnet file anyway
+    assert env_file["FLANNEL_IPMASQ"] == "true"
+    assert wait_until(lambda: "failed to set up iptables rules" in a.log(), 10), a.log()
+    assert wait_until(lambda: False, 2.5) is False
+    assert a.proc.poll() is None
+    assert a.log().count("fake failure") <= 2  # logged once per distinct cause, not every second
+    flag.touch()
+    ns = a.host.netns
+    assert wait_until(lambda: topo.run(ns, "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG",
+                                       check=False).stdout.count("flanneld masq") == 6, 15), a.log()
+    assert wait_until(lambda: "iptables rules installed" in a.log(), 5), a.log()
+    assert "Traceback" not in a.log()
+
+
+def test_tls_files_that_cannot_be_loaded_exit_1(nodes, tmp_path):
+    bad = tmp_path / "garbage.pem"
+    bad.write_text("not a certificate\n")
+    for files in ((tmp_path / "missing.pem", tmp_path / "missing-key.pem"), (bad, bad)):
+        a = nodes(0, f"-etcd-certfile={files[0]}", f"-etcd-keyfile={files[1]}").start()
+        assert a.wait_exit(20) == 1, a.log()
+        assert str(files[0]) in _last_line(a) and "Traceback" not in a.log()
+
+
+def test_etcd_host_name_that_resolves_later(nodes, cluster, prefix):
+    """Boot order: the daemon starts before DNS (here the netns' own /etc/hosts, which
+    `ip netns exec` mounts) knows the etcd host; it retries instead of exiting."""
+    import pathlib
+    import secrets
+
+    topo, etcd = cluster
+    ns = topo.hosts[0].netns
+    etc = pathlib.Path("/etc/netns") / ns
+    name = f"etcd-{secrets.token_hex(4)}.invalid"
+    try:
+        etc.mkdir(parents=True)
+        hosts = etc / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n")
+        a = nodes(0)
+        base = a.args
+        a.args = lambda: [f"-etcd-endpoints=http://{name}:{etcd.client_port}"
+                          if x.startswith("-etcd-endpoints=") else x for x in base()]
+        a.start()
+        assert wait_until(lambda: "cannot resolve host" in a.log(), 20), a.log()
+        assert a.proc.poll() is None
+        with hosts.open("a") as f:  # same inode: the daemon's bind mount sees it
+            f.write(f"{topo.switch_ip} {name}\n")
+        a.wait_subnet_file(30)
+        assert "Traceback" not in a.log()
+    finally:
+        import shutil
+
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+def test_netlink_error_at_backend_setup_is_one_line(nodes, cluster):
+    topo, _ = cluster
+    ns = topo.hosts[1].netns
+    # Someone else's VXLAN device already holds VNI 1 on the kernel's port: flannel.1
+    # cannot be created (EEXIST).
+    topo.ip(ns, "link", "add", "vxother", "type", "vxlan", "id", "1", "dstport", "8472",
+            "dev", "eth0", "local", str(topo.hosts[1].ip))
+    try:
+        a = nodes(1, config='{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}').start()
+        assert a.wait_exit(20) == 1, a.log()
+        assert "flannel.1" in _last_line(a) and "File exists" in _last_line(a), a.log()
+        assert "Traceback" not in a.log()
+    finally:
+        topo.ip(ns, "link", "del", "vxother")
+        topo.run(ns, "ip", "link", "del", "flannel.1", check=False)
+
+
+# ---- supervised background loops (fastlane/supervise.py), in-process on both loops ----------
+
+
+async def test_a_failing_loop_is_logged_and_restarted(caplog):
+    import asyncio
+
+    from fastlane.supervise import supervise
+
+    runs = []
+
+    async def flaky() -> None:
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("boom\nsecond line")
+        await asyncio.Event().wait()  # healthy from now on
+
+    task = asyncio.create_task(supervise("flaky loop", flaky, initial=0.01))
+    while len(runs) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["flaky loop failed: RuntimeError: boom second line; restarting it in 0.01s",
+                      "flaky loop failed: RuntimeError: boom second line; restarting it in 0.02s"]
+
+
+async def test_a_loop_that_must_not_degrade_reports_fatal():
+    from fastlane.supervise import supervise
+
+    fatal: list[str] = []
+
+    async def returns() -> None:
+        return None
+
+    async def raises() -> None:
+        raise KeyError("lease")
+
+    await supervise("engine", returns, fatal=fatal.append)
+    await supervise("watch", raises, fatal=fatal.append)
+    await supervise("one-shot", returns, forever=False, fatal=fatal.append)
+    assert fatal == ["engine failed: stopped unexpectedly", "watch failed: KeyError: 'lease'"]
