@@ -314,7 +314,7 @@ def test_vxlan_incompatible_device_is_recreated_keeping_mac(vxlan):
     assert "dstport 8472" in link and "nolearning" in link and " gbp " not in link
     assert _mac(topo, h.netns) == "02:aa:bb:cc:dd:ee"
     assert json.loads(_lease_value(etcd, nodes[1]))["BackendData"]["VtepMAC"] == "02:aa:bb:cc:dd:ee"
-    assert "incompatible configuration: gbp: True vs False" in nodes[1].log()
+    assert "incompatible configuration: gbp: false vs true" in nodes[1].log()
     # The other node follows the lease change; traffic flows both ways again.
     assert wait_until(lambda: "02:aa:bb:cc:dd:ee" in _fdb(topo, other.netns), 10)
     assert topo.wait_ping(other.container.netns, h.container.ip, 15)

@@ -120,7 +120,8 @@ class VxlanBackend(KernelBackend):
         return self.ctx.public_ip
 
     def _incompatible(self, link) -> str | None:
-        """Why flanneld would delete and re-create this device (its vxlanLinksIncompat).
+        """Why flanneld would delete and re-create this device (its vxlanLinksIncompat,
+        with its message: wanted value first, then the existing device's).
 
         Attributes are compared only where flanneld compares them: the underlay device,
         the local address and the port only when both sides have one; no group is ever
@@ -130,25 +131,25 @@ class VxlanBackend(KernelBackend):
         info = link.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
         if kind != "vxlan":
-            return f"link type: {kind or 'device'} vs vxlan"
+            return f"link type: vxlan vs {kind or 'device'}"
         d = info.get_attr("IFLA_INFO_DATA")
         vni = d.get_attr("IFLA_VXLAN_ID")
         if vni != self.vni:
-            return f"vni: {vni} vs {self.vni}"
+            return f"vni: {self.vni} vs {vni}"
         dev = d.get_attr("IFLA_VXLAN_LINK") or 0
         if dev and dev != self.ctx.iface.index:
-            return f"vtep (external) interface: {dev} vs {self.ctx.iface.index}"
+            return f"vtep (external) interface: {self.ctx.iface.index} vs {dev}"
         local = d.get_attr("IFLA_VXLAN_LOCAL")
         if local and IPv4Address(local) != self.local:
-            return f"vtep (external) IP: {local} vs {self.local}"
+            return f"vtep (external) IP: {self.local} vs {local}"
         if d.get_attr("IFLA_VXLAN_L2MISS"):
-            return "l2miss: true vs false"
+            return "l2miss: false vs true"
         port = d.get_attr("IFLA_VXLAN_PORT") or 0
         if port and self.port_option and port != self.port_option:
-            return f"port: {port} vs {self.port_option}"
+            return f"port: {self.port_option} vs {port}"
         gbp = bool(d.get_attr("IFLA_VXLAN_GBP"))
         if gbp != self.gbp:
-            return f"gbp: {gbp} vs {self.gbp}"
+            return f"gbp: {str(self.gbp).lower()} vs {str(gbp).lower()}"
         return None
 
     def _adopt(self, ipr: IPRoute, link, mac: str) -> None:
