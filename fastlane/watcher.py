@@ -10,9 +10,11 @@ stop the daemon.
 from __future__ import annotations
 
 import asyncio
+import enum
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 
 from fastlane.etcd import EtcdError, WatchInterrupted
 from fastlane.lease import Lease
@@ -23,15 +25,80 @@ log = logging.getLogger(__name__)
 
 IPv4Network = ipaddress.IPv4Network
 
-OwnCallback = Callable[[str, Lease | None], Awaitable[None]]
+
+
+class OwnChange(enum.StrEnum):
+    """What happened to our own lease in etcd (a str, so older callers comparing with
+    "deleted"/"changed" keep working)."""
+
+    DELETED = "deleted"  # the key is gone (or unreadable)
+    CHANGED = "changed"  # someone else's PublicIP now holds our subnet
+
+
+OwnCallback = Callable[[OwnChange, Lease | None], Awaitable[None]]
+
+
+@dataclass
+class BatchPlan:
+    """What one watch batch does to the table, decided without touching it."""
+
+    puts: dict[IPv4Network, Lease] = field(default_factory=dict)
+    deletes: set[IPv4Network] = field(default_factory=set)
+    own: tuple[OwnChange, Lease | None] | None = None  # the batch's last word on our lease
+
+
+def own_change(own: Lease, seen: Lease | None) -> OwnChange | None:
+    """How what etcd holds for our subnet (seen) differs from our lease, if it does."""
+    if seen is None:
+        return OwnChange.DELETED
+    if seen.attrs.public_ip != own.attrs.public_ip:
+        return OwnChange.CHANGED
+    return None
+
+
+def plan_snapshot(snapshot: Iterable[Lease], own: Lease | None) -> tuple[list[Lease], OwnChange | None, Lease | None]:
+    """The peers' leases of a full listing (ours left out), and what happened to ours."""
+    leases: list[Lease] = []
+    own_seen: Lease | None = None
+    for lease in snapshot:
+        if own is not None and lease.subnet == own.subnet:
+            own_seen = lease
+            continue
+        leases.append(lease)
+    change = own_change(own, own_seen) if own is not None else None
+    return leases, change, own_seen
+
+
+def plan_batch(events: Iterable[LeaseEvent], own: Lease | None) -> BatchPlan:
+    """Fold a watch batch into puts and deletes, in order: a later event for a subnet wins; an
+    event that cannot be read drops that subnet's route (we no longer know where it lives);
+    our own subnet never enters the table, its last change is reported instead."""
+    plan = BatchPlan()
+    for ev in events:
+        subnet = ev.subnet
+        if subnet is None:
+            continue
+        lease = ev.lease
+        if own is not None and subnet == own.subnet:
+            change = own_change(own, lease)
+            if change is not None:
+                plan.own = (change, lease)
+            continue
+        if lease is None:
+            plan.puts.pop(subnet, None)
+            plan.deletes.add(subnet)
+        else:
+            plan.deletes.discard(subnet)
+            plan.puts[subnet] = lease
+    return plan
 
 
 class Watcher:
     """Snapshot at revision R, watch from R+1; on any break, re-list and diff.
 
     `own` returns our current lease (excluded from the table). `on_own` is awaited with
-    ("deleted", None) when our key disappears, or ("changed", lease) when someone else
-    overwrote it, so the daemon can re-take or give up.
+    (OwnChange.DELETED, None) when our key disappears, or (OwnChange.CHANGED, lease) when
+    someone else overwrote it, so the daemon can re-take or give up.
     """
 
     def __init__(
@@ -63,53 +130,23 @@ class Watcher:
         snapshot, revision, warnings = await self.registry.snapshot()
         for warning in warnings:
             self._warn_once(warning)
-        own = self.own()
-        leases: list[Lease] = []
-        own_seen: Lease | None = None
-        for lease in snapshot:
-            if own is not None and lease.subnet == own.subnet:
-                own_seen = lease
-                continue
-            leases.append(lease)
+        leases, change, own_seen = plan_snapshot(snapshot, self.own())
         self.table.reset(leases)
         self.resyncs += 1
         self.synced.set()
-        if own is not None:
-            if own_seen is None:
-                await self.on_own("deleted", None)
-            elif own_seen.attrs.public_ip != own.attrs.public_ip:
-                await self.on_own("changed", own_seen)
+        if change is not None:
+            await self.on_own(change, own_seen if change is OwnChange.CHANGED else None)
         return revision
 
     async def _apply(self, events: list[LeaseEvent]) -> None:
-        own_lease = self.own()
-        puts: dict[IPv4Network, Lease] = {}
-        deletes: set[IPv4Network] = set()
-        own_events: list[tuple[str, Lease | None]] = []
         self.events += len(events)
         for ev in events:
             if ev.warning is not None:
                 self._warn_once(ev.warning)
-            subnet = ev.subnet
-            if subnet is None:
-                continue
-            # None: deleted, or unreadable so we no longer know where it lives; drop its route.
-            lease = ev.lease
-            if own_lease is not None and subnet == own_lease.subnet:
-                if lease is None:
-                    own_events.append(("deleted", None))
-                elif lease.attrs.public_ip != own_lease.attrs.public_ip:
-                    own_events.append(("changed", lease))
-                continue
-            if lease is None:
-                puts.pop(subnet, None)
-                deletes.add(subnet)
-            else:
-                deletes.discard(subnet)
-                puts[subnet] = lease
-        self.table.apply(puts.values(), deletes)
-        for what, lease in own_events[-1:]:
-            await self.on_own(what, lease)
+        plan = plan_batch(events, self.own())
+        self.table.apply(plan.puts.values(), plan.deletes)
+        if plan.own is not None:
+            await self.on_own(*plan.own)
 
     async def run(self) -> None:
         backoff = 0.1

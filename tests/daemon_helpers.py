@@ -13,17 +13,9 @@ from pathlib import Path
 
 from fastlane.bench.lab.etcdserver import EtcdServer
 from fastlane.bench.lab.topology import Host, Topology
+from tests.waiting import wait_until
 
 _runs = itertools.count()
-
-
-def wait_until(pred, timeout: float = 15.0, interval: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(interval)
-    return bool(pred())
 
 
 class Node:

@@ -10,7 +10,6 @@ import ctypes
 import hashlib
 import os
 import random
-import secrets
 import shutil
 import socket
 import subprocess
@@ -20,11 +19,10 @@ from typing import Any
 
 import pytest
 
+from fastlane.bench.lab.topology import Topology
 from fastlane.engine import Engine, Route
 from fastlane.tun import open_tun, open_udp_socket
-
 from tests.packets import IP, MTU, NET
-
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -80,18 +78,25 @@ PORT = 8285
 NETWORK = NET("10.1.0.0/16")
 
 
-class Pair:
-    """Two namespaces joined by a veth pair, a TUN in each, an Engine (or a custom peer) each.
+#: each host's underlay device (the lab topology's)
+UNDER_DEV = "eth0"
 
-    Host i has underlay UNDER[i] and overlay address OVER[i] on its TUN, a route for
-    10.1.0.0/16 into the TUN, and routes 10.1.1.0/24 -> host 0, 10.1.2.0/24 -> host 1.
+
+class Pair:
+    """Two hosts of a lab topology (fastlane.bench.lab.topology), a TUN and an Engine (or a
+    custom peer) in each.
+
+    Host i has underlay UNDER[i] on UNDER_DEV and overlay address OVER[i] on its TUN, a route
+    for 10.1.0.0/16 into the TUN, and routes 10.1.1.0/24 -> host 0, 10.1.2.0/24 -> host 1.
+    The namespaces come from the topology, whose manifest lets a later run's cleanup_stale()
+    remove them if this run is killed.
     """
 
     def __init__(self, *, vnet: bool = True, offload: bool = True, tun_mtu: int = MTU,
                  engine_mtu: int = MTU, custom_b: bool = False, queues: int = 1,
                  rx_thread: bool = False, **engine_kw: Any) -> None:
-        sfx = secrets.token_hex(3)
-        self.ns = [f"fle{sfx}a", f"fle{sfx}b"]
+        self.topo = Topology(hosts=2, underlay="10.99.0.0/24", switch_ip=False)
+        self.ns = [h.netns for h in self.topo.hosts]
         self.vnet, self.offload = vnet, offload
         self.tun_mtu, self.engine_mtu = tun_mtu, engine_mtu
         self.custom_b = custom_b
@@ -101,22 +106,15 @@ class Pair:
         self.engines: list[Engine] = []
         self.socks: list[socket.socket] = []
         self.tun_fds: list[list[int]] = []
-        self.made: list[str] = []
 
     def routes(self) -> list[Route]:
         return [Route(NET("10.1.1.0/24"), IP(UNDER[0]), PORT),
                 Route(NET("10.1.2.0/24"), IP(UNDER[1]), PORT)]
 
     def setup(self) -> None:
-        for n in self.ns:
-            sh("ip", "netns", "add", n)
-            self.made.append(n)
-        sh("ip", "link", "add", "veth0", "netns", self.ns[0], "type", "veth", "peer", "name",
-           "veth0", "netns", self.ns[1])
+        self.topo.setup()
+        assert [str(h.ip) for h in self.topo.hosts] == UNDER
         for i, n in enumerate(self.ns):
-            sh("ip", "-n", n, "link", "set", "lo", "up")
-            sh("ip", "-n", n, "addr", "add", f"{UNDER[i]}/24", "dev", "veth0")
-            sh("ip", "-n", n, "link", "set", "veth0", "up")
             vnet = self.vnet and not (i == 1 and self.custom_b)
             name, fds = in_netns(n, lambda: open_tun("flt%d", queues=self.queues, vnet_hdr=vnet))
             self.tun_fds.append(fds)
@@ -144,8 +142,7 @@ class Pair:
         for fds in self.tun_fds:
             for fd in fds:
                 os.close(fd)
-        for n in self.made:
-            sh("ip", "netns", "del", n, check=False)
+        self.topo.teardown()
 
     def exec(self, i: int, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         return sh("ip", "netns", "exec", self.ns[i], *args, check=check, timeout=timeout)
@@ -156,7 +153,7 @@ class Pair:
 
 
 @pytest.fixture
-def pair_factory() -> Iterator[Callable[..., Pair]]:
+def pair_factory(net_capable: None) -> Iterator[Callable[..., Pair]]:
     made: list[Pair] = []
 
     def make(**kw: Any) -> Pair:

@@ -17,12 +17,22 @@ import time
 import pytest
 
 from fastlane.engine import Route
-
-from tests.fixtures_engine import (MODES, OVER, PORT, UNDER, Pair, in_netns, needs_net, sh,
-                                    tcp_transfer)
-
-
+from tests.fixtures_engine import (
+    MODES,
+    OVER,
+    PORT,
+    UNDER,
+    UNDER_DEV,
+    Pair,
+    in_netns,
+    needs_net,
+    sh,
+    tcp_transfer,
+)
 from tests.packets import IP, MTU, NET, bad_csum, csum, tcp_valid, udp_packet
+from tests.waiting import poll_value
+
+
 @needs_net
 @pytest.mark.parametrize("mode", list(MODES))
 def test_ping_and_tcp_both_ways(pair_factory, mode: str) -> None:
@@ -132,7 +142,7 @@ def test_foreign_and_malformed_datagrams_dropped_and_counted(pair_factory) -> No
     and broken packets from the real peer socket. Inner sources outside the Network pass."""
     p = pair_factory()
     b = p.engines[1]
-    sh("ip", "-n", p.ns[0], "addr", "add", "10.99.0.3/24", "dev", "veth0")
+    sh("ip", "-n", p.ns[0], "addr", "add", "10.99.0.3/24", "dev", UNDER_DEV)
     before = b.counters()
     inner = udp_packet(OVER[0], OVER[1])
     peer = p.socks[0]  # host 0's engine socket: the right address and port
@@ -154,12 +164,8 @@ def test_foreign_and_malformed_datagrams_dropped_and_counted(pair_factory) -> No
     want = {"drop_rx_foreign_source": 1, "drop_rx_source_port": 1, "drop_rx_malformed": 1,
             "drop_rx_not_ipv4": 1, "drop_rx_bad_checksum": 1, "drop_rx_inner_source": 2,
             "rx_packets": 1}
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        d = {k: b.counters()[k] - before[k] for k in want}
-        if d == want:
-            break
-        time.sleep(0.05)
+    d = poll_value(lambda: {k: b.counters()[k] - before[k] for k in want}, lambda v: v == want,
+                   timeout=5)
     assert d == want
     # the engine still forwards after the garbage
     assert " 0% packet loss" in p.ping(0, OVER[1]).stdout
@@ -331,14 +337,14 @@ def test_live_hostile_datagrams_counted_and_harmless(pair_factory) -> None:
 
     in_netns(p.ns[0], send)
     want = len(singles) + 40
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def seen_now() -> int:
         c = b.counters()
-        seen = sum(c[k] - before[k] for k in c if k.startswith("drop_rx")) + \
+        return sum(c[k] - before[k] for k in c if k.startswith("drop_rx")) + \
             c["rx_packets"] - before["rx_packets"]
-        if seen >= want:
-            break
-        time.sleep(0.05)
+
+    seen = poll_value(seen_now, lambda v: v >= want, timeout=5)
+    c = b.counters()
     assert seen == want
     assert c["rx_gro_msgs"] > before["rx_gro_msgs"]
     assert " 0% packet loss" in p.ping(0, OVER[1]).stdout
@@ -409,14 +415,14 @@ def test_flood_of_hostile_datagrams_during_a_transfer(pair_factory) -> None:
     finally:
         flooder.join()
     assert all(sent_digest == got for sent_digest, got in transfers)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def accounted() -> tuple[dict[str, int], int]:
         c, snmp = b.counters(), _udp_snmp(p.ns[1])
-        dropped = {k: c[k] - before[k] for k in kinds}
-        kernel = snmp["RcvbufErrors"] - snmp0["RcvbufErrors"]
-        if sum(dropped.values()) + kernel >= FLOOD:
-            break
-        time.sleep(0.1)
+        return {k: c[k] - before[k] for k in kinds}, snmp["RcvbufErrors"] - snmp0["RcvbufErrors"]
+
+    dropped, kernel = poll_value(accounted, lambda v: sum(v[0].values()) + v[1] >= FLOOD,
+                                 timeout=10, interval=0.1)
+    c = b.counters()
     print(f"flood: engine drops {dropped}, kernel receive-buffer drops {kernel}")
     # the kernel's count also holds the transfers' own datagrams it dropped, so with kernel
     # drops the flood's share is only bounded; without, every datagram is matched by reason

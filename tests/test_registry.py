@@ -9,9 +9,10 @@ import pytest
 from fastlane.config import parse_config
 from fastlane.etcd import Store, parse_endpoints
 from fastlane.lease import LeaseAttrs
-from fastlane.registry import LeaseConflict, OutOfSubnets, Registry
 from fastlane.leasetable import LeaseTable
+from fastlane.registry import LeaseConflict, OutOfSubnets, Registry
 from fastlane.watcher import Watcher
+from tests.waiting import wait_until_async
 
 N = ipaddress.IPv4Network
 A = ipaddress.IPv4Address
@@ -148,14 +149,6 @@ async def test_snapshot_and_watch_are_decoded_with_warnings_naming_the_key(store
     assert deleted.subnet == N("10.1.1.0/24") and deleted.lease is None and deleted.warning is None
 
 
-async def _wait_for(pred, timeout=3.0):
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if pred():
-            return True
-        await asyncio.sleep(0.02)
-    return pred()
 
 
 async def _start_watcher(store, prefix, own=None):
@@ -179,13 +172,13 @@ async def test_watcher_sees_peers_within_a_second_and_skips_garbage(store, prefi
     try:
         other = Registry(store, prefix)
         lease = await other.acquire(CONFIG, attrs("10.7.0.1"))
-        assert await _wait_for(lambda: lease.subnet in table, 1.0)
+        assert await wait_until_async(lambda: lease.subnet in table, 1.0)
         assert table.get(lease.subnet).attrs.public_ip == A("10.7.0.1")
         # Garbage from someone else: a bad key and a bad value, each warned about by name.
         await store.put(f"{prefix}/subnets/not-a-subnet", b"{}")
         await store.put(f"{prefix}/subnets/10.1.99.0-24", b"{\"PublicIP\": 12}")
         await store.delete(lease.key)
-        assert await _wait_for(lambda: lease.subnet not in table, 1.0)
+        assert await wait_until_async(lambda: lease.subnet not in table, 1.0)
         assert N("10.1.99.0/24") not in table
         text = caplog.text
         assert "not-a-subnet" in text and "10.1.99.0-24" in text
@@ -201,7 +194,7 @@ async def test_watcher_excludes_own_and_reports_own_deletion(store, prefix):
     try:
         assert mine.subnet not in table
         await store.delete(mine.key)
-        assert await _wait_for(lambda: own_events == ["deleted"], 1.0)
+        assert await wait_until_async(lambda: own_events == ["deleted"], 1.0)
     finally:
         task.cancel()
 
@@ -213,14 +206,14 @@ async def test_watch_survives_etcd_restart_and_compaction(etcd, prefix):
         reg, table, w, task, _, _ = await _start_watcher(store, prefix)
         writer = Registry(store, prefix)
         a = await writer.acquire(CONFIG, attrs("10.6.0.1"))
-        assert await _wait_for(lambda: a.subnet in table)
+        assert await wait_until_async(lambda: a.subnet in table)
         # etcd goes away; meanwhile (from another client after restart) state changes.
         etcd.kill()
         await asyncio.sleep(0.5)
         etcd.start()
         etcd.etcdctl("del", a.key)
         etcd.etcdctl("put", f"{prefix}/subnets/10.1.50.0-24", json.dumps({"PublicIP": "10.6.0.2", "PublicIPv6": None}))
-        assert await _wait_for(lambda: a.subnet not in table and N("10.1.50.0/24") in table, 15)
+        assert await wait_until_async(lambda: a.subnet not in table and N("10.1.50.0/24") in table, 15)
         # Compaction while watching: put more, compact to head, the table still converges.
         for i in range(5):
             etcd.etcdctl("put", f"{prefix}/subnets/10.1.{60 + i}.0-24", json.dumps({"PublicIP": f"10.6.1.{i}"}))
@@ -228,7 +221,7 @@ async def test_watch_survives_etcd_restart_and_compaction(etcd, prefix):
         etcd.etcdctl("compact", str(rev))
         etcd.etcdctl("del", f"{prefix}/subnets/10.1.60.0-24")
         want = {N(f"10.1.{60 + i}.0/24") for i in range(1, 5)} | {N("10.1.50.0/24")}
-        assert await _wait_for(lambda: set(l.subnet for l in table.leases()) == want, 15)
+        assert await wait_until_async(lambda: set(l.subnet for l in table.leases()) == want, 15)
         assert not task.done()
         task.cancel()
     finally:
