@@ -13,7 +13,6 @@ import socket
 import struct
 
 TUNSETIFF = 0x400454CA
-TUNGETIFF = 0x800454D2
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
@@ -65,12 +64,6 @@ def open_tun(name: str = "flannel%d", queues: int = 1, vnet_hdr: bool = False) -
             os.close(fd)
         raise
     return name, fds
-
-
-def tun_flags(fd: int) -> int:
-    """The IFF_* flags a TUN fd was opened with (TUNGETIFF)."""
-    out = fcntl.ioctl(fd, TUNGETIFF, bytes(40))
-    return struct.unpack_from("H", out, IFNAMSIZ)[0]
 
 
 def open_udp_socket(bind_ip: str, port: int) -> socket.socket:
