@@ -58,6 +58,8 @@ class Options:
     quick: bool
     ready_timeout: float
     report: Path | None = None
+    control_plane: bool = False
+    leases: int = 10_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,12 +95,41 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the Markdown results document of an earlier run's JSON and "
                         "exit (measures nothing, needs no root); every run also writes it "
                         "next to its --json as <name>.md")
+    p.add_argument("--control-plane", action="store_true",
+                   help="measure the control plane instead: N leases in etcd, table sync, "
+                        "memory, route swaps, new-peer latency and 100 lease changes/s for "
+                        "--duration seconds (default 30); writes --json (default "
+                        "bench-results/control-plane.json)")
+    p.add_argument("--leases", type=int, default=10_000, metavar="N",
+                   help="--control-plane: leases written into etcd (default: %(default)s)")
     p.add_argument("--ready-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
     return p
 
 
 def _usage_error(parser: argparse.ArgumentParser, msg: str) -> None:
     parser.error(msg)  # one line + usage, exit 2
+
+
+def _control_plane_options(parser: argparse.ArgumentParser, a: argparse.Namespace) -> Options:
+    from fastlane.bench import controlplane
+
+    duration = a.duration if a.duration is not None else 30.0
+    if math.isnan(duration):
+        _usage_error(parser, "--duration: not a number")
+    why = controlplane.check_sizes(a.leases, duration)
+    if why:
+        _usage_error(parser, why)
+    repeat = a.repeat if a.repeat is not None else 3
+    if not 1 <= repeat <= 100:
+        _usage_error(parser, f"--repeat: {repeat} is outside 1..100")
+    json_path = a.json
+    if json_path == parser.get_default("json"):
+        json_path = "bench-results/control-plane.json"
+    return Options(
+        hosts=3, mtus=[], paths=[], duration=duration, repeat=repeat,
+        json=Path(json_path) if json_path else None, plot=None, flanneld=None, quick=False,
+        ready_timeout=a.ready_timeout, control_plane=True, leases=a.leases,
+    )
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -132,6 +163,8 @@ def parse_args(argv: list[str]) -> Options:
             _usage_error(parser, f"--flanneld: {a.flanneld} is not an executable file")
     if not 2 <= a.hosts <= 50:
         _usage_error(parser, f"--hosts: {a.hosts} is outside 2..50")
+    if a.control_plane:
+        return _control_plane_options(parser, a)
     duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
     if not (0.5 <= duration <= 3600) or math.isnan(duration):
         _usage_error(parser, f"--duration: {duration:g} is outside 0.5..3600 seconds")
@@ -175,6 +208,20 @@ def preflight(opts: Options) -> None:
         except ImportError:
             raise BenchError("matplotlib is missing (needed for --plot): "
                              "pip install 'fastlane[bench]' or pass --plot ''") from None
+
+
+def preflight_control_plane() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("must run as root (it builds network namespaces): "
+                         "sudo fastlane bench --control-plane")
+    if not os.path.exists("/dev/net/tun"):
+        raise BenchError("/dev/net/tun is missing: load the tun module (modprobe tun) "
+                         "or give the container --device /dev/net/tun")
+    tools = [("ip", "iproute2"), ("etcd", "etcd-server"), ("etcdctl", "etcd-client")]
+    missing = [(t, p) for t, p in tools if shutil.which(t) is None]
+    if missing:
+        raise BenchError(f"{', '.join(t for t, _ in missing)} not found: apt-get install -y "
+                         f"{' '.join(sorted({p for _, p in missing}))}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         pass  # not the main thread
     try:
+        if opts.control_plane:
+            from fastlane.bench import controlplane
+
+            preflight_control_plane()
+            try:
+                return controlplane.run(opts.leases, opts.duration, opts.repeat, opts.json)
+            except controlplane.ControlPlaneError as exc:
+                raise BenchError(str(exc)) from None
         return run(opts)
     except KeyboardInterrupt:
         print("\nfastlane bench: interrupted; namespaces, daemons and etcd were removed",

@@ -351,6 +351,10 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
     Only `doc` (the run's JSON) supplies figures; `json_name` and `plot_name` are file names
     for the links, relative to the document.
     """
+    if (doc.get("config") or {}).get("control_plane"):
+        from fastlane.bench import controlplane  # `fastlane bench --control-plane` results
+
+        return controlplane.markdown(doc, json_name)
     env = doc.get("environment", {})
     config = doc.get("config", {})
     units = {m: (doc.get("metrics", {}).get(m) or {}).get("unit", METRICS.get(m, ("",))[0])
