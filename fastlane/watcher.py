@@ -120,16 +120,25 @@ class Watcher:
         self.reconnects = 0
         self.connected = False
 
-    def _warn_once(self, warning: LeaseWarning) -> None:
-        """Each bad write is reported once, not again on every re-list."""
-        if (warning.key, warning.mod_revision) not in self._warned:
-            self._warned.add((warning.key, warning.mod_revision))
-            log.warning("%s", warning)
+    #: unreadable keys named one by one per listing or batch; the rest are counted in one line,
+    #: so a flood of junk keys under the prefix cannot flood the log
+    WARN_EACH = 10
+
+    def _warn(self, warnings: Iterable[LeaseWarning]) -> None:
+        """Each bad write is reported once, not again on every re-list; past WARN_EACH new ones
+        at a time, the rest become one summary line."""
+        fresh = [w for w in warnings if (w.key, w.mod_revision) not in self._warned]
+        for w in fresh:
+            self._warned.add((w.key, w.mod_revision))
+        for w in fresh[: self.WARN_EACH]:
+            log.warning("%s", w)
+        if len(fresh) > self.WARN_EACH:
+            log.warning("%d more unreadable keys under the subnets prefix (not routed), e.g. %s",
+                        len(fresh) - self.WARN_EACH, fresh[-1].key)
 
     async def _resync(self) -> int:
         snapshot, revision, warnings = await self.registry.snapshot()
-        for warning in warnings:
-            self._warn_once(warning)
+        self._warn(warnings)
         leases, change, own_seen = plan_snapshot(snapshot, self.own())
         self.table.reset(leases)
         self.resyncs += 1
@@ -140,9 +149,7 @@ class Watcher:
 
     async def _apply(self, events: list[LeaseEvent]) -> None:
         self.events += len(events)
-        for ev in events:
-            if ev.warning is not None:
-                self._warn_once(ev.warning)
+        self._warn(ev.warning for ev in events if ev.warning is not None)
         plan = plan_batch(events, self.own())
         self.table.apply(plan.puts.values(), plan.deletes)
         if plan.own is not None:

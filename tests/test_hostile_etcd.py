@@ -184,8 +184,9 @@ def test_key_flood_under_the_prefix(hostile):
         figure("key-flood", junk_keys=n_junk, written_s=round(written, 2),
                next_real_change_applied_s=round(applied, 2), daemon_cpu_s=cpu,
                log_lines_naming_junk=junk_lines)
-        # One line per bad key at most; never repeated.
-        assert all(n <= n_junk // 2 for n in junk_lines)
+        # Never repeated, and past Watcher.WARN_EACH new bad keys at a time the rest are one
+        # summary line: far fewer lines than the junk keys under subnets/ (n_junk // 2).
+        assert all(n <= n_junk // 4 for n in junk_lines)
     finally:
         etcd.etcdctl("del", "--prefix", f"{PREFIX}/subnets/junk-")
         etcd.etcdctl("del", "--prefix", f"{PREFIX}/other/")
