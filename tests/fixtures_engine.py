@@ -169,7 +169,7 @@ def pair_factory(net_capable: None) -> Iterator[Callable[..., Pair]]:
             p.teardown()
 
 
-MODES = {
+MODES: dict[str, dict[str, Any]] = {
     "plain": dict(vnet=False, offload=False),
     "gso-gro": dict(vnet=False, offload=True),
     "vnet-no-offload": dict(vnet=True, offload=False),

@@ -217,7 +217,7 @@ class FlanneldStylePeer:
         import select
 
         while not self.stop.is_set():
-            r, _, _ = select.select([self.tun, self.sock], [], [], 0.1)
+            r, _, _ = select.select([self.tun, self.sock.fileno()], [], [], 0.1)
             if self.tun in r:
                 try:
                     pkt = os.read(self.tun, 65536)
@@ -225,7 +225,7 @@ class FlanneldStylePeer:
                         self.sock.sendto(pkt, (UNDER[0], PORT))
                 except BlockingIOError:
                     pass
-            if self.sock in r:
+            if self.sock.fileno() in r:
                 try:
                     pkt, addr = self.sock.recvfrom(65536)
                 except BlockingIOError:
@@ -408,7 +408,7 @@ def test_flood_of_hostile_datagrams_during_a_transfer(pair_factory) -> None:
 
     flooder = threading.Thread(target=in_netns, args=(p.ns[0], flood))
     flooder.start()
-    transfers = []
+    transfers: list[tuple[str, str]] = []
     try:
         while not done.is_set() or not transfers:  # transfers overlap the whole flood
             transfers.append(tcp_transfer(p, 0, 1, 16 << 20, seed=len(transfers), timeout=120))

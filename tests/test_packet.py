@@ -374,11 +374,11 @@ def test_hostile_bytes_never_crash(engine: ProbeEngine, data: bytes) -> None:
        max_size=6), cut=st.integers(0, 2100))
 def test_mutated_frames_never_crash(engine: ProbeEngine, pos, vals, cut) -> None:
     """Valid-looking vnet/TCP frames with a few bytes changed: split and coalesce survive."""
-    frame = bytearray(tso_frame(bytes(1500), 500))
+    mutable = bytearray(tso_frame(bytes(1500), 500))
     for p, v in zip(pos, vals):
-        if p < len(frame):
-            frame[p] = v
-    frame = bytes(frame[:cut])
+        if p < len(mutable):
+            mutable[p] = v
+    frame = bytes(mutable[:cut])
     res = engine.split(frame)
     if isinstance(res, list):
         assert all(len(p) <= MTU for p in res)
@@ -426,7 +426,9 @@ def test_split_of_plain_needs_csum_packet_completes_checksum(engine: ProbeEngine
         s = (s & 0xFFFF) + (s >> 16)
     pkt[26:28] = struct.pack("!H", s)
     frame = vnet_hdr(flags=1, csum_start=20, csum_offset=6) + bytes(pkt)
-    (out,) = engine.split(frame)
+    res = engine.split(frame)
+    assert isinstance(res, list)
+    (out,) = res
     pseudo = out[12:20] + struct.pack("!BBH", 0, 17, 108)
     assert csum(pseudo + out[20:]) == 0 and out[26:28] != pkt[26:28]
 
