@@ -30,7 +30,7 @@ from tests.fixtures_engine import (
     tcp_transfer,
 )
 from tests.packets import IP, MTU, NET, bad_csum, csum, tcp_valid, udp_packet
-from tests.waiting import poll_value
+from tests.waiting import poll_value, wait_until
 
 
 @needs_net
@@ -431,3 +431,46 @@ def test_flood_of_hostile_datagrams_during_a_transfer(pair_factory) -> None:
         assert dropped == sent
     assert all(c[k] == before[k] for k in c if k.startswith("drop_rx") and k not in kinds)
     assert " 0% packet loss" in p.ping(0, OVER[1]).stdout
+
+
+@needs_net
+def test_stop_returns_under_a_flood_both_ways(pair_factory) -> None:
+    """Stop while both engines are flooded (TX from local senders into the TUN, RX from a peer
+    sending as fast as it can): each stop returns; the time it took is printed, not asserted."""
+    p = pair_factory()
+    a, b = p.engines
+    stop = threading.Event()
+    payload = udp_packet(OVER[0], OVER[1], size=1000)
+
+    def tx_flood() -> None:  # host 0's kernel -> TUN -> engine a
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            while not stop.is_set():
+                try:
+                    s.sendto(b"x" * 1000, (OVER[1], 9))
+                except BlockingIOError:
+                    pass
+
+    def rx_flood() -> None:  # straight into engine b's socket, from engine a's address
+        while not stop.is_set():
+            try:
+                p.socks[0].sendto(payload, (UNDER[1], PORT))
+            except BlockingIOError:
+                pass
+
+    threads = [threading.Thread(target=in_netns, args=(p.ns[0], fn)) for fn in (tx_flood, rx_flood)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_until(lambda: a.counters()["tx_packets"] > 1000 and b.counters()["rx_packets"] > 1000,
+                          timeout=10)
+        took = {}
+        for name, e in (("tx-flooded", a), ("rx-flooded", b)):
+            t0 = time.monotonic()
+            e.stop()
+            took[name] = round((time.monotonic() - t0) * 1000, 2)
+        print(f"engine stop under flood (ms): {took}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
