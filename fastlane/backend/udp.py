@@ -4,7 +4,9 @@ Host set-up is flanneld's: a TUN `flannel0` holding the lease's network address 
 /32, a route for the whole overlay Network through it, MTU = underlay MTU - 28, and a
 UDP socket bound to the interface address on Backend.Port (8285). Everything
 per-packet happens in the engine's C threads; this module only turns the lease table
-into the engine's route table, whole, on every change (one swap per watch batch).
+into the engine's route table, whole. A swap of a large table costs tens of ms of
+Python, so changes are coalesced: one swap right away when idle, and under a stream of
+changes at most one per swap's duration, covering everything that arrived meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import asyncio
 import logging
 import os
 import socket
+import time
+
+from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
 
@@ -20,6 +25,9 @@ from fastlane.backend.base import Backend, BackendError, bool_option, int_option
 from fastlane.lease import Lease
 from fastlane.leasetable import LeaseTable, TableChange
 from fastlane.supervise import spawn
+
+if TYPE_CHECKING:  # the C extension loads only once udp is chosen
+    from fastlane.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +50,14 @@ class UdpBackend(Backend):
 
         self.queues = int_option(cfg, "Queues", 1, 1, MAX_QUEUES)
         self.offload = bool_option(cfg, "Offload", True)
-        self.engine = None
+        self.engine: Engine | None = None
         self.ifname: str | None = None
         self._fds: list[int] = []
         self._sock: socket.socket | None = None
         self._watch: asyncio.Task[None] | None = None
+        self._table: LeaseTable | None = None
+        self._swap_handle: asyncio.TimerHandle | None = None
+        self._next_swap = 0.0  # loop time before which no swap starts
 
     @property
     def mtu(self) -> int:
@@ -112,14 +123,34 @@ class UdpBackend(Backend):
         )
 
     def _on_change(self, table: LeaseTable, change: TableChange) -> None:
-        routes = [self._Route(l.subnet, l.attrs.public_ip, self.port) for l in table.leases()
-                  if self.routable(l)]
-        self.engine.set_routes(routes)
+        # Why not swap here: one watch event is one change, and at 100 changes/s with
+        # thousands of leases, one swap each would need more than all of the loop's time;
+        # the backlog (and the lag of every route) would grow without bound.
+        self._table = table
+        if self._swap_handle is None:
+            loop = asyncio.get_running_loop()
+            self._swap_handle = loop.call_at(max(loop.time(), self._next_swap), self._swap)
         for l in change.added:
             if self.routable(l):
                 log.info("route %s -> %s:%d", l.subnet, l.attrs.public_ip, self.port)
         for l in change.removed:
             log.info("route %s removed", l.subnet)
+
+    def _swap(self) -> None:
+        """Install the table as it is now; the next swap waits as long as this one took."""
+        self._swap_handle = None
+        table = self._table
+        if table is None or self.engine is None:
+            return
+        start = time.monotonic()
+        routes = [self._Route(l.subnet, l.attrs.public_ip, self.port) for l in table.leases()
+                  if self.routable(l)]
+        try:
+            self.engine.set_routes(routes)
+        except Exception:  # the next change retries with the whole table
+            log.exception("udp backend: route table swap failed")
+        end = time.monotonic()
+        self._next_swap = asyncio.get_running_loop().time() + (end - start)
 
     def _close(self) -> None:
         for fd in self._fds:
@@ -148,6 +179,9 @@ class UdpBackend(Backend):
             before, features = after, now
 
     async def stop(self) -> None:
+        if self._swap_handle is not None:
+            self._swap_handle.cancel()
+            self._swap_handle = None
         if self._watch is not None:
             self._watch.cancel()
             try:
