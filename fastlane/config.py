@@ -47,12 +47,40 @@ class NetworkConfig:
             IPv4Network((self.subnet_max, self.subnet_len)),
         )
 
-    def fits(self, subnet: IPv4Network) -> bool:
+    def fits(self, subnet: IPv4Network | None) -> bool:
         """Whether an existing lease is still valid under this config (reuse rule)."""
-        if self.network is None or subnet.prefixlen != self.subnet_len:
+        if (not self.enable_ipv4 or self.network is None or subnet is None
+                or subnet.prefixlen != self.subnet_len):
             return False
         lo, hi = self.subnet_bounds()
         return lo.network_address <= subnet.network_address <= hi.network_address
+
+    def subnet_bounds6(self) -> tuple[IPv6Network, IPv6Network]:
+        """The first and last IPv6 subnet a lease may take (EnableIPv6 only)."""
+        assert self.ipv6_network is not None and self.ipv6_subnet_min and self.ipv6_subnet_max
+        return (
+            IPv6Network((self.ipv6_subnet_min, self.ipv6_subnet_len)),
+            IPv6Network((self.ipv6_subnet_max, self.ipv6_subnet_len)),
+        )
+
+    def fits6(self, subnet: IPv6Network | None) -> bool:
+        """flannel's isIPv6SubnetConfigCompat for an enabled IPv6: length and range."""
+        if (not self.enable_ipv6 or self.ipv6_network is None or subnet is None
+                or subnet.prefixlen != self.ipv6_subnet_len):
+            return False
+        lo, hi = self.subnet_bounds6()
+        return lo.network_address <= subnet.network_address <= hi.network_address
+
+    def fits_lease(self, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None) -> bool:
+        """Whether a lease (both families) is still valid under this config.
+
+        As flannel's isSubnetConfigCompat + isIPv6SubnetConfigCompat: each enabled family
+        must fit, and a disabled family must be absent (a dual-stack lease is dropped when
+        IPv6 is switched off; a v4 part of a v6-only lease is the empty 0.0.0.0/0).
+        """
+        ok4 = self.fits(subnet) if self.enable_ipv4 else subnet is None
+        ok6 = self.fits6(ipv6_subnet) if self.enable_ipv6 else ipv6_subnet is None
+        return ok4 and ok6
 
     def backend_option(self, name: str, default: Any = None) -> Any:
         """A Backend key, matched case-insensitively like Go's json decoding."""
@@ -150,7 +178,8 @@ def _check_family(net, subnet_len: int, smin, smax, *, v6: bool):
     label = "IPv6Network" if v6 else "Network"
     lenname = "IPv6SubnetLen" if v6 else "SubnetLen"
     minname, maxname = ("IPv6SubnetMin", "IPv6SubnetMax") if v6 else ("SubnetMin", "SubnetMax")
-    if net is None:
+    if net is None or (int(net.network_address) == 0 and net.prefixlen == 0):
+        # flannel's IP4Net/IP6Net.Empty(): 0.0.0.0/0 and ::/0 count as "not defined"
         raise ConfigError(f"please define a correct {label} parameter in the flannel config")
     if subnet_len > 0:
         if subnet_len > bits - 2:

@@ -1,8 +1,11 @@
-"""The lease table (subnet -> peer): where the control plane meets the data plane.
+"""The lease table (subnets -> peer): where the control plane meets the data plane.
 
 Backends subscribe to the table and turn it into routes; the watcher keeps it equal to
 etcd. It lives apart from the watcher so that a backend (and its tests) depends on the
 table alone and never drags in the etcd client, grpc or the registry.
+
+Entries are keyed as etcd keys them: by both subnets (Lease.ident), so a dual-stack lease
+is one entry, as in flannel's LeaseWatcher (sameSubnet compares both families).
 """
 
 from __future__ import annotations
@@ -12,11 +15,23 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from fastlane.lease import Lease
+from fastlane.lease import Lease, LeaseId
 
 log = logging.getLogger(__name__)
 
 IPv4Network = ipaddress.IPv4Network
+IPv6Network = ipaddress.IPv6Network
+
+#: A table key, or a bare subnet meaning the single-family lease of that subnet.
+Ref = LeaseId | IPv4Network | IPv6Network
+
+
+def _ident(ref: Ref) -> LeaseId:
+    if isinstance(ref, IPv4Network):
+        return (ref, None)
+    if isinstance(ref, IPv6Network):
+        return (None, ref)
+    return ref
 
 __all__ = ["LeaseTable", "Subscriber", "TableChange"]
 
@@ -34,21 +49,21 @@ Subscriber = Callable[["LeaseTable", TableChange], None]
 
 
 class LeaseTable:
-    """Peers' leases by subnet. Subscribers hear about each batch of changes once."""
+    """Peers' leases by Lease.ident. Subscribers hear about each batch of changes once."""
 
     def __init__(self) -> None:
-        self._leases: dict[IPv4Network, Lease] = {}
+        self._leases: dict[LeaseId, Lease] = {}
         self._subscribers: list[Subscriber] = []
         self.subscriber_errors = 0  # backend sync errors, for /metrics
 
     def __len__(self) -> int:
         return len(self._leases)
 
-    def __contains__(self, subnet: IPv4Network) -> bool:
-        return subnet in self._leases
+    def __contains__(self, ref: Ref) -> bool:
+        return _ident(ref) in self._leases
 
-    def get(self, subnet: IPv4Network) -> Lease | None:
-        return self._leases.get(subnet)
+    def get(self, ref: Ref) -> Lease | None:
+        return self._leases.get(_ident(ref))
 
     def leases(self) -> list[Lease]:
         return list(self._leases.values())
@@ -73,22 +88,22 @@ class LeaseTable:
         return a.attrs == b.attrs
 
     def reset(self, leases: Iterable[Lease]) -> TableChange:
-        fresh = {l.subnet: l for l in leases}
+        fresh = {l.ident: l for l in leases}
         added = [l for s, l in fresh.items() if s not in self._leases or not self._same(self._leases[s], l)]
         removed = [l for s, l in self._leases.items() if s not in fresh]
         self._leases = fresh
         return self._publish(TableChange(added, removed))
 
-    def apply(self, puts: Iterable[Lease], deletes: Iterable[IPv4Network]) -> TableChange:
+    def apply(self, puts: Iterable[Lease], deletes: Iterable[Ref]) -> TableChange:
         added: list[Lease] = []
         removed: list[Lease] = []
-        for subnet in deletes:
-            old = self._leases.pop(subnet, None)
+        for ref in deletes:
+            old = self._leases.pop(_ident(ref), None)
             if old is not None:
                 removed.append(old)
         for lease in puts:
-            old = self._leases.get(lease.subnet)
-            self._leases[lease.subnet] = lease
+            old = self._leases.get(lease.ident)
+            self._leases[lease.ident] = lease
             if old is None or not self._same(old, lease):
                 added.append(lease)
         return self._publish(TableChange(added, removed))

@@ -22,11 +22,14 @@ from fastlane.etcd import Event, KeyValue, Store
 from fastlane.lease import (
     SUBNET_TTL,
     Claim,
+    Exhausted,
     Lease,
     LeaseAttrs,
+    LeaseId,
     LeaseValueError,
     Reuse,
-    parse_subnet_key,
+    holder,
+    parse_key,
     plan_acquisition,
     subnet_key,
 )
@@ -34,6 +37,7 @@ from fastlane.lease import (
 log = logging.getLogger(__name__)
 
 IPv4Network = ipaddress.IPv4Network
+IPv6Network = ipaddress.IPv6Network
 
 #: flanneld retries a lost creation race this many times (raceRetries).
 RACE_RETRIES = 10
@@ -71,9 +75,10 @@ class LeaseWarning:
 class LeaseEvent:
     """One change under the subnets prefix, decoded.
 
-    `subnet` is None when the key itself is unreadable (nothing to apply). `lease` is None
-    when the subnet was deleted, or when its new value is unreadable (then `warning` says
-    so): either way nobody can be routed to that subnet any more.
+    `subnet`/`ipv6_subnet` are the key's (`subnet` is None for an IPv6-only key); both
+    are None when the key itself is unreadable (nothing to apply). `lease` is None when
+    the key was deleted, or when its new value is unreadable (then `warning` says so):
+    either way nobody can be routed to those subnets any more.
     """
 
     key: str
@@ -81,6 +86,14 @@ class LeaseEvent:
     subnet: IPv4Network | None
     lease: Lease | None
     warning: LeaseWarning | None = None
+    ipv6_subnet: IPv6Network | None = None
+
+    @property
+    def ident(self) -> LeaseId | None:
+        """The lease the event is about (Lease.ident), None for an unreadable key."""
+        if self.subnet is None and self.ipv6_subnet is None:
+            return None
+        return (self.subnet, self.ipv6_subnet)
 
 
 class Registry:
@@ -97,8 +110,12 @@ class Registry:
     def subnets_prefix(self) -> str:
         return f"{self.prefix}/subnets/"
 
-    def key_of(self, subnet: IPv4Network) -> str:
-        return self.subnets_prefix + subnet_key(subnet)
+    def key_of(self, subnet: IPv4Network | None, ipv6_subnet: IPv6Network | None = None) -> str:
+        return self.subnets_prefix + subnet_key(subnet, ipv6_subnet)
+
+    def _key(self, lease: Lease) -> str:
+        """The key a lease was read from (kept as written, e.g. a hand-made reservation)."""
+        return lease.key or self.key_of(lease.subnet, lease.ipv6_subnet)
 
     async def get_config(self) -> NetworkConfig:
         kv = await self.store.get(self.config_key)
@@ -119,7 +136,7 @@ class Registry:
     def _decode(self, key: str, value: bytes, mod_revision: int, etcd_lease: int) -> Lease:
         name = key[len(self.subnets_prefix):]
         try:
-            subnet = parse_subnet_key(name)
+            subnet, subnet6 = parse_key(name)
             attrs = LeaseAttrs.decode(value)
         except LeaseValueError as exc:
             raise LeaseValueError(f"skipping malformed lease {key}: {exc}") from None
@@ -129,6 +146,7 @@ class Registry:
             etcd_lease=etcd_lease,
             mod_revision=mod_revision,
             key=key,
+            ipv6_subnet=subnet6,
         )
 
     async def snapshot(self) -> tuple[list[Lease], int, list[LeaseWarning]]:
@@ -145,21 +163,21 @@ class Registry:
 
     def _event(self, ev: Event) -> LeaseEvent:
         try:
-            subnet = parse_subnet_key(ev.key[len(self.subnets_prefix):])
+            subnet, subnet6 = parse_key(ev.key[len(self.subnets_prefix):])
         except LeaseValueError as exc:
             message = f"skipping malformed lease {ev.key}: {exc}"
             return LeaseEvent(ev.key, ev.mod_revision, None, None,
                               LeaseWarning(ev.key, ev.mod_revision, message))
         if ev.type == "delete":
-            return LeaseEvent(ev.key, ev.mod_revision, subnet, None)
+            return LeaseEvent(ev.key, ev.mod_revision, subnet, None, ipv6_subnet=subnet6)
         try:
             # A watch event does not say which etcd lease the key is attached to; peers'
             # leases are only routed to, never renewed, so 0 is all the table needs.
             lease = self._decode(ev.key, ev.value, ev.mod_revision, 0)
         except LeaseValueError as exc:
             return LeaseEvent(ev.key, ev.mod_revision, subnet, None,
-                              LeaseWarning(ev.key, ev.mod_revision, str(exc)))
-        return LeaseEvent(ev.key, ev.mod_revision, subnet, lease)
+                              LeaseWarning(ev.key, ev.mod_revision, str(exc)), subnet6)
+        return LeaseEvent(ev.key, ev.mod_revision, subnet, lease, ipv6_subnet=subnet6)
 
     async def watch(self, start_revision: int) -> AsyncIterator[list[LeaseEvent]]:
         """Decoded batches of changes to the leases, in order, from `start_revision`.
@@ -170,25 +188,37 @@ class Registry:
         async for batch in self.store.watch(self.subnets_prefix, start_revision):
             yield [self._event(ev) for ev in batch]
 
-    async def _claim(self, subnet: IPv4Network, attrs: LeaseAttrs) -> Lease | None:
-        """Create the key only if absent, attached to a fresh etcd lease of `ttl` seconds."""
+    async def _claim(
+        self,
+        subnet: IPv4Network | None,
+        attrs: LeaseAttrs,
+        ipv6_subnet: IPv6Network | None = None,
+        key: str = "",
+    ) -> Lease | None:
+        """Create the key only if absent, attached to a fresh etcd lease of `ttl` seconds.
+
+        Both subnets of a dual-stack node are one key, so they are claimed together in
+        this one transaction: there is never a half-acquired pair.
+        """
+        key = key or self.key_of(subnet, ipv6_subnet)
         etcd_lease = await self.store.grant(self.ttl)
         expiration = time.time() + self.ttl
-        if not await self.store.create(self.key_of(subnet), attrs.encode(), lease=etcd_lease):
+        if not await self.store.create(key, attrs.encode(), lease=etcd_lease):
             return None
-        kv = await self.store.get(self.key_of(subnet))
+        kv = await self.store.get(key)
         return Lease(
             subnet,
             attrs,
             expiration=expiration,
             etcd_lease=etcd_lease,
             mod_revision=kv.mod_revision if kv else 0,
-            key=self.key_of(subnet),
+            key=key,
+            ipv6_subnet=ipv6_subnet,
         )
 
     async def _refresh(self, lease: Lease, attrs: LeaseAttrs) -> Lease | None:
         """Re-write a lease we hold (CAS on the revision we saw); a reservation stays one."""
-        key = self.key_of(lease.subnet)
+        key = self._key(lease)
         if lease.is_reservation:
             if lease.attrs == attrs:
                 return lease
@@ -196,14 +226,16 @@ class Registry:
             if not ok:
                 return None
             kv = await self.store.get(key)
-            return Lease(lease.subnet, attrs, None, 0, kv.mod_revision if kv else 0, key)
+            return Lease(lease.subnet, attrs, None, 0, kv.mod_revision if kv else 0, key,
+                         lease.ipv6_subnet)
         etcd_lease = await self.store.grant(self.ttl)
         expiration = time.time() + self.ttl
         if not await self.store.replace(key, attrs.encode(), lease.mod_revision, lease=etcd_lease):
             return None
         kv = await self.store.get(key)
         return Lease(
-            lease.subnet, attrs, expiration, etcd_lease, kv.mod_revision if kv else 0, key
+            lease.subnet, attrs, expiration, etcd_lease, kv.mod_revision if kv else 0, key,
+            lease.ipv6_subnet,
         )
 
     async def acquire(
@@ -212,41 +244,49 @@ class Registry:
         attrs: LeaseAttrs,
         previous: IPv4Network | None = None,
         rng: random.Random | None = None,
+        previous6: IPv6Network | None = None,
     ) -> Lease:
         """flanneld's tryAcquireLease, made race-free; raises OutOfSubnets when full.
 
-        The choice is lease.plan_acquisition's; this only carries it out, and lists and
-        decides again when a transaction shows that someone changed the leases meanwhile.
+        The choice is lease.plan_acquisition's (both families at once); this only carries
+        it out, and lists and decides again when a transaction shows that someone changed
+        the leases meanwhile.
         """
         for _ in range(RACE_RETRIES):
             leases, _, warnings = await self.snapshot()
             for warning in warnings:
                 log.warning("%s", warning)
-            plan = plan_acquisition(leases, config, attrs, previous, rng)
+            plan = plan_acquisition(leases, config, attrs, previous, rng, previous6)
             for lease in plan.drop:
-                log.warning(
-                    "deleting lease %s: it no longer fits the network config", lease.subnet
-                )
-                await self.store.delete(self.key_of(lease.subnet))
+                log.warning("deleting lease %s: it no longer fits the network config", lease.name)
+                await self.store.delete(self._key(lease))
             action = plan.action
             if isinstance(action, Reuse):
                 got = await self._refresh(action.lease, attrs)
                 if got is not None:
                     kind = "reservation" if got.is_reservation else "lease"
-                    log.info("found %s %s for %s, reusing", kind, got.subnet, attrs.public_ip)
+                    log.info("found %s %s for %s, reusing", kind, got.name, holder(attrs))
                     return got
                 # it changed under us: list again
             elif isinstance(action, Claim):
-                got = await self._claim(action.subnet, attrs)
+                got = await self._claim(action.subnet, attrs, action.ipv6_subnet)
                 if got is not None:
                     if action.from_previous:
-                        log.info("reusing subnet %s from the previous subnet file", action.subnet)
+                        log.info("allocated lease %s (reusing the previous subnet file's)",
+                                 action.name)
                     else:
-                        log.info("allocated lease %s", action.subnet)
+                        log.info("allocated lease %s", action.name)
                     return got
                 if action.from_previous:
                     continue  # taken meanwhile: list again
             else:
+                assert isinstance(action, Exhausted)
+                if action.family == 6:
+                    lo6, hi6 = config.subnet_bounds6()
+                    raise OutOfSubnets(
+                        f"out of subnets: all /{config.ipv6_subnet_len} IPv6 subnets from "
+                        f"{lo6.network_address} to {hi6.network_address} are leased"
+                    )
                 lo, hi = config.subnet_bounds()
                 raise OutOfSubnets(
                     f"out of subnets: all /{config.subnet_len} subnets from "
@@ -257,32 +297,31 @@ class Registry:
 
     async def renew(self, lease: Lease) -> Lease:
         """Extend our lease (new etcd lease + CAS put), as flanneld does with Grant + Put."""
-        kv = await self.store.get(lease.key or self.key_of(lease.subnet))
+        kv = await self.store.get(self._key(lease))
         if kv is None:
-            raise LeaseConflict(f"lease {lease.subnet} vanished before renewal")
+            raise LeaseConflict(f"lease {lease.name} vanished before renewal")
         current = self.decode(kv)
-        if current.attrs.public_ip != lease.attrs.public_ip:
-            raise LeaseConflict(
-                f"lease {lease.subnet} now belongs to {current.attrs.public_ip}"
-            )
+        if holder(current.attrs) != holder(lease.attrs):
+            raise LeaseConflict(f"lease {lease.name} now belongs to {holder(current.attrs)}")
         got = await self._refresh(current, lease.attrs)
         if got is None:
-            raise LeaseConflict(f"lease {lease.subnet} changed during renewal")
+            raise LeaseConflict(f"lease {lease.name} changed during renewal")
         return got
 
     async def retake(self, lease: Lease) -> Lease:
         """After our key was deleted: take the same subnet again if nobody else has."""
-        got = await self._claim(lease.subnet, lease.attrs)
+        key = self._key(lease)
+        got = await self._claim(lease.subnet, lease.attrs, lease.ipv6_subnet, key)
         if got is not None:
             return got
-        kv = await self.store.get(self.key_of(lease.subnet))
+        kv = await self.store.get(key)
         if kv is not None:
             try:
                 current = self.decode(kv)
             except LeaseValueError:
                 current = None
-            if current is not None and current.attrs.public_ip == lease.attrs.public_ip:
+            if current is not None and holder(current.attrs) == holder(lease.attrs):
                 return await self.renew(current)
         raise LeaseConflict(
-            f"our lease {lease.subnet} was deleted and the subnet is now held by another node"
+            f"our lease {lease.name} was deleted and the subnet is now held by another node"
         )

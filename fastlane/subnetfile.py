@@ -3,7 +3,13 @@
 flanneld writes the first usable address of the lease (network + 1) with the prefix
 length, in a fixed line order, atomically (temp file + rename) so a reader never sees a
 half-written file. The file is also the memory of a node: on restart the previous
-FLANNEL_SUBNET is tried first when no lease matches our PublicIP any more.
+FLANNEL_SUBNET (and FLANNEL_IPV6_SUBNET) is tried first when no lease matches our
+PublicIP any more.
+
+The lines and their order are flannel's WriteSubnetFile (pkg/subnet/subnet.go):
+FLANNEL_NETWORK, FLANNEL_SUBNET (if EnableIPv4), FLANNEL_IPV6_NETWORK,
+FLANNEL_IPV6_SUBNET (if EnableIPv6), FLANNEL_MTU, FLANNEL_IPMASQ; IPv6 addresses are
+printed as flannel's IP6 String() prints them (lease.go_ip6).
 """
 
 from __future__ import annotations
@@ -14,25 +20,47 @@ import tempfile
 from pathlib import Path
 
 from fastlane.config import NetworkConfig
+from fastlane.lease import go_ip6_net
 
 IPv4Network = ipaddress.IPv4Network
+IPv6Network = ipaddress.IPv6Network
 
 
-def render(config: NetworkConfig, subnet: IPv4Network, mtu: int, ip_masq: bool) -> str:
-    """The file for a lease: FLANNEL_SUBNET is the lease's first address (network + 1)."""
+def render(
+    config: NetworkConfig,
+    subnet: IPv4Network | None,
+    mtu: int,
+    ip_masq: bool,
+    ipv6_subnet: IPv6Network | None = None,
+) -> str:
+    """The file for a lease: FLANNEL_SUBNET / FLANNEL_IPV6_SUBNET are the lease's first
+    address (network + 1) with its length; each family only if the config enables it."""
     network = config.network if config.enable_ipv4 else None
-    first = ipaddress.IPv4Interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
-    return render_values(network, first, mtu, ip_masq)
+    first = None
+    if network is not None and subnet is not None:
+        first = ipaddress.IPv4Interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
+    network6 = config.ipv6_network if config.enable_ipv6 else None
+    return render_values(network, first, mtu, ip_masq, network6,
+                         ipv6_subnet if network6 is not None else None)
 
 
 def render_values(
-    network: IPv4Network | None, subnet: ipaddress.IPv4Interface, mtu: int, ip_masq: bool
+    network: IPv4Network | None,
+    subnet: ipaddress.IPv4Interface | None,
+    mtu: int,
+    ip_masq: bool,
+    ipv6_network: IPv6Network | None = None,
+    ipv6_subnet: IPv6Network | None = None,
 ) -> str:
-    """The file's text from its values, in flanneld's line order (no network: no subnet line)."""
+    """The file's text from its values, in flanneld's line order (no network: no subnet
+    line). `ipv6_subnet` is the lease's subnet; its first address is what is written."""
     lines: list[str] = []
     if network is not None:
         lines.append(f"FLANNEL_NETWORK={network}")
         lines.append(f"FLANNEL_SUBNET={subnet}")
+    if ipv6_network is not None and ipv6_subnet is not None:
+        lines.append(f"FLANNEL_IPV6_NETWORK={go_ip6_net(ipv6_network)}")
+        lines.append(f"FLANNEL_IPV6_SUBNET={go_ip6_net(ipv6_subnet, 1)}")
     lines.append(f"FLANNEL_MTU={mtu}")
     lines.append(f"FLANNEL_IPMASQ={'true' if ip_masq else 'false'}")
     return "\n".join(lines) + "\n"
@@ -78,13 +106,23 @@ def read_vars(path: str | Path) -> dict[str, str]:
     return parse_vars(text)
 
 
-def previous_subnet(path: str | Path) -> IPv4Network | None:
-    """FLANNEL_SUBNET of an earlier run as a network (10.5.72.1/24 -> 10.5.72.0/24)."""
-    value = read_vars(path).get("FLANNEL_SUBNET")
-    if not value:
+def _previous(path: str | Path, name: str, version: int):
+    value = read_vars(path).get(name)
+    if not value or "%" in value:
         return None
     try:
         net = ipaddress.ip_interface(value).network
     except ValueError:
         return None
-    return net if "/" in value and net.version == 4 else None
+    return net if "/" in value and net.version == version else None
+
+
+def previous_subnet(path: str | Path) -> IPv4Network | None:
+    """FLANNEL_SUBNET of an earlier run as a network (10.5.72.1/24 -> 10.5.72.0/24)."""
+    return _previous(path, "FLANNEL_SUBNET", 4)
+
+
+def previous_ipv6_subnet(path: str | Path) -> IPv6Network | None:
+    """FLANNEL_IPV6_SUBNET of an earlier run (fd00:1:0:5::1/64 -> fd00:1:0:5::/64), as
+    flanneld's ReadIP6CIDRFromSubnetFile; None if missing or not one IPv6 CIDR."""
+    return _previous(path, "FLANNEL_IPV6_SUBNET", 6)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from fastlane.etcd import EtcdError, WatchInterrupted
-from fastlane.lease import Lease
+from fastlane.lease import Lease, LeaseId, holder
 from fastlane.leasetable import LeaseTable
 from fastlane.registry import LeaseEvent, LeaseWarning, Registry
 
@@ -42,8 +42,9 @@ OwnCallback = Callable[[OwnChange, Lease | None], Awaitable[None]]
 class BatchPlan:
     """What one watch batch does to the table, decided without touching it."""
 
-    puts: dict[IPv4Network, Lease] = field(default_factory=dict)
-    deletes: set[IPv4Network] = field(default_factory=set)
+    # keyed by Lease.ident: both subnets, so a dual-stack lease is one entry
+    puts: dict[LeaseId, Lease] = field(default_factory=dict)
+    deletes: set[LeaseId] = field(default_factory=set)
     own: tuple[OwnChange, Lease | None] | None = None  # the batch's last word on our lease
 
 
@@ -51,7 +52,7 @@ def own_change(own: Lease, seen: Lease | None) -> OwnChange | None:
     """How what etcd holds for our subnet (seen) differs from our lease, if it does."""
     if seen is None:
         return OwnChange.DELETED
-    if seen.attrs.public_ip != own.attrs.public_ip:
+    if holder(seen.attrs) != holder(own.attrs):
         return OwnChange.CHANGED
     return None
 
@@ -61,7 +62,7 @@ def plan_snapshot(snapshot: Iterable[Lease], own: Lease | None) -> tuple[list[Le
     leases: list[Lease] = []
     own_seen: Lease | None = None
     for lease in snapshot:
-        if own is not None and lease.subnet == own.subnet:
+        if own is not None and lease.ident == own.ident:
             own_seen = lease
             continue
         leases.append(lease)
@@ -75,21 +76,21 @@ def plan_batch(events: Iterable[LeaseEvent], own: Lease | None) -> BatchPlan:
     our own subnet never enters the table, its last change is reported instead."""
     plan = BatchPlan()
     for ev in events:
-        subnet = ev.subnet
-        if subnet is None:
+        ident = ev.ident
+        if ident is None:
             continue
         lease = ev.lease
-        if own is not None and subnet == own.subnet:
+        if own is not None and ident == own.ident:
             change = own_change(own, lease)
             if change is not None:
                 plan.own = (change, lease)
             continue
         if lease is None:
-            plan.puts.pop(subnet, None)
-            plan.deletes.add(subnet)
+            plan.puts.pop(ident, None)
+            plan.deletes.add(ident)
         else:
-            plan.deletes.discard(subnet)
-            plan.puts[subnet] = lease
+            plan.deletes.discard(ident)
+            plan.puts[ident] = lease
     return plan
 
 

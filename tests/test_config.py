@@ -79,6 +79,8 @@ def test_ipv6_defaults():
 
 def _flannel_accepts(prefix: int, subnet_len: int) -> bool:
     """Reference: flannel's CheckNetworkConfig rules for Network prefix / SubnetLen only."""
+    if prefix == 0:  # 0.0.0.0/0 is flannel's empty IP4Net: "please define a correct Network"
+        return False
     if subnet_len == 0:
         return prefix <= 28
     return subnet_len <= 30 and subnet_len >= prefix + 2

@@ -48,8 +48,8 @@ def test_snapshot_leaves_our_lease_out_and_says_what_happened_to_it() -> None:
 
 def test_batch_later_events_win_and_unreadable_values_drop_the_route() -> None:
     plan = plan_batch([put(2, 2), delete(2), put(3, 3), put(3, 4), put(5, 5), unreadable(5)], OWN)
-    assert plan.puts == {N("10.1.3.0/24"): lease(3, 4)}
-    assert plan.deletes == {N("10.1.2.0/24"), N("10.1.5.0/24")}
+    assert plan.puts == {(N("10.1.3.0/24"), None): lease(3, 4)}
+    assert plan.deletes == {(N("10.1.2.0/24"), None), (N("10.1.5.0/24"), None)}
     assert plan.own is None
 
 
@@ -75,7 +75,7 @@ events = st.lists(st.tuples(st.sampled_from(["put", "delete", "unreadable"]),
 def test_applying_a_batch_equals_replaying_it_one_event_at_a_time(start, batch) -> None:
     """Property: the table after plan_batch's puts/deletes is what replaying every event in
     order would give, minus our own subnet, whose fate is the last differing event."""
-    table = {N(f"10.1.{t}.0/24"): lease(t, h) for t, h in start.items()}
+    table = {(N(f"10.1.{t}.0/24"), None): lease(t, h) for t, h in start.items()}
     evs = [put(t, h) if kind == "put" else delete(t) if kind == "delete" else unreadable(t)
            for kind, t, h in batch]
     plan = plan_batch(evs, OWN)
@@ -86,18 +86,40 @@ def test_applying_a_batch_equals_replaying_it_one_event_at_a_time(start, batch) 
     want = dict(table)
     last_own: tuple[OwnChange, Lease | None] | None = None
     for ev in evs:
-        assert ev.subnet is not None
-        if ev.subnet == OWN.subnet:
+        assert ev.ident is not None
+        if ev.ident == OWN.ident:
             if ev.lease is None:
                 last_own = (OwnChange.DELETED, None)
             elif ev.lease.attrs.public_ip != OWN.attrs.public_ip:
                 last_own = (OwnChange.CHANGED, ev.lease)
             continue
         if ev.lease is None:
-            want.pop(ev.subnet, None)
+            want.pop(ev.ident, None)
         else:
-            want[ev.subnet] = ev.lease
+            want[ev.ident] = ev.lease
     assert got == want
-    assert OWN.subnet not in plan.puts and OWN.subnet not in plan.deletes
+    assert OWN.ident not in plan.puts and OWN.ident not in plan.deletes
     assert plan.own == last_own
     assert not (set(plan.puts) & plan.deletes)
+
+
+def test_a_dual_stack_lease_is_one_entry_keyed_by_both_subnets() -> None:
+    """flannel's sameSubnet: the pair identifies a lease; a v4-only key with the same IPv4
+    subnet is another lease, and an IPv6-only one is keyed by its IPv6 subnet alone."""
+    N6 = ipaddress.IPv6Network
+    attrs = LeaseAttrs(public_ip=A("192.168.0.7"), public_ipv6=ipaddress.IPv6Address("fd00::7"))
+    dual = Lease(N("10.1.7.0/24"), attrs, ipv6_subnet=N6("fd00:1:0:7::/64"))
+    only4 = Lease(N("10.1.7.0/24"), attrs)
+    only6 = Lease(None, LeaseAttrs(public_ip=A("0.0.0.0"), public_ipv6=ipaddress.IPv6Address("fd00::8")),
+                  ipv6_subnet=N6("fd00:1:0:8::/64"))
+    evs = [LeaseEvent("/k/a", 1, l.subnet, l, ipv6_subnet=l.ipv6_subnet) for l in (dual, only4, only6)]
+    plan = plan_batch(evs, OWN)
+    assert plan.puts == {dual.ident: dual, only4.ident: only4, only6.ident: only6}
+    gone = plan_batch([LeaseEvent("/k/a", 2, dual.subnet, None, ipv6_subnet=dual.ipv6_subnet)], OWN)
+    assert gone.deletes == {(N("10.1.7.0/24"), N6("fd00:1:0:7::/64"))}
+    # our own dual-stack lease never enters the table; another holder on it is a change
+    own = dual
+    assert plan_batch(evs, own).puts == {only4.ident: only4, only6.ident: only6}
+    taken = Lease(dual.subnet, LeaseAttrs(public_ip=A("192.168.0.9")), ipv6_subnet=dual.ipv6_subnet)
+    ev = LeaseEvent("/k/a", 3, taken.subnet, taken, ipv6_subnet=taken.ipv6_subnet)
+    assert plan_batch([ev], own).own == (OwnChange.CHANGED, taken)
