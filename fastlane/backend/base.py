@@ -58,6 +58,8 @@ def outside_network(config: NetworkConfig, lease: Lease) -> str | None:
     net = config.network
     if net is None:
         return None
+    if lease.subnet is None:  # an IPv6-only lease (key 0.0.0.0-0&...): no IPv4 route to it
+        return "an IPv6-only lease (no IPv4 subnet)"
     if not lease.subnet.subnet_of(net):
         return f"not inside the Network {net}"
     if lease.subnet.prefixlen < config.subnet_len:

@@ -27,6 +27,8 @@ class HostGwBackend(KernelBackend):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
+        if ctx.config.enable_ipv6:  # the data model is there (leases, subnet.env); v6 routes are not yet
+            raise BackendError("host-gw backend: IPv6 (EnableIPv6) is not supported yet by fastlane")
         if ctx.public_ip != ctx.iface.address:
             raise BackendError(
                 f"your PublicIP ({ctx.public_ip}) differs from interface IP ({ctx.iface.address}), "

@@ -44,6 +44,8 @@ class UdpBackend(Backend):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.config
+        if cfg.enable_ipv6:  # flanneld's udp is IPv4-only too (dual-stack: vxlan, wireguard, host-gw)
+            raise BackendError("the udp backend is IPv4 only (as flanneld's); set EnableIPv6 to false or use another backend")
         self.port = int_option(cfg, "Port", DEFAULT_PORT, 1, 65535)
         self.check_source = bool_option(cfg, "CheckSource", True)
         from fastlane.engine import MAX_QUEUES  # the C extension: only once udp is chosen

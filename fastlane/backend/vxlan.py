@@ -92,6 +92,8 @@ class VxlanBackend(KernelBackend):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.config
+        if cfg.enable_ipv6:  # the data model is there (leases, subnet.env); the v6 device is not yet
+            raise BackendError("vxlan backend: IPv6 (EnableIPv6) is not supported yet by fastlane")
         self.vni = int_option(cfg, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
         #: Backend.Port as configured; 0 = the kernel's default, and any dstport is accepted
         #: on an existing device (flanneld compares ports only when both are set).
