@@ -47,6 +47,16 @@ def _ipv4(v: str) -> str | None:
     return None
 
 
+def _ipv6(v: str) -> str | None:
+    if not v:
+        return None
+    try:
+        ipaddress.IPv6Address(v)
+    except ValueError:
+        return "not an IPv6 address"
+    return None if "%" not in v else "not an IPv6 address (no zone)"
+
+
 def _ttl(v: int) -> str | None:
     return None if v >= 5 else "must be at least 5 seconds"
 
@@ -64,7 +74,7 @@ def flagset() -> FlagSet:
     fs.add("iface-regex", [], "regex of the interface (IP or name) to use; repeatable")
     fs.add("iface-can-reach", "", "detect interface to use (IP or name) for inter-host communication based on which will be used for provided IP. This is exactly the interface to use of command 'ip route get <ip-address>'")
     fs.add("public-ip", "", "IP accessible by other nodes for inter-host communication", check=_ipv4)
-    fs.add("public-ipv6", "", "not supported by fastlane (IPv4 only)")
+    fs.add("public-ipv6", "", "IPv6 accessible by other nodes for inter-host communication", check=_ipv6)
     fs.add("subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to")
     fs.add("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes, ranging from 1 to 1439", check=_margin)
     fs.add("subnet-lease-ttl", 24 * 3600, "fastlane extension: lease TTL in seconds (flanneld: fixed 24h)", check=_ttl)
@@ -97,7 +107,7 @@ def flagset() -> FlagSet:
 
 
 # Flags fastlane accepts so flanneld's command lines keep working, but does nothing with.
-# Each one that is given gets one log line at start-up. (-public-ipv6 is handled elsewhere.)
+# Each one that is given gets one log line at start-up.
 IGNORED_FLAGS: dict[str, str] = {
     "kube-api-url": "only used with -kube-subnet-mgr",
     "kubeconfig-file": "only used with -kube-subnet-mgr",
@@ -160,6 +170,7 @@ def _options(values: dict):
         blackhole_route=values["ip-blackhole-route"],
         endpoints_spec=spec,
         public_ip=ipaddress.IPv4Address(values["public-ip"]) if values["public-ip"] else None,
+        public_ipv6=ipaddress.IPv6Address(values["public-ipv6"]) if values["public-ipv6"] else None,
         subnet_file=values["subnet-file"],
         renew_margin_s=values["subnet-lease-renew-margin"] * 60,
         ip_masq=values["ip-masq"],

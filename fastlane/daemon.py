@@ -39,7 +39,7 @@ from fastlane.config import ConfigError, NetworkConfig
 from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles, parse_endpoints
 from fastlane.etcd.connection import credentials
 from fastlane.iface import Interface, InterfaceError, choose
-from fastlane.lease import SUBNET_TTL, Lease, LeaseAttrs
+from fastlane.lease import SUBNET_TTL, UNSPECIFIED_V4, Lease, LeaseAttrs, holder
 from fastlane.notify import sd_notify
 from fastlane.registry import ConfigMissing, LeaseConflict, OutOfSubnets, Registry
 from fastlane.leasetable import LeaseTable
@@ -63,6 +63,8 @@ class Options:
     #: -etcd-endpoints as given; resolved at connect time when `endpoints` is empty
     endpoints_spec: str = ""
     public_ip: ipaddress.IPv4Address | None = None
+    #: -public-ipv6: the lease's PublicIPv6 when the config enables IPv6
+    public_ipv6: ipaddress.IPv6Address | None = None
     subnet_file: str = "/run/flannel/subnet.env"
     renew_margin_s: int = 60 * 60
     ip_masq: bool = False
@@ -158,15 +160,21 @@ class Daemon:
             "cannot read the network config", self.registry.get_config
         )
         self.config = config
+        if not config.enable_ipv4 and not config.enable_ipv6:
+            # flanneld: ipmatch.GetIPFamily "none defined stack", exit 1
+            raise Fatal("EnableIPv4 and EnableIPv6 are both false: none defined stack")
+        if config.enable_ipv4:
+            log.info(
+                "network %s, subnets /%d from %s to %s, backend %s",
+                config.network, config.subnet_len, config.subnet_min, config.subnet_max,
+                config.backend_type,
+            )
         if config.enable_ipv6:
-            raise Fatal("EnableIPv6 is not supported by fastlane (IPv4 only)")
-        if not config.enable_ipv4:
-            raise Fatal("EnableIPv4 is false: fastlane needs an IPv4 Network")
-        log.info(
-            "network %s, subnets /%d from %s to %s, backend %s",
-            config.network, config.subnet_len, config.subnet_min, config.subnet_max,
-            config.backend_type,
-        )
+            log.info(
+                "IPv6 network %s, subnets /%d from %s to %s, backend %s",
+                config.ipv6_network, config.ipv6_subnet_len, config.ipv6_subnet_min,
+                config.ipv6_subnet_max, config.backend_type,
+            )
         try:
             iface = await asyncio.to_thread(choose, self.opts.ifaces, self.opts.iface_regexes,
                                             self.opts.iface_can_reach, self.opts.public_ip)
@@ -183,16 +191,24 @@ class Daemon:
             raise Fatal(str(exc)) from None
         except (KernelError, NetlinkError, OSError) as exc:
             raise Fatal(f"{config.backend_type} backend set-up: {describe(exc)}") from None
-        attrs = LeaseAttrs(public_ip=public_ip, backend_type=self.backend.lease_type, backend_data=data)
+        public_ipv6 = self.opts.public_ipv6 if config.enable_ipv6 else None
+        if config.enable_ipv6 and public_ipv6 is None:
+            # The interface's own IPv6 address is not looked up yet (fastlane/iface.py).
+            raise Fatal("EnableIPv6 is set: give this node's IPv6 address with -public-ipv6")
+        # An IPv6-only node has no PublicIP: flanneld leaves it 0.0.0.0 in the lease.
+        attrs = LeaseAttrs(public_ip=public_ip if config.enable_ipv4 else UNSPECIFIED_V4,
+                           backend_type=self.backend.lease_type, backend_data=data,
+                           public_ipv6=public_ipv6)
         previous = subnetfile.previous_subnet(self.opts.subnet_file)
+        previous6 = subnetfile.previous_ipv6_subnet(self.opts.subnet_file)
         try:
             self.lease = await self._retry(
                 "cannot acquire a lease",
-                lambda: self.registry.acquire(config, attrs, previous),
+                lambda: self.registry.acquire(config, attrs, previous, previous6=previous6),
             )
         except (OutOfSubnets, LeaseConflict) as exc:
             raise Fatal(str(exc)) from None
-        log.info("lease acquired: %s", self.lease.subnet)
+        log.info("lease acquired: %s", self.lease.name)
         try:
             await self.backend.start(self.lease, self.table)
         except backends.BackendError as exc:
@@ -201,7 +217,7 @@ class Daemon:
             raise Fatal(f"{config.backend_type} backend start: {describe(exc)}") from None
         await self._install_rules(config)
         self._subnet_text = subnetfile.render(config, self.lease.subnet, self.backend.mtu,
-                                              self.opts.ip_masq)
+                                              self.opts.ip_masq, self.lease.ipv6_subnet)
         self._write_subnet_file(first=True)
 
     def _write_subnet_file(self, first: bool = False) -> bool:
@@ -269,6 +285,9 @@ class Daemon:
     async def _install_rules(self, config: NetworkConfig) -> None:
         o = self.opts
         nft = config.enable_nftables
+        if not config.enable_ipv4:  # the rules are IPv4 ones; ip6tables/ip6 ones are not built yet
+            log.warning("IPv6-only network: no masquerade or forward rules are installed yet")
+            return
         # As flanneld: first remove what the other traffic manager may have left behind.
         for what in await asyncio.to_thread(rules.cleanup_other, nft):
             log.info("removed %s (%s mode)", what, "nftables" if nft else "iptables")
@@ -329,14 +348,14 @@ class Daemon:
         if self._stop.is_set():
             return
         if what == "changed":
-            self._die(f"our lease {self.lease.subnet} was overwritten by {lease.attrs.public_ip}")
+            self._die(f"our lease {self.lease.name} was overwritten by {holder(lease.attrs)}")
             return
-        log.warning("lease %s has been revoked; taking the same subnet again", self.lease.subnet)
+        log.warning("lease %s has been revoked; taking the same subnet again", self.lease.name)
         try:
             self.lease = await self.registry.retake(self.lease)
             self.stats.lease_retakes += 1
             self._lease_changed.set()
-            log.info("lease %s re-acquired", self.lease.subnet)
+            log.info("lease %s re-acquired", self.lease.name)
         except LeaseConflict as exc:
             self._die(str(exc))
         except EtcdError as exc:
@@ -362,10 +381,10 @@ class Daemon:
             try:
                 self.lease = await self.registry.renew(lease)
                 self.stats.lease_renewals += 1
-                log.info("lease %s renewed, expires in %ds", lease.subnet, self.lease.remaining())
+                log.info("lease %s renewed, expires in %ds", lease.name, self.lease.remaining())
             except EtcdError as exc:
                 self.stats.lease_renewal_failures += 1
-                log.warning("failed to renew lease %s (%s); trying again in %gs", lease.subnet, exc, retry)
+                log.warning("failed to renew lease %s (%s); trying again in %gs", lease.name, exc, retry)
                 await asyncio.sleep(retry)
             except LeaseConflict as exc:
                 log.warning("%s", exc)
@@ -450,7 +469,7 @@ class Daemon:
             ]
             if self._rules_wanted():
                 self._tasks.append(spawn("rules resync", self._resync_rules))
-            if self.opts.blackhole_route:
+            if self.opts.blackhole_route and self.lease.subnet is not None:  # IPv4 only yet
                 self._tasks.append(spawn("blackhole route", self._blackhole_loop))
             if not self.ready:
                 self._tasks.append(spawn("subnet file", self._subnet_file_loop, forever=False))
@@ -462,7 +481,7 @@ class Daemon:
             await self._stop.wait()
             if self._fatal:
                 raise Fatal(self._fatal)
-            log.info("shutting down; keeping lease %s", self.lease.subnet if self.lease else None)
+            log.info("shutting down; keeping lease %s", self.lease.name if self.lease else None)
             return 0
         except Fatal as exc:
             log.error("%s", exc)
