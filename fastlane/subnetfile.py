@@ -107,14 +107,19 @@ def read_vars(path: str | Path) -> dict[str, str]:
 
 
 def _previous(path: str | Path, name: str, version: int):
-    value = read_vars(path).get(name)
-    if not value or "%" in value:
-        return None
-    try:
-        net = ipaddress.ip_interface(value).network
-    except ValueError:
-        return None
-    return net if "/" in value and net.version == version else None
+    """As flanneld's Read(IP6)CIDRFromSubnetFile: the value is split on commas, parts that
+    are not a CIDR of this family are skipped, and exactly one must remain."""
+    found = []
+    for part in read_vars(path).get(name, "").split(","):
+        if "/" not in part or "%" in part:
+            continue
+        try:
+            net = ipaddress.ip_interface(part).network
+        except ValueError:
+            continue
+        if net.version == version:
+            found.append(net)
+    return found[0] if len(found) == 1 else None
 
 
 def previous_subnet(path: str | Path) -> IPv4Network | None:
