@@ -986,8 +986,9 @@ class _Run:
         self.rows.append(_row("stack", "swaps_per_s", [len(seen["swap_s"]) / window]))
         self.rows.append(_row("stack", "cpu_per_s", [seen["cpu_s"] / window]))
         summary.update({"swaps": len(seen["swap_s"]),
-                        "mean_changes_per_swap": (sum(seen["batches"])
-                                                  / max(1, len(seen["batches"]))),
+                        "changes_per_swap": len(lags) / max(1, len(seen["swap_s"])),
+                        "changes_per_publish": (sum(seen["batches"])
+                                                / max(1, len(seen["batches"]))),
                         "swap_busy_s": sum(seen["swap_s"])})
         self.churn_summary["stack"] = summary
 
@@ -1113,10 +1114,23 @@ def markdown(doc: dict[str, Any], json_name: str) -> str:
            "```", table(doc), "```", ""]
     out += ["| field | value |", "|---|---|"]
     rows = [("date", env.get("date")), ("kernel", env.get("kernel")),
-            ("CPU", env.get("cpu_model")), ("CPUs", env.get("nproc"))]
+            ("CPU", env.get("cpu_model")), ("CPUs", env.get("nproc")),
+            ("load average at start (1, 5, 15 min)", env.get("loadavg_start")),
+            ("load average at end", env.get("loadavg_end")),
+            ("uncommitted files at run time", ", ".join(env.get("dirty_files") or []) or "-")]
     rows += list((env.get("versions") or {}).items())
     out += [f"| {k} | {v if v is not None else '-'} |" for k, v in rows]
     return "\n".join(out) + "\n"
+
+
+def _dirty_files() -> list[str]:
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / ".git").exists():
+        return []
+    res = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "fastlane",
+                          "csrc", "bench", "build.py"], check=False, capture_output=True,
+                         text=True)
+    return [line[3:] for line in res.stdout.splitlines() if line[3:]]
 
 
 def run(leases: int, duration: float, repeat: int, json_path: Path | None) -> int:
@@ -1132,7 +1146,12 @@ def run(leases: int, duration: float, repeat: int, json_path: Path | None) -> in
     def progress(text: str) -> None:
         print(f"control plane: {text}", file=sys.stderr, flush=True)
 
+    # a shared machine's load colours every figure here: say how busy it was, and which
+    # uncommitted files (anyone's) the figures ran with when fastlane_git says -dirty
+    env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    env["dirty_files"] = _dirty_files()
     got = measure(leases, duration, repeat, progress)
+    env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     doc = {
         "schema": report.SCHEMA,
         "environment": env,
