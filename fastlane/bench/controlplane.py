@@ -93,15 +93,17 @@ METRICS: dict[str, tuple[str, str]] = {
     "rss_delta_bytes": ("bytes", "RSS growth of the stack process over one sync"),
     "swap_ms": ("ms", "Engine.set_routes with N routes"),
     "swap_c_ms": ("ms", "the C call alone (build + swap + grace period), array prebuilt"),
-    "backend_swap_ms": ("ms", "the udp backend's subscriber for one change (N routes)"),
+    "backend_swap_ms": ("ms", "udp backend: a table change -> N routes in the engine (idle)"),
     "route_table_bytes": ("bytes", "C route table for N routes, measured (glibc mallinfo2)"),
     "route_table_bytes_est": ("bytes", "C route table for N routes, computed from route.c"),
-    "lag_ms": ("ms", "put -> change reflected (stack: table + engine; daemon: first packet)"),
+    "lag_ms": ("ms", ("put -> change in the engine (stack: swap returned; daemon: probes' "
+                      "first packet on the wire)")),
     "lag_p99_ms": ("ms", "99th percentile of lag_ms"),
-    "drain_ms": ("ms", "lag of the last change of the churn"),
+    "drain_ms": ("ms", "lag_ms of the last change of the churn"),
     "churn_rate": ("changes/s", "lease changes/s the generator achieved"),
-    "swaps_per_s": ("swaps/s", "route swaps (lease table publishes) per second of churn"),
-    "cpu_per_s": ("CPU s/s", "CPU seconds per second of churn of the stack/daemon process"),
+    "swaps_per_s": ("swaps/s", "engine route swaps per second of churn (changes coalesce)"),
+    "cpu_per_s": ("CPU s/s", ("CPU seconds per second of churn of the stack/daemon process "
+                              "(all its threads)")),
     "ready_s": ("s", "daemon start -> subnet file written"),
     "first_packet_ms": ("ms", "put of a new lease -> first datagram to its PublicIP"),
 }
@@ -1112,7 +1114,17 @@ def markdown(doc: dict[str, Any], json_name: str) -> str:
             f"{json_name} > {Path(json_name).stem}.md` (run in this directory). Do not edit by "
             "hand: every figure below comes from that JSON."), "",
            "```", table(doc), "```", ""]
-    out += ["| field | value |", "|---|---|"]
+    present = list(dict.fromkeys(r["metric"] for r in doc.get("results", [])))
+    if present:
+        out += [("Metrics (paths: `stack` is Registry + Watcher + LeaseTable with the udp "
+                 "backend's subscriber on a TUN-less engine, `engine` a TUN-less engine, "
+                 "`engine-running` one with a TUN and its threads, `daemon` a real udp daemon "
+                 "measured on the wire):"), ""]
+        for m in present:
+            meta = (doc.get("metrics") or {}).get(m) or {}
+            out.append(f"- `{m}` ({meta.get('unit', '')}): {meta.get('description', '')}")
+        out.append("")
+    out += ["## Run", "", "| field | value |", "|---|---|"]
     rows = [("date", env.get("date")), ("kernel", env.get("kernel")),
             ("CPU", env.get("cpu_model")), ("CPUs", env.get("nproc")),
             ("load average at start (1, 5, 15 min)", env.get("loadavg_start")),
