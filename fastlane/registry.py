@@ -10,6 +10,7 @@ is never turned back into an expiring lease (flanneld does; see docs/drop-in.md)
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import random
@@ -41,6 +42,9 @@ IPv6Network = ipaddress.IPv6Network
 
 #: flanneld retries a lost creation race this many times (raceRetries).
 RACE_RETRIES = 10
+#: A dual-stack claim also fails when any lease was created since the listing (see _claim),
+#: so concurrent dual-stack starts take turns: they get this many more attempts.
+DUAL_STACK_RETRIES = 200
 
 
 class ConfigMissing(Exception):
@@ -194,16 +198,34 @@ class Registry:
         attrs: LeaseAttrs,
         ipv6_subnet: IPv6Network | None = None,
         key: str = "",
+        revision: int | None = None,
     ) -> Lease | None:
         """Create the key only if absent, attached to a fresh etcd lease of `ttl` seconds.
 
         Both subnets of a dual-stack node are one key, so they are claimed together in
-        this one transaction: there is never a half-acquired pair.
+        this one transaction: there is never a half-acquired pair. The key alone does not
+        keep two nodes off one subnet once keys hold pairs (10.1.2.0-24&A and 10.1.2.0-24&B
+        are different keys), so the same transaction also requires that no other key holds
+        this IPv4 subnet (the key `10.1.2.0-24` and every key under `10.1.2.0-24&`) and,
+        for a pair, that no lease was created after `revision` (the listing the choice was
+        made from): the IPv6 part is at the end of the key, where no range can find it.
+        flanneld guards the key only.
         """
         key = key or self.key_of(subnet, ipv6_subnet)
+        absent: tuple[str, ...] = ()
+        prefixes: tuple[str, ...] = ()
+        if subnet is not None:
+            absent = (self.key_of(subnet),)
+            prefixes = (self.key_of(subnet) + "&",)
+        since = None
+        if subnet is not None and ipv6_subnet is not None:
+            if revision is None:
+                _, revision = await self.store.list_prefix(self.subnets_prefix)
+            since = (self.subnets_prefix, revision)
         etcd_lease = await self.store.grant(self.ttl)
         expiration = time.time() + self.ttl
-        if not await self.store.create(key, attrs.encode(), lease=etcd_lease):
+        if not await self.store.create(key, attrs.encode(), lease=etcd_lease, absent=absent,
+                                       absent_prefixes=prefixes, none_created_after=since):
             return None
         kv = await self.store.get(key)
         return Lease(
@@ -252,8 +274,9 @@ class Registry:
         it out, and lists and decides again when a transaction shows that someone changed
         the leases meanwhile.
         """
-        for _ in range(RACE_RETRIES):
-            leases, _, warnings = await self.snapshot()
+        attempts = RACE_RETRIES + (DUAL_STACK_RETRIES if config.enable_ipv4 and config.enable_ipv6 else 0)
+        for _ in range(attempts):
+            leases, revision, warnings = await self.snapshot()
             for warning in warnings:
                 log.warning("%s", warning)
             plan = plan_acquisition(leases, config, attrs, previous, rng, previous6)
@@ -269,7 +292,8 @@ class Registry:
                     return got
                 # it changed under us: list again
             elif isinstance(action, Claim):
-                got = await self._claim(action.subnet, attrs, action.ipv6_subnet)
+                got = await self._claim(action.subnet, attrs, action.ipv6_subnet,
+                                        revision=revision)
                 if got is not None:
                     if action.from_previous:
                         log.info("allocated lease %s (reusing the previous subnet file's)",
@@ -277,6 +301,9 @@ class Registry:
                     else:
                         log.info("allocated lease %s", action.name)
                     return got
+                if action.subnet is not None and action.ipv6_subnet is not None:
+                    await asyncio.sleep(random.uniform(0, 0.05))  # concurrent starts take turns
+                    continue
                 if action.from_previous:
                     continue  # taken meanwhile: list again
             else:
@@ -293,7 +320,7 @@ class Registry:
                     f"{lo.network_address} to {hi.network_address} are leased"
                 )
             log.info("lost a race for a subnet, retrying")
-        raise LeaseConflict(f"could not acquire a lease after {RACE_RETRIES} attempts (contention)")
+        raise LeaseConflict(f"could not acquire a lease after {attempts} attempts (contention)")
 
     async def renew(self, lease: Lease) -> Lease:
         """Extend our lease (new etcd lease + CAS put), as flanneld does with Grant + Put."""

@@ -274,11 +274,30 @@ class Store:
             key_bytes(key), bytes(value), lease=lease, timeout=self._timeout))
         return resp.header.revision
 
-    async def create(self, key: str, value: bytes, lease: int = 0) -> bool:
-        """Put only if the key does not exist, in one transaction; False if it exists."""
+    async def create(self, key: str, value: bytes, lease: int = 0, *,
+                     absent: tuple[str, ...] = (), absent_prefixes: tuple[str, ...] = (),
+                     none_created_after: tuple[str, int] | None = None) -> bool:
+        """Put only if the key does not exist, in one transaction; False if it exists.
+
+        The same transaction can also require that the keys in ``absent`` and every key under
+        ``absent_prefixes`` do not exist, and that no key under ``none_created_after[0]`` was
+        created after revision ``none_created_after[1]`` (a lease claim that depends on more
+        than its own key: the two subnets of a dual-stack lease).
+        """
         raw = key_bytes(key)
+        compare = [KVService.txn_compare_create_revision(raw, 0)]
+        compare += [KVService.txn_compare_create_revision(key_bytes(k), 0) for k in absent]
+        for prefix in absent_prefixes:  # etcd compares every key of a range (none: a zero KV)
+            p = key_bytes(prefix)
+            compare.append(Compare(result=Compare.EQUAL, target=Compare.CREATE, key=p,
+                                   create_revision=0, range_end=prefix_range_end(p)))
+        if none_created_after is not None:
+            p = key_bytes(none_created_after[0])
+            compare.append(Compare(result=Compare.LESS, target=Compare.CREATE, key=p,
+                                   create_revision=int(none_created_after[1]) + 1,
+                                   range_end=prefix_range_end(p)))
         resp = await self._call(f"create {key}", lambda c: c.kv.txn(
-            compare=[KVService.txn_compare_create_revision(raw, 0)],
+            compare=compare,
             success=[KVService.txn_op_put(raw, bytes(value), lease=lease)],
             timeout=self._timeout))
         return bool(resp.succeeded)
