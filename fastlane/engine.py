@@ -58,18 +58,20 @@ COUNTER_NAMES: tuple[str, ...] = tuple(
 REASONS: dict[int, str] = dict(enumerate(COUNTER_NAMES))
 
 
+def _route_tuple(r: Route) -> tuple[int, int, int, int]:
+    """(net, len, next_hop, port) for the C array. Typed values are used as they are: a table of
+    thousands of routes is converted on every swap, and re-parsing each address from text
+    would cost more than the C side's whole build and swap."""
+    net = r.network if isinstance(r.network, ipaddress.IPv4Network) else ipaddress.IPv4Network(r.network)
+    hop = r.next_hop if isinstance(r.next_hop, ipaddress.IPv4Address) else ipaddress.IPv4Address(r.next_hop)
+    if not 0 < r.port < 65536:
+        raise ValueError(f"route {net}: port {r.port} out of range")
+    return int(net.network_address), net.prefixlen, int(hop), r.port
+
+
 def _routes_array(routes: Iterable[Route], ffi_: Any = ffi) -> tuple[Any, int]:
-    rs = list(routes)
-    arr = ffi_.new("struct fl_route[]", max(len(rs), 1))
-    for i, r in enumerate(rs):
-        net = ipaddress.IPv4Network(r.network)
-        if not 0 < r.port < 65536:
-            raise ValueError(f"route {net}: port {r.port} out of range")
-        arr[i].net = int(net.network_address)
-        arr[i].len = net.prefixlen
-        arr[i].next_hop = int(ipaddress.IPv4Address(r.next_hop))
-        arr[i].port = r.port
-    return arr, len(rs)
+    rows = [_route_tuple(r) for r in routes]
+    return ffi_.new("struct fl_route[]", rows or 1), len(rows)
 
 
 class Engine:
