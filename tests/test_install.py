@@ -119,12 +119,12 @@ def test_installed_leases_json(venv: Path, tmp_path: Path, etcd_server, prefix):
 def test_installed_bench_help_and_baseline_source(venv: Path, tmp_path: Path):
     p = _run([str(venv / "fastlane"), "bench", "--help"], cwd=tmp_path)
     assert p.returncode == 0 and "--paths" in p.stdout
-    code = "from fastlane.bench.paths import baseline_source as s; print(s()); assert s().is_file()"
+    code = "from fastlane.bench.datapaths import baseline_source as s; print(s()); assert s().is_file()"
     p = _run([str(venv / "python"), "-c", code], cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().startswith(str(venv.parent))
     if shutil.which("gcc"):
-        code = ("from pathlib import Path; from fastlane.bench.paths import build_baseline; "
+        code = ("from pathlib import Path; from fastlane.bench.datapaths import build_baseline; "
                 f"print(build_baseline(Path({str(tmp_path)!r})))")
         p = _run([str(venv / "python"), "-c", code], cwd=tmp_path)
         assert p.returncode == 0, p.stderr

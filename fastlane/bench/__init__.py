@@ -22,7 +22,7 @@ from types import FrameType
 
 from fastlane.bench import measure, report
 from fastlane.bench.lab.topology import Topology, TopologyError, cleanup_stale
-from fastlane.bench.paths import (
+from fastlane.bench.datapaths import (
     ALL_PATHS,
     DEFAULT_PATHS,
     BACKEND_OF,

@@ -995,7 +995,7 @@ class _Run:
         self.churn_summary["stack"] = summary
 
     def daemon(self) -> None:
-        from fastlane.bench.paths import fastlane_command
+        from fastlane.bench.datapaths import fastlane_command
 
         topo, total, duration = self.topo, self.total, self.duration
         gen_ready, pidfile = self.wd / "gen1.ready", self.wd / "daemon.pid"
