@@ -398,19 +398,26 @@ class Daemon:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 line = await asyncio.wait_for(reader.readline(), 5)
-                path = line.split()[1].decode() if len(line.split()) > 1 else "/"
-                ctype = "text/plain"
-                if path.startswith("/readyz"):
-                    code, body = (200, b"ready") if self.ready else (503, b"not ready")
-                elif path == "/metrics" or path.startswith("/metrics?"):
+                target = line.split()[1].decode() if len(line.split()) > 1 else "/"
+                path = target.split("?", 1)[0]
+                ctype = "text/plain; charset=utf-8"
+                # flanneld's handlers, texts and codes (main.go's mustRunHealthz): exact paths,
+                # anything else 404 as Go's mux answers it
+                if path == "/healthz":
+                    code, body = 200, b"flanneld is running"
+                elif path == "/readyz":
+                    code, body = ((200, b"flanneld is ready") if self.ready
+                                  else (503, b"flanneld is not ready yet"))
+                elif path == "/metrics":
                     try:
                         code, body, ctype = 200, exporter.render(), metrics.CONTENT_TYPE
                     except Exception:  # noqa: BLE001 - a scrape must never stop the daemon
                         log.exception("/metrics")
                         code, body = 500, b"cannot collect metrics"
                 else:
-                    code, body = 200, b"flanneld is running"
-                reason = {200: "OK", 500: "Internal Server Error", 503: "Service Unavailable"}[code]
+                    code, body = 404, b"404 page not found\n"
+                reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error",
+                          503: "Service Unavailable"}[code]
                 writer.write(
                     f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body

@@ -182,9 +182,12 @@ def test_unreachable_etcd_and_malformed_peer_leases(nodes, cluster, prefix, tmp_
     assert wait_until(lambda: "10.1.5.0-24" in a.log(), 10), a.log()
     probe = ("import urllib.request as u, urllib.error as e\n"
              "print(u.urlopen('http://127.0.0.1:18765/healthz').read().decode())\n"
-             "print(u.urlopen('http://127.0.0.1:18765/readyz').read().decode())\n")
+             "print(u.urlopen('http://127.0.0.1:18765/readyz?verbose').read().decode())\n"
+             "try:\n    u.urlopen('http://127.0.0.1:18765/healthzz')\n"
+             "except e.HTTPError as x:\n    print(x.code, x.read().decode().strip())\n")
     out = topo.run(a.host.netns, sys.executable, "-c", probe).stdout
-    assert "flanneld is running" in out and "ready" in out
+    # flanneld's texts and codes (main.go's mustRunHealthz), unknown paths 404 like Go's mux
+    assert out.splitlines() == ["flanneld is running", "flanneld is ready", "404 404 page not found"]
     # A daemon pointed at nothing: a one-line warning, no traceback, still alive.
     b = Node(topo, topo.hosts[1], etcd, prefix, tmp_path)
     b.args_orig = b.args
