@@ -15,9 +15,21 @@
 #define FASTLANE_BATCH_H
 
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/socket.h>
 
 #include "engine.h"
+
+/* UDP GSO/GRO socket options (linux/udp.h), for C libraries whose headers predate them */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
 
 #define FL_SLOT_SIZE (65536 + 64) /* one TUN read or one (GRO) datagram */
 #define FL_GSO_MAX_SEGS 64        /* kernel limit (UDP_MAX_SEGMENTS) */

@@ -26,16 +26,6 @@
 
 #include "batch.h"
 
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef UDP_GRO
-#define UDP_GRO 104
-#endif
-#ifndef SOL_UDP
-#define SOL_UDP 17
-#endif
-
 #define TX_READS 64 /* TUN reads per round */
 /* With GRO (and TSO on the TX side) a round is bounded by bytes, not datagrams: ~512 KiB stays
  * in L2 between the copy in, the checksum pass and the copy out. */

@@ -19,16 +19,6 @@
 
 #include "batch.h"
 
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef UDP_GRO
-#define UDP_GRO 104
-#endif
-#ifndef SOL_UDP
-#define SOL_UDP 17
-#endif
-
 #define GSO_MAX_BYTES 65507
 #define CMSG_GSO_SPACE CMSG_SPACE(sizeof(uint16_t))
 /* A full socket send buffer is waited out in slices, for at most FLUSH_WAIT_MAX_MS per flush;

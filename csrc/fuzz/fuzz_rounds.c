@@ -48,15 +48,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "batch.h"
 #include "fuzz_common.h"
-
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef UDP_GRO
-#define UDP_GRO 104
-#endif
 
 /* fd numbers no process has open: a syscall the fakes do not cover fails with EBADF */
 #define FZ_TUN (1 << 20)

@@ -30,7 +30,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "batch.h"
 
 /* ---- the scripted world ---- */
 

@@ -39,15 +39,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "engine.h"
+#include "batch.h"
 #include "engine_test_cdef.h"
-
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef SOL_UDP
-#define SOL_UDP 17
-#endif
 
 /* Sanitizer defaults: stop at the first report, with a non-zero exit status. */
 const char *__asan_default_options(void) { return "abort_on_error=0:halt_on_error=1:exitcode=23"; }
