@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from fastlane.bench import measure, report
-from fastlane.bench.lab.topology import MANIFEST_DIR, cleanup_stale
+from fastlane.bench.datapaths import Context, fastlane_command, up
+from fastlane.bench.lab.topology import MANIFEST_DIR, Topology, cleanup_stale
+from fastlane.bench.lab.wire import WireStats
 
 pytestmark = pytest.mark.usefixtures("net_capable")
 
@@ -151,34 +153,94 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def test_short_run_produces_table_json_and_plot(tmp_path: Path) -> None:
-    run = BenchRun(["--mtu", "1500", "--paths", ",".join(WORKING_PATHS), "--duration", "2",
+    run = BenchRun(["--mtu", "1500", "--paths", ",".join(WORKING_PATHS), "--duration", "1",
                     "--repeat", "1", "--json", "out.json", "--plot", "out.png"], tmp_path)
-    rc = run.wait(timeout=240)
+    rc = run.wait(timeout=480)
     assert rc == 0, run.stderr + run.stdout
     doc = json.loads((tmp_path / "out.json").read_text())
     assert doc["schema"] == "fastlane-bench/1" and doc["complete"] is True and doc["errors"] == []
     env = doc["environment"]
     assert env["kernel"] and env["nproc"] >= 1 and env["date"][:2] == "20"
     assert set(env["versions"]) >= {"fastlane", "python", "iperf3", "etcd"}
+    # the exact settings of each underlay (both by default)
+    assert list(env["underlays"]) == ["veth", "nic"]
+    assert env["underlays"]["nic"]["host_device"] == (
+        "ethtool -K <dev> tx off tso off gso off tx-udp-segmentation off "
+        "tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off gro on")
+    assert env["underlays"]["nic"]["switch_port"] == "ethtool -K <port> tso off gso off"
     assert doc["config"]["mtus"] == [1500] and doc["config"]["paths"] == WORKING_PATHS
+    assert doc["config"]["underlays"] == ["veth", "nic"]
     rows = doc["results"]
-    seen = {(r["path"], r["metric"]) for r in rows}
+    seen = {(r["underlay"], r["path"], r["metric"]) for r in rows}
     userspace = {"baseline", "udp"}
-    assert seen == {(p, m) for p in WORKING_PATHS for m in METRICS} | {
-        (p, "fwd_cpu_s_per_gbit") for p in WORKING_PATHS if p in userspace}
+    assert seen == {(u, p, m) for u in ("veth", "nic") for p in WORKING_PATHS for m in METRICS} | {
+        (u, p, "fwd_cpu_s_per_gbit") for u in ("veth", "nic") for p in WORKING_PATHS
+        if p in userspace}
     for r in rows:
-        assert set(r) >= {"path", "underlay_mtu", "metric", "median", "min", "max", "unit",
-                          "samples"}
+        assert set(r) >= {"path", "underlay", "underlay_mtu", "metric", "median", "min", "max",
+                          "unit", "samples"}
         assert r["underlay_mtu"] == 1500 and len(r["samples"]) == 1
         assert r["min"] <= r["median"] <= r["max"]
         assert r["unit"] == report.METRICS[r["metric"]][0]
         assert math.isfinite(r["median"]) and r["median"] > 0, r  # every path carried traffic
-    # the terminal table lists every path
-    for p in WORKING_PATHS:
-        assert f"1500  {p} " in run.stdout
+    if "udp" in WORKING_PATHS:
+        assert {(x["underlay"], x["denominator"]) for x in doc["ratios"]} >= {
+            ("veth", "vxlan"), ("nic", "vxlan")}
+    # the terminal table lists every path on each underlay
+    for u in ("veth", "nic"):
+        for p in WORKING_PATHS:
+            assert f"{u:<8}  1500  {p} " in run.stdout, run.stdout
     png = (tmp_path / "out.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (tmp_path / "out.md").read_text()
+    assert "### Underlay veth, MTU 1500" in md and "### Underlay nic, MTU 1500" in md
     run.assert_nothing_left()
+
+
+def _wire_during_tcp(topo: Topology, ep: measure.Endpoints, seconds: float) -> WireStats:
+    """Capture every frame on the switch's ports while one TCP stream runs for `seconds`."""
+    ports = [f"p{h.index}" for h in topo.hosts]
+    cap = subprocess.Popen(
+        ["ip", "netns", "exec", topo.switch_netns, sys.executable, "-m",
+         "fastlane.bench.lab.wire", "--seconds", f"{seconds + 1:g}", "--mtu", str(topo.mtu),
+         *ports], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert cap.stderr is not None
+        assert cap.stderr.readline().strip() == "capturing"
+        result = measure.tcp(topo, ep, seconds)
+        out, err = cap.communicate(timeout=seconds + 30)
+    finally:
+        if cap.poll() is None:
+            cap.kill()
+            cap.wait()
+    assert cap.returncode == 0, err
+    assert result.gbit_s > 0
+    return WireStats(**json.loads(out))
+
+
+WIRE_PATHS = ["underlay", "vxlan"] + (["udp"] if "udp" in WORKING_PATHS else [])
+
+
+@pytest.mark.parametrize("path", WIRE_PATHS)
+def test_nic_underlay_wire_carries_single_packets_of_at_most_the_mtu(path: str) -> None:
+    """On `nic`, every datagram on the underlay is at most the MTU and one IPv4 packet; on
+    `veth` the same traffic crosses as GSO super-frames (which shows the capture sees them)."""
+    seen = {}
+    for kind in ("veth", "nic"):
+        ctx = Context(fastlane_cmd=fastlane_command())
+        with Topology(hosts=2, mtu=1500, underlay_kind=kind) as topo, \
+                up(topo, path, ctx) as ep:
+            server = measure.IperfServer(topo, ep)
+            server.start()
+            seen[kind] = _wire_during_tcp(topo, ep, 1.0)
+            server.stop()
+    nic, veth = seen["nic"], seen["veth"]
+    assert nic.ipv4 > 1000, nic  # traffic crossed the captured ports
+    assert nic.max_l3 <= 1500 and nic.over_mtu == 0, nic
+    assert nic.gso == 0 and nic.not_one_ipv4 == 0, nic
+    assert nic.nic_like()
+    if path != "udp":  # kernel TCP through a plain veth: GSO frames cross whole
+        assert veth.gso > 0 and veth.max_l3 > 1500, veth
 
 
 def test_sigint_halfway_cleans_up_everything(tmp_path: Path) -> None:
@@ -216,8 +278,8 @@ def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
     fake.write_text("#!/bin/sh\necho 'I1125 fake flanneld starting'\n"
                     "echo 'E1125 failed to pick interface: none'\nexit 3\n")
     fake.chmod(0o755)
-    run = BenchRun(["--mtu", "1500", "--paths", "flanneld", "--flanneld", str(fake),
-                    "--duration", "1", "--json", "", "--plot", ""], tmp_path)
+    run = BenchRun(["--mtu", "1500", "--underlay", "veth", "--paths", "flanneld",
+                    "--flanneld", str(fake), "--duration", "1", "--json", "", "--plot", ""], tmp_path)
     assert run.wait(timeout=60) == 1
     assert "flanneld on h0 exited with status 3 before it was ready" in run.stderr
     assert "failed to pick interface: none" in run.stderr
@@ -227,8 +289,8 @@ def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
     hang = tmp_path / "hang"
     hang.write_text("#!/bin/sh\necho 'waiting for network config'\nexec sleep 60\n")
     hang.chmod(0o755)
-    run = BenchRun(["--mtu", "1500", "--paths", "flanneld", "--flanneld", str(hang),
-                    "--duration", "1", "--json", "", "--plot", "", "--ready-timeout", "2"],
+    run = BenchRun(["--mtu", "1500", "--underlay", "nic", "--paths", "flanneld",
+                    "--flanneld", str(hang), "--duration", "1", "--json", "", "--plot", "", "--ready-timeout", "2"],
                    tmp_path)
     assert run.wait(timeout=60) == 1
     assert "never became ready" in run.stderr and "waiting for network config" in run.stderr
@@ -241,6 +303,7 @@ def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
         (["--mtu", "15x0"], "--mtu: '15x0' is not a number"),
         (["--mtu", "100"], "--mtu: 100 is outside 576..65535"),
         (["--paths", "underlay,wireguard"], "--paths: unknown path 'wireguard'"),
+        (["--underlay", "veth,wire"], "--underlay: unknown underlay 'wire' (known: veth, nic)"),
         (["--paths", "flanneld"], "--paths flanneld needs --flanneld PATH"),
         (["--flanneld", "/nonexistent/flanneld"], "is not an executable file"),
         (["--hosts", "1"], "--hosts: 1 is outside 2..50"),
@@ -261,7 +324,7 @@ def test_bad_arguments_are_one_line_usage_errors(args: list[str], message: str) 
 def test_missing_tools_and_not_root_are_one_line_errors(tmp_path: Path) -> None:
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for tool in ("ip", "ss", "ping", "bridge"):
+    for tool in ("ip", "ss", "ping", "bridge", "ethtool"):
         (bindir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
     env = dict(os.environ, PATH=str(bindir))
     res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--paths", "underlay,vxlan"],
@@ -319,4 +382,14 @@ def test_results_rows_ratios_and_table() -> None:
     assert "0.598x vxlan   (target >= 0.6x: NOT met)" in report.table(r, [9000], ["udp"])
     text = report.table(r, [1500], ["udp", "vxlan", "host-gw", "baseline"])
     assert "2.00 (1.00-3.00)" in text and "failed" in text
-    assert "0.2x vxlan   (target >= 0.6x: NOT met)" in text
+    assert "veth, MTU 1500: udp tcp_1 = 0.2x vxlan   (target >= 0.6x: NOT met)" in text
+    # a second underlay: its own rows, ratios and table lines
+    r.add("udp", 1500, "tcp_1", 1.0, "nic")
+    r.add("vxlan", 1500, "tcp_1", 4.0, "nic")
+    assert {(x["underlay"], x["denominator"]): x["ratio"] for x in r.ratios([1500])}[
+        ("nic", "vxlan")] == pytest.approx(0.25)
+    assert {(x["underlay"], x["path"]) for x in r.rows() if x["metric"] == "tcp_1"} >= {
+        ("veth", "udp"), ("nic", "udp"), ("nic", "vxlan")}
+    text = report.table(r, [1500], ["udp", "vxlan"], ["veth", "nic"])
+    assert ["nic", "1500", "vxlan", "4.00"] in [ln.split()[:4] for ln in text.splitlines()]
+    assert "nic, MTU 1500: udp tcp_1 = 0.25x vxlan" in text

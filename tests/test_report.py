@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fastlane.bench import report
+from fastlane.bench.lab.topology import underlay_description
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -79,7 +80,10 @@ def test_synthetic_run_renders_command_environment_table_and_ratios() -> None:
         assert line in text
     assert "Complete: no, 1 error(s)" in text
 
-    table = [ln for ln in _section(text, "### Underlay MTU 1500") if ln.startswith("|")]
+    # a JSON without "underlay" (written before the nic underlay existed) is a veth run
+    assert "- `veth`: a plain veth pair" in "\n".join(_section(text, "## Underlays"))
+    assert "## nic against veth" not in text
+    table = [ln for ln in _section(text, "### Underlay veth, MTU 1500") if ln.startswith("|")]
     head = [c.strip() for c in table[0].strip("|").split("|")]
     assert head == ["path", "tcp_1 (Gbit/s)", "udp_pps (packets/s)", "rtt_us (us)",
                     "fwd_cpu_s_per_gbit (s/Gbit)"]  # only metrics the run has
@@ -92,7 +96,8 @@ def test_synthetic_run_renders_command_environment_table_and_ratios() -> None:
     assert body["baseline"][0] == "2.50 (2.00-2.50) [n=2]"
     assert body["host-gw"][0] == "failed: route add failed"
 
-    ratios = [ln for ln in _section(text, "### Ratios, underlay MTU 1500") if ln.startswith("|")]
+    ratios = [ln for ln in _section(text, "### Ratios, underlay veth, MTU 1500")
+              if ln.startswith("|")]
     assert ratios[0] == "| metric | udp / vxlan | udp / underlay | udp / baseline |"
     cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
              for ln in ratios[2:]}
@@ -100,9 +105,40 @@ def test_synthetic_run_renders_command_environment_table_and_ratios() -> None:
     assert cells["rtt_us"] == ["7x", "-", "-"]
     assert cells["fwd_cpu_s_per_gbit"] == ["-", "-", "0.125x"]
     assert "udp_pps" not in cells  # no other path has it
-    assert "- MTU 1500, tcp_1: udp / vxlan = 0.5x, target >= 0.6x: NOT met" in text
-    assert "- MTU 1500, tcp_1: udp / baseline = 5x, target >= 5x: met" in text
-    assert "- MTU 1500, host-gw: route add failed" in _section(text, "## Errors")
+    assert "- veth, MTU 1500, tcp_1: udp / vxlan = 0.5x, target >= 0.6x: NOT met" in text
+    assert "- veth, MTU 1500, tcp_1: udp / baseline = 5x, target >= 5x: met" in text
+    assert "- veth, MTU 1500, host-gw: route add failed" in _section(text, "## Errors")
+
+
+def test_two_underlays_render_side_by_side_with_their_settings() -> None:
+    doc = _doc()
+    veth = [dict(r, underlay="veth") for r in doc["results"]]
+    nic = [dict(r, underlay="nic", median=r["median"] / 2, min=r["min"] / 2, max=r["max"] / 2,
+                samples=[v / 2 for v in r["samples"]]) for r in doc["results"]]
+    doc["results"] = veth + nic
+    doc["config"]["underlays"] = ["veth", "nic"]
+    doc["environment"]["underlays"] = {k: underlay_description(k) for k in ("veth", "nic")}
+    doc["ratios"] = [dict(r, underlay=u) for u in ("veth", "nic") for r in doc["ratios"]]
+    doc["errors"][0]["underlay"] = "nic"
+    text = report.markdown(doc, "run.json")
+    assert "--underlay veth,nic --mtu 1500" in text
+    settings = "\n".join(_section(text, "## Underlays"))
+    assert ("host_device: `ethtool -K <dev> tx off tso off gso off tx-udp-segmentation off "
+            "tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off gro on`") in settings
+    assert "switch_port: `ethtool -K <port> tso off gso off`" in settings
+    for u, udp in (("veth", "10.00 (9.00-11.00)"), ("nic", "5.00 (4.50-5.50)")):
+        table = [ln for ln in _section(text, f"### Underlay {u}, MTU 1500") if ln.startswith("|")]
+        assert [c.strip() for c in table[3].strip("|").split("|")][:2] == ["udp", udp]
+        assert f"### Ratios, underlay {u}, MTU 1500" in text
+        assert f"- {u}, MTU 1500, tcp_1: udp / vxlan = 0.5x, target >= 0.6x: NOT met" in text
+    # host-gw failed on nic only
+    assert "| host-gw | failed: route add failed |" in "\n".join(
+        _section(text, "### Underlay nic, MTU 1500"))
+    assert "| host-gw | failed" not in "\n".join(_section(text, "### Underlay veth, MTU 1500"))
+    assert "- nic, MTU 1500, host-gw: route add failed" in _section(text, "## Errors")
+    cross = [ln for ln in _section(text, "### nic / veth, MTU 1500") if ln.startswith("|")]
+    assert cross[0] == "| path | tcp_1 | udp_pps | rtt_us | fwd_cpu_s_per_gbit |"
+    assert "| udp | 0.5x | 0.5x | 0.5x | 0.5x |" in cross
 
 
 def test_every_figure_in_the_document_comes_from_the_json() -> None:

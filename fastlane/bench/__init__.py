@@ -9,6 +9,8 @@ spread visible and the CPU cost next to the speed. docs/bench.md describes paths
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import math
 import os
 import shutil
@@ -16,23 +18,27 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from fastlane.bench import measure, report
-from fastlane.bench.lab.topology import Topology, TopologyError, cleanup_stale
 from fastlane.bench.datapaths import (
     ALL_PATHS,
     DEFAULT_PATHS,
-    BACKEND_OF,
     ETCD_PATHS,
-    SETUPS,
     Context,
     PathError,
     build_baseline,
     fastlane_command,
-    write_config,
+    up,
+)
+from fastlane.bench.lab.topology import (
+    UNDERLAY_KINDS,
+    Topology,
+    TopologyError,
+    cleanup_stale,
 )
 from fastlane.bench.progress import Progress
 
@@ -60,6 +66,7 @@ class Options:
     report: Path | None = None
     control_plane: bool = False
     leases: int = 10_000
+    underlays: list[str] = dataclasses.field(default_factory=lambda: list(UNDERLAY_KINDS))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", type=int, default=2, metavar="N", help="hosts (default: 2)")
     p.add_argument("--mtu", default="1500,9000", metavar="LIST",
                    help="underlay MTUs, comma-separated (default: %(default)s)")
+    p.add_argument("--underlay", metavar="LIST", default=",".join(UNDERLAY_KINDS),
+                   help="underlay links, comma-separated: veth (a plain veth pair: 64 KiB GSO "
+                        "frames cross whole) and/or nic (offloads off on the wire, GRO on "
+                        "receive, like a host's NIC) (default: %(default)s)")
     p.add_argument("--paths", metavar="LIST", default=None,
                    help=f"data paths, comma-separated, from {','.join(ALL_PATHS)} "
                         f"(default: {','.join(DEFAULT_PATHS)}, plus flanneld with --flanneld)")
@@ -145,6 +156,13 @@ def parse_args(argv: list[str]) -> Options:
             _usage_error(parser, f"--mtu: {m} is outside 576..65535")
         if m not in mtus:
             mtus.append(m)
+    underlays: list[str] = []
+    for part in (x.strip() for x in a.underlay.split(",")):
+        if part not in UNDERLAY_KINDS:
+            _usage_error(parser, f"--underlay: unknown underlay {part!r} "
+                                 f"(known: {', '.join(UNDERLAY_KINDS)})")
+        if part not in underlays:
+            underlays.append(part)
     if a.paths is None:
         paths = list(DEFAULT_PATHS) + (["flanneld"] if a.flanneld else [])
     else:
@@ -175,7 +193,7 @@ def parse_args(argv: list[str]) -> Options:
         hosts=a.hosts, mtus=mtus, paths=paths, duration=duration, repeat=repeat,
         json=Path(a.json) if a.json else None, plot=Path(a.plot) if a.plot else None,
         flanneld=flanneld, quick=a.quick, ready_timeout=a.ready_timeout,
-        report=Path(a.report) if a.report else None,
+        report=Path(a.report) if a.report else None, underlays=underlays,
     )
 
 
@@ -198,6 +216,8 @@ def preflight(opts: Options) -> None:
         tools += [("etcd", "etcd-server"), ("etcdctl", "etcd-client")]
     if "baseline" in opts.paths:
         tools.append(("gcc", "gcc"))
+    if "nic" in opts.underlays:
+        tools.append(("ethtool", "ethtool"))
     missing = sorted({pkg for tool, pkg in tools if shutil.which(tool) is None})
     if missing:
         names = [t for t, p in tools if p in missing and shutil.which(t) is None]
@@ -228,74 +248,59 @@ def preflight_control_plane() -> None:
 # running
 
 
-def _label(mtu: int, path: str, what: str, rep: int, repeat: int, width: int) -> str:
+def _label(underlay: str, mtu: int, path: str, what: str, rep: int, repeat: int,
+           width: int) -> str:
     r = f" rep {rep + 1}/{repeat}" if repeat > 1 else ""
-    return f"MTU {mtu:<5} {path:<{width}} {what:<7}{r}"
+    return f"{underlay:<4} MTU {mtu:<5} {path:<{width}} {what:<7}{r}"
 
 
-def _measure_path(opts: Options, mtu: int, path: str, ctx: Context, results: report.Results,
-                  progress: Progress) -> None:
-    with Topology(hosts=opts.hosts, mtu=mtu) as topo:
-        etcd = None
-        try:
-            width = max(9, *(len(p) for p in opts.paths))
-            progress.start(f"MTU {mtu:<5} {path:<{width}} setting up")
-            if path in ETCD_PATHS:
-                from fastlane.bench.lab.etcdserver import EtcdServer
-
-                etcd = EtcdServer(data_dir=str(topo.workdir / "etcd"), host=str(topo.switch_ip),
-                                  netns=topo.switch_netns, name="fastlane-bench")
-                try:
-                    etcd.start()
-                except RuntimeError as exc:
-                    raise PathError(f"etcd: {exc}") from None
-                write_config(etcd.etcdctl, BACKEND_OF[path])
-                ctx.etcd_endpoint = etcd.endpoint
-            ep = SETUPS[path](topo, ctx)
+def _measure_path(opts: Options, underlay: str, mtu: int, path: str, ctx: Context,
+                  results: report.Results, progress: Progress) -> None:
+    with Topology(hosts=opts.hosts, mtu=mtu, underlay_kind=underlay) as topo:
+        width = max(9, *(len(p) for p in opts.paths))
+        progress.start(_label(underlay, mtu, path, "setting up", 0, 1, width))
+        with up(topo, path, ctx) as ep:
             server = measure.IperfServer(topo, ep)
             server.start()
             progress.finish("ready", count=False)
             count = max(50, min(5000, int(opts.duration * 250)))
             for rep in range(opts.repeat):
                 for what in MEASUREMENTS:
-                    progress.start(_label(mtu, path, what, rep, opts.repeat, width))
+                    progress.start(_label(underlay, mtu, path, what, rep, opts.repeat, width))
                     try:
-                        text = _one(topo, ep, what, opts.duration, count, path, mtu, results,
-                                    ctx.forwarder_pids)
+                        text = _one(topo, ep, what, opts.duration, count,
+                                    results.at(path, mtu, underlay), ctx.forwarder_pids)
                     except measure.MeasureError as exc:
-                        results.error(path, mtu, f"{what}: {exc}")
+                        results.error(path, mtu, f"{what}: {exc}", underlay)
                         progress.finish(f"failed: {exc}")
                         server.restart()  # a timed-out client can leave the server stuck
                         continue
                     progress.finish(text)
                     if what == "udp_pps":
                         time.sleep(0.5)  # let the flood's queues drain before the next RTT
-        finally:
-            if etcd is not None:
-                etcd.stop()
 
 
 def _one(topo: Topology, ep: measure.Endpoints, what: str, duration: float, count: int,
-         path: str, mtu: int, results: report.Results, forwarders: list[int]) -> str:
+         add: Callable[[str, float], None], forwarders: list[int]) -> str:
     if what == "rtt_us":
         med, p99 = measure.rtt(topo, ep, count)
-        results.add(path, mtu, "rtt_us", med)
-        results.add(path, mtu, "rtt_p99_us", p99)
+        add("rtt_us", med)
+        add("rtt_p99_us", p99)
         return f"{med:.0f} us median, {p99:.0f} us p99"
     if what in ("tcp_1", "tcp_4"):
         r = measure.tcp(topo, ep, duration, 1 if what == "tcp_1" else 4, forwarders)
-        results.add(path, mtu, what, r.gbit_s)
+        add(what, r.gbit_s)
         if what == "tcp_1":
-            results.add(path, mtu, "cpu_s_per_gbit", r.cpu_s_per_gbit)
+            add("cpu_s_per_gbit", r.cpu_s_per_gbit)
             fwd = r.fwd_cpu_s_per_gbit
             if fwd is not None:
-                results.add(path, mtu, "fwd_cpu_s_per_gbit", fwd)
+                add("fwd_cpu_s_per_gbit", fwd)
                 return (f"{r.gbit_s:.2f} Gbit/s, {r.cpu_s_per_gbit:.2f} CPU s/Gbit "
                         f"({fwd:.2f} in forwarders)")
             return f"{r.gbit_s:.2f} Gbit/s, {r.cpu_s_per_gbit:.2f} CPU s/Gbit"
         return f"{r.gbit_s:.2f} Gbit/s"
     pps = measure.udp_pps(topo, ep, duration)
-    results.add(path, mtu, "udp_pps", pps)
+    add("udp_pps", pps)
     return f"{pps / 1000:.0f} kpps delivered"
 
 
@@ -305,11 +310,13 @@ def run(opts: Options) -> int:
     out = sys.stderr
     if stale:
         print(f"removed {len(stale)} namespaces left by an earlier, killed run", file=out)
-    total = len(opts.mtus) * len(opts.paths) * opts.repeat * len(MEASUREMENTS)
-    print(f"fastlane bench: {opts.hosts} hosts, MTU {','.join(map(str, opts.mtus))}, paths "
+    total = (len(opts.underlays) * len(opts.mtus) * len(opts.paths) * opts.repeat
+             * len(MEASUREMENTS))
+    print(f"fastlane bench: {opts.hosts} hosts, underlay {','.join(opts.underlays)}, "
+          f"MTU {','.join(map(str, opts.mtus))}, paths "
           f"{','.join(opts.paths)}, {opts.duration:g} s x {opts.repeat} per measurement",
           file=out)
-    env = report.environment(opts.flanneld)
+    env = report.environment(opts.flanneld, opts.underlays)
     results = report.Results()
     progress = Progress(total, out)
     tmp = Path(tempfile.mkdtemp(prefix="fastlane-bench-"))
@@ -320,29 +327,29 @@ def run(opts: Options) -> int:
                 baseline_bin = build_baseline(tmp)
             except PathError as exc:
                 raise BenchError(str(exc)) from None
-        for mtu in opts.mtus:
-            for path in opts.paths:
-                ctx = Context(baseline_bin=baseline_bin, flanneld_bin=opts.flanneld,
-                              fastlane_cmd=fastlane_command(), ready_timeout=opts.ready_timeout)
-                before = progress.done
-                try:
-                    _measure_path(opts, mtu, path, ctx, results, progress)
-                except (PathError, TopologyError, measure.MeasureError) as exc:
-                    first, _, rest = str(exc).partition("\n")
-                    results.error(path, mtu, str(exc))
-                    progress.finish(f"FAILED: {first}", count=False)
-                    if rest:
-                        progress.note("\n".join("    " + ln for ln in rest.splitlines()))
-                    progress.skip(opts.repeat * len(MEASUREMENTS) - (progress.done - before))
+        for underlay, mtu, path in itertools.product(opts.underlays, opts.mtus, opts.paths):
+            ctx = Context(baseline_bin=baseline_bin, flanneld_bin=opts.flanneld,
+                          fastlane_cmd=fastlane_command(), ready_timeout=opts.ready_timeout)
+            before = progress.done
+            try:
+                _measure_path(opts, underlay, mtu, path, ctx, results, progress)
+            except (PathError, TopologyError, measure.MeasureError) as exc:
+                first, _, rest = str(exc).partition("\n")
+                results.error(path, mtu, str(exc), underlay)
+                progress.finish(f"FAILED: {first}", count=False)
+                if rest:
+                    progress.note("\n".join("    " + ln for ln in rest.splitlines()))
+                progress.skip(opts.repeat * len(MEASUREMENTS) - (progress.done - before))
     finally:
         progress.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    config = {"hosts": opts.hosts, "mtus": opts.mtus, "paths": opts.paths,
+    config = {"hosts": opts.hosts, "underlays": opts.underlays, "mtus": opts.mtus,
+              "paths": opts.paths,
               "duration_s": opts.duration, "repeat": opts.repeat, "quick": opts.quick,
               "flanneld": str(opts.flanneld) if opts.flanneld else None}
     print(file=sys.stdout)
-    print(report.table(results, opts.mtus, opts.paths), file=sys.stdout)
+    print(report.table(results, opts.mtus, opts.paths, opts.underlays), file=sys.stdout)
     if opts.json is not None:
         report.write_json(opts.json, results, env, config)
         print(f"\nJSON: {opts.json}", file=sys.stdout)
@@ -350,7 +357,7 @@ def run(opts: Options) -> int:
         title = (f"fastlane bench — {env.get('cpu_model') or 'unknown CPU'}, {env['nproc']} CPUs, "
                  f"kernel {env['kernel']}, {env['date'][:10]}")
         try:
-            report.plot(opts.plot, results, opts.mtus, opts.paths, title)
+            report.plot(opts.plot, results, opts.mtus, opts.paths, title, opts.underlays)
         except RuntimeError as exc:
             raise BenchError(str(exc)) from None
         print(f"plot: {opts.plot}", file=sys.stdout)

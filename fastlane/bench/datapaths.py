@@ -18,7 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from importlib import resources
@@ -247,6 +248,29 @@ SETUPS: dict[str, Callable[[Topology, Context], Endpoints]] = {
 }
 
 
+@contextmanager
+def up(topo: Topology, path: str, ctx: Context) -> Iterator[Endpoints]:
+    """Bring `path` up on `topo` (with a throwaway etcd in the switch netns for the paths that
+    run daemons) and yield its Endpoints; the etcd is stopped on the way out."""
+    etcd = None
+    try:
+        if path in ETCD_PATHS:
+            from fastlane.bench.lab.etcdserver import EtcdServer
+
+            etcd = EtcdServer(data_dir=str(topo.workdir / "etcd"), host=str(topo.switch_ip),
+                              netns=topo.switch_netns, name="fastlane-bench")
+            try:
+                etcd.start()
+            except RuntimeError as exc:
+                raise PathError(f"etcd: {exc}") from None
+            write_config(etcd.etcdctl, BACKEND_OF[path])
+            ctx.etcd_endpoint = etcd.endpoint
+        yield SETUPS[path](topo, ctx)
+    finally:
+        if etcd is not None:
+            etcd.stop()
+
+
 def fastlane_command() -> list[str]:
     """The installed `fastlane` next to this interpreter (the venv's), else `python -m`."""
     exe = Path(sys.executable).parent / "fastlane"
@@ -288,8 +312,8 @@ def write_config(etcdctl: Callable[..., str], backend: str = "udp") -> None:
 
 __all__ = [
     "ALL_PATHS",
-    "DEFAULT_PATHS",
     "BACKEND_OF",
+    "DEFAULT_PATHS",
     "ETCD_PATHS",
     "SETUPS",
     "Context",
@@ -299,5 +323,6 @@ __all__ = [
     "build_baseline",
     "fastlane_command",
     "host_subnet",
+    "up",
     "write_config",
 ]

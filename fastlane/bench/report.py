@@ -15,11 +15,12 @@ import platform
 import shutil
 import statistics
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import fastlane
+from fastlane.bench.lab.topology import underlay_description
 
 SCHEMA = "fastlane-bench/1"
 
@@ -36,31 +37,52 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+#: what a row without "underlay" (a JSON written before the nic underlay existed) was run on
+DEFAULT_UNDERLAY = "veth"
+
+
 class Results:
-    """Samples keyed by (path, mtu, metric), in the order they were taken."""
+    """Samples keyed by (path, mtu, metric, underlay), in the order they were taken."""
 
     def __init__(self) -> None:
-        self.samples: dict[tuple[str, int, str], list[float]] = {}
+        self.samples: dict[tuple[str, int, str, str], list[float]] = {}
         self.errors: list[dict[str, Any]] = []
 
-    def add(self, path: str, mtu: int, metric: str, value: float) -> None:
-        self.samples.setdefault((path, mtu, metric), []).append(value)
+    def add(self, path: str, mtu: int, metric: str, value: float,
+            underlay: str = DEFAULT_UNDERLAY) -> None:
+        self.samples.setdefault((path, mtu, metric, underlay), []).append(value)
 
-    def error(self, path: str, mtu: int, message: str) -> None:
-        self.errors.append({"path": path, "underlay_mtu": mtu, "error": message})
+    def at(self, path: str, mtu: int, underlay: str) -> Callable[[str, float], None]:
+        """add() with path, MTU and underlay fixed: add(metric, value)."""
+        return lambda metric, value: self.add(path, mtu, metric, value, underlay)
 
-    def median(self, path: str, mtu: int, metric: str) -> float | None:
-        vals = [v for v in self.samples.get((path, mtu, metric), []) if not math.isnan(v)]
+    def error(self, path: str, mtu: int, message: str, underlay: str = DEFAULT_UNDERLAY) -> None:
+        self.errors.append({"path": path, "underlay": underlay, "underlay_mtu": mtu,
+                            "error": message})
+
+    def values(self, path: str, mtu: int, metric: str,
+               underlay: str = DEFAULT_UNDERLAY) -> list[float]:
+        return [v for v in self.samples.get((path, mtu, metric, underlay), [])
+                if not math.isnan(v)]
+
+    def median(self, path: str, mtu: int, metric: str,
+               underlay: str = DEFAULT_UNDERLAY) -> float | None:
+        vals = self.values(path, mtu, metric, underlay)
         return statistics.median(vals) if vals else None
+
+    def underlays(self) -> list[str]:
+        return list(dict.fromkeys([k[3] for k in self.samples]
+                                  + [e["underlay"] for e in self.errors]))
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
-        for (path, mtu, metric), vals in self.samples.items():
+        for (path, mtu, metric, underlay), vals in self.samples.items():
             good = [v for v in vals if not math.isnan(v)]
             if not good:
                 continue
             out.append({
                 "path": path,
+                "underlay": underlay,
                 "underlay_mtu": mtu,
                 "metric": metric,
                 "median": statistics.median(good),
@@ -71,19 +93,22 @@ class Results:
             })
         return out
 
-    def ratios(self, mtus: Iterable[int]) -> list[dict[str, Any]]:
+    def ratios(self, mtus: Iterable[int], underlays: Iterable[str] | None = None
+               ) -> list[dict[str, Any]]:
         """fastlane udp single stream against the other paths; targets where udp has one."""
         out = []
-        for mtu in mtus:
-            udp = self.median("udp", mtu, "tcp_1")
-            if udp is None:
-                continue
-            for other, target in (("vxlan", 0.6), ("underlay", None), ("baseline", 5.0),
-                                  ("flanneld", None)):
-                ref = self.median(other, mtu, "tcp_1")
-                if ref:
-                    out.append({"underlay_mtu": mtu, "metric": "tcp_1", "numerator": "udp",
-                                "denominator": other, "ratio": udp / ref, "target": target})
+        for underlay in (self.underlays() if underlays is None else underlays):
+            for mtu in mtus:
+                udp = self.median("udp", mtu, "tcp_1", underlay)
+                if udp is None:
+                    continue
+                for other, target in (("vxlan", 0.6), ("underlay", None), ("baseline", 5.0),
+                                      ("flanneld", None)):
+                    ref = self.median(other, mtu, "tcp_1", underlay)
+                    if ref:
+                        out.append({"underlay": underlay, "underlay_mtu": mtu,
+                                    "metric": "tcp_1", "numerator": "udp",
+                                    "denominator": other, "ratio": udp / ref, "target": target})
         return out
 
 
@@ -98,7 +123,8 @@ def _first_line(cmd: list[str]) -> str | None:
     return lines[0].strip() if lines else None
 
 
-def environment(flanneld: Path | None = None) -> dict[str, Any]:
+def environment(flanneld: Path | None = None,
+                underlays: Iterable[str] = ()) -> dict[str, Any]:
     cpu = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -135,6 +161,8 @@ def environment(flanneld: Path | None = None) -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "hostname": platform.node(),
         "versions": versions,
+        # the exact link settings of each underlay the run measured on
+        "underlays": {kind: underlay_description(kind) for kind in underlays},
     }
 
 
@@ -146,7 +174,7 @@ def write_json(path: Path, results: Results, env: dict[str, Any], config: dict[s
         "config": config,
         "metrics": {k: {"unit": u, "description": d} for k, (u, d) in METRICS.items()},
         "results": results.rows(),
-        "ratios": results.ratios(config.get("mtus", [])),
+        "ratios": results.ratios(config.get("mtus", []), config.get("underlays")),
         "errors": results.errors,
         "complete": not interrupted and not results.errors,
     }
@@ -172,8 +200,8 @@ def _fmt(v: float | None, metric: str) -> str:
     return f"{v:.2f}"
 
 
-def _cell(results: Results, path: str, mtu: int, metric: str) -> str:
-    vals = [v for v in results.samples.get((path, mtu, metric), []) if not math.isnan(v)]
+def _cell(results: Results, path: str, mtu: int, metric: str, underlay: str) -> str:
+    vals = results.values(path, mtu, metric, underlay)
     if not vals:
         return "-"
     med = _fmt(statistics.median(vals), metric)
@@ -182,28 +210,34 @@ def _cell(results: Results, path: str, mtu: int, metric: str) -> str:
     return f"{med} ({_fmt(min(vals), metric)}-{_fmt(max(vals), metric)})"
 
 
-def table(results: Results, mtus: list[int], paths: list[str]) -> str:
-    head = ["MTU", "path", "tcp_1 Gbit/s", "tcp_4 Gbit/s", "udp pps", "rtt us", "p99 us",
-            "CPU s/Gbit", "fwd CPU s/Gbit"]
+def table(results: Results, mtus: list[int], paths: list[str],
+          underlays: list[str] | None = None) -> str:
+    underlays = results.underlays() if underlays is None else underlays
+    head = ["underlay", "MTU", "path", "tcp_1 Gbit/s", "tcp_4 Gbit/s", "udp pps", "rtt us",
+            "p99 us", "CPU s/Gbit", "fwd CPU s/Gbit"]
     metrics = ["tcp_1", "tcp_4", "udp_pps", "rtt_us", "rtt_p99_us", "cpu_s_per_gbit",
                "fwd_cpu_s_per_gbit"]
+    names = 3  # left-aligned columns
     rows = [head]
-    for mtu in mtus:
-        for path in paths:
-            if not any((path, mtu, m) in results.samples for m in metrics):
-                failed = [e for e in results.errors if e["path"] == path and e["underlay_mtu"] == mtu]
-                if failed:
-                    rows.append([str(mtu), path, "failed"] + [""] * (len(head) - 3))
-                continue
-            rows.append([str(mtu), path] + [_cell(results, path, mtu, m) for m in metrics])
+    for underlay in underlays:
+        for mtu in mtus:
+            for path in paths:
+                key = [underlay, str(mtu), path]
+                if not any((path, mtu, m, underlay) in results.samples for m in metrics):
+                    failed = [e for e in results.errors if e["path"] == path
+                              and e["underlay_mtu"] == mtu and e["underlay"] == underlay]
+                    if failed:
+                        rows.append(key + ["failed"] + [""] * (len(head) - names - 1))
+                    continue
+                rows.append(key + [_cell(results, path, mtu, m, underlay) for m in metrics])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for n, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+        lines.append("  ".join(c.ljust(w) if i < names else c.rjust(w)
                                for i, (c, w) in enumerate(zip(r, widths))).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
-    ratios = results.ratios(mtus)
+    ratios = results.ratios(mtus, underlays)
     if ratios:
         lines.append("")
         for ratio in ratios:
@@ -211,8 +245,8 @@ def table(results: Results, mtus: list[int], paths: list[str]) -> str:
             if ratio["target"] is not None:
                 ok = ratio["ratio"] >= ratio["target"]
                 tgt = f"   (target >= {ratio['target']:g}x: {'met' if ok else 'NOT met'})"
-            lines.append(f"MTU {ratio['underlay_mtu']}: udp tcp_1 = {ratio['ratio']:.3g}x "
-                         f"{ratio['denominator']}{tgt}")
+            lines.append(f"{ratio['underlay']}, MTU {ratio['underlay_mtu']}: udp tcp_1 = "
+                         f"{ratio['ratio']:.3g}x {ratio['denominator']}{tgt}")
     return "\n".join(lines)
 
 
@@ -220,8 +254,10 @@ def table(results: Results, mtus: list[int], paths: list[str]) -> str:
 # the plot
 
 
-def plot(path: Path, results: Results, mtus: list[int], paths: list[str], title: str) -> None:
-    """Grouped bars per path (one colour per MTU), min-max as error bars."""
+def plot(path: Path, results: Results, mtus: list[int], paths: list[str], title: str,
+         underlays: list[str] | None = None) -> None:
+    """Horizontal grouped bars: one group per path (its name on the y axis, where long names
+    never overlap), one bar per (underlay, MTU), min-max as error bars."""
     try:
         import matplotlib
 
@@ -231,44 +267,50 @@ def plot(path: Path, results: Results, mtus: list[int], paths: list[str], title:
         raise RuntimeError("matplotlib missing: pip install matplotlib "
                            "(or install fastlane with its [bench] extra)") from None
 
+    underlays = results.underlays() if underlays is None else underlays
+    series = [(u, m) for u in underlays for m in mtus]
     panels = [("tcp_1", "TCP, 1 stream (Gbit/s)", 1.0), ("tcp_4", "TCP, 4 streams (Gbit/s)", 1.0),
               ("udp_pps", "UDP 64 B delivered (kpps)", 1e-3),
               ("rtt_us", "RTT median, p99 marked (µs)", 1.0)]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    width = 0.8 / max(1, len(mtus))
-    xs = range(len(paths))
+    height = max(7.0, 2 * (1.0 + 0.13 * len(paths) * max(1, len(series))))
+    fig, axes = plt.subplots(2, 2, figsize=(14, height))
+    bar = 0.8 / max(1, len(series))
+    ys = range(len(paths))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (metric, label, scale) in zip(axes.flat, panels):
-        for k, mtu in enumerate(mtus):
+        for k, (underlay, mtu) in enumerate(series):
             meds, lo, hi, p99 = [], [], [], []
             for p in paths:
-                vals = [v * scale for v in results.samples.get((p, mtu, metric), [])
-                        if not math.isnan(v)]
+                vals = [v * scale for v in results.values(p, mtu, metric, underlay)]
                 m = statistics.median(vals) if vals else 0.0
                 meds.append(m)
                 lo.append(m - min(vals) if vals else 0.0)
                 hi.append(max(vals) - m if vals else 0.0)
-                p99.append(results.median(p, mtu, "rtt_p99_us") or math.nan)
-            pos = [x + (k - (len(mtus) - 1) / 2) * width for x in xs]
-            bars = ax.bar(pos, meds, width, yerr=[lo, hi], capsize=3, label=f"MTU {mtu}")
+                p99.append(results.median(p, mtu, "rtt_p99_us", underlay) or math.nan)
+            pos = [y + (k - (len(series) - 1) / 2) * bar for y in ys]
+            colour = colours[k % len(colours)]
+            ax.barh(pos, meds, bar, xerr=[lo, hi], capsize=2, color=colour,
+                    label=f"{underlay}, MTU {mtu}")
             if metric == "rtt_us":
-                ax.plot(pos, p99, "v", color=bars.patches[0].get_facecolor() if bars.patches
-                        else None, markeredgecolor="black", label=f"p99, MTU {mtu}")
-            for x, m in zip(pos, meds):
-                if m:
-                    ax.annotate(f"{m:.3g}", (x, m), ha="center", va="bottom", fontsize=7)
+                ax.plot(p99, pos, "v", color=colour, markeredgecolor="black", markersize=4,
+                        label=f"p99, {underlay}, MTU {mtu}")
+            for y, m, h in zip(pos, meds, hi):
+                if m:  # past the error bar, so the figure stays legible
+                    ax.annotate(f" {m:.3g}", (m + h, y), ha="left", va="center", fontsize=6)
         if metric == "rtt_us":
-            ax.set_yscale("log")  # p99 of a userspace path is 10-100x the kernel's median
+            ax.set_xscale("log")  # p99 of a userspace path is 10-100x the kernel's median
         ax.set_title(label)
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(paths)
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.set_yticks(list(ys))
+        ax.set_yticklabels(paths)
+        ax.invert_yaxis()  # first path on top, as in the table
+        ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.12)
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +368,8 @@ def _command(config: dict[str, Any]) -> str:
         parts.append("--quick")
     if "hosts" in config:
         parts.append(f"--hosts {config['hosts']}")
+    if config.get("underlays"):
+        parts.append("--underlay " + ",".join(config["underlays"]))
     if config.get("mtus"):
         parts.append("--mtu " + ",".join(str(m) for m in config["mtus"]))
     if config.get("paths"):
@@ -359,9 +403,11 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
     config = doc.get("config", {})
     units = {m: (doc.get("metrics", {}).get(m) or {}).get("unit", METRICS.get(m, ("",))[0])
              for m in METRICS}
-    rows = {(r["path"], r["underlay_mtu"], r["metric"]): r for r in doc.get("results", [])}
+    rows = {(r["path"], r["underlay_mtu"], r["metric"], r.get("underlay", DEFAULT_UNDERLAY)): r
+            for r in doc.get("results", [])}
     mtus = _ordered(config.get("mtus", []), (k[1] for k in rows))
     paths = _ordered(config.get("paths", []), (k[0] for k in rows))
+    underlays = _ordered(config.get("underlays", []), (k[3] for k in rows))
     metrics = [m for m in METRICS if any(k[2] == m for k in rows)]
     repeat = config.get("repeat")
     errors = doc.get("errors", [])
@@ -388,6 +434,18 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
     out += ["", "Complete: " + ("yes, no errors." if complete and not errors
                                  else f"no, {len(errors)} error(s) (listed at the end)."), ""]
 
+    out += ["## Underlays", ""]
+    described = env.get("underlays") or {}
+    for u in underlays:
+        d = described.get(u)
+        if d:
+            out.append(f"- `{u}`: {_md(d.get('link', ''))}"
+                       + "".join(f"; {_md(k)}: `{_md(v)}`" for k, v in d.items() if k != "link"))
+        else:
+            out.append(f"- `{u}`: a plain veth pair between each host and the switch bridge "
+                       "(this JSON records no underlay, so it predates the choice: veth)")
+    out.append("")
+
     out += ["## Results", ""]
     what = "Median (min-max)"
     if repeat:
@@ -398,40 +456,44 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
         desc = (doc.get("metrics", {}).get(m) or {}).get("description") or METRICS[m][1]
         out.append(f"- `{m}` ({units[m]}): {_md(desc)}")
     out.append("")
-    for mtu in mtus:
-        out += [f"### Underlay MTU {mtu}", ""]
+    sections = [(u, mtu) for u in underlays for mtu in mtus]
+    for u, mtu in sections:
+        out += [f"### Underlay {u}, MTU {mtu}", ""]
         out.append("| path | " + " | ".join(f"{m} ({units[m]})" for m in metrics) + " |")
         out.append("|---|" + "---:|" * len(metrics))
         for path in paths:
-            if not any((path, mtu, m) in rows for m in metrics):
+            if not any((path, mtu, m, u) in rows for m in metrics):
                 failed = [e for e in errors if e.get("path") == path
-                          and e.get("underlay_mtu") == mtu]
+                          and e.get("underlay_mtu") == mtu
+                          and e.get("underlay", DEFAULT_UNDERLAY) == u]
                 if failed:
-                    first = str(failed[0].get("error", "")).splitlines()[0:1] or [""]
-                    out.append(f"| {path} | failed: {_md(first[0])} |"
+                    head = str(failed[0].get("error", "")).splitlines()[0:1] or [""]
+                    out.append(f"| {path} | failed: {_md(head[0])} |"
                                + " |" * (len(metrics) - 1))
                 continue
-            cells = [_md_cell(rows[(path, mtu, m)], m, repeat) if (path, mtu, m) in rows else "-"
-                     for m in metrics]
+            cells = [_md_cell(rows[(path, mtu, m, u)], m, repeat)
+                     if (path, mtu, m, u) in rows else "-" for m in metrics]
             out.append(f"| {path} | " + " | ".join(cells) + " |")
         out.append("")
 
     ratio_lines: list[str] = []
-    for mtu in mtus:
+    for u, mtu in sections:
         bases = [b for b in RATIO_BASES if b != "udp"
-                 and any((b, mtu, m) in rows and ("udp", mtu, m) in rows for m in metrics)]
+                 and any((b, mtu, m, u) in rows and ("udp", mtu, m, u) in rows
+                         for m in metrics)]
         if not bases:
             continue
-        ratio_lines += [f"### Ratios, underlay MTU {mtu}", ""]
+        ratio_lines += [f"### Ratios, underlay {u}, MTU {mtu}", ""]
         ratio_lines.append("| metric | " + " | ".join(f"udp / {b}" for b in bases) + " |")
         ratio_lines.append("|---|" + "---:|" * len(bases))
         for m in metrics:
-            udp = rows.get(("udp", mtu, m))
+            udp = rows.get(("udp", mtu, m, u))
             cells = []
             for b in bases:
-                ref = rows.get((b, mtu, m))
+                ref = rows.get((b, mtu, m, u))
                 ok = udp is not None and ref is not None and ref["median"]
-                cells.append(f"{udp['median'] / ref['median']:.3g}x" if ok else "-")
+                cells.append(f"{udp['median'] / ref['median']:.3g}x"
+                             if ok and udp is not None and ref is not None else "-")
             if any(c != "-" for c in cells):
                 ratio_lines.append(f"| {m} | " + " | ".join(cells) + " |")
         ratio_lines.append("")
@@ -441,12 +503,37 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
                 "Above 1 means udp's figure is the larger: better for throughput and packet "
                 "rate, worse for RTT and CPU per Gbit.", ""]
         out += ratio_lines
+    if "veth" in underlays and "nic" in underlays:
+        out += ["## nic against veth", "",
+                ("Each path's median on the nic underlay divided by its median on veth, same "
+                 "MTU and metric: what the path loses (below 1 for throughput) or pays (above 1 "
+                 "for RTT and CPU) once frames on the wire are single packets of at most the "
+                 "MTU."), ""]
+        for mtu in mtus:
+            have = [m for m in metrics if any((p, mtu, m, "nic") in rows
+                                              and (p, mtu, m, "veth") in rows for p in paths)]
+            if not have:
+                continue
+            out += [f"### nic / veth, MTU {mtu}", ""]
+            out.append("| path | " + " | ".join(have) + " |")
+            out.append("|---|" + "---:|" * len(have))
+            for path in paths:
+                cells = []
+                for m in have:
+                    nic, veth = rows.get((path, mtu, m, "nic")), rows.get((path, mtu, m, "veth"))
+                    ok = nic is not None and veth is not None and veth["median"]
+                    cells.append(f"{nic['median'] / veth['median']:.3g}x"
+                                 if ok and nic is not None and veth is not None else "-")
+                if any(c != "-" for c in cells):
+                    out.append(f"| {path} | " + " | ".join(cells) + " |")
+            out.append("")
     targets = [r for r in doc.get("ratios", []) if r.get("target") is not None]
     if targets:
         out += ["Targets recorded in the JSON:", ""]
         for r in targets:
             ok = r["ratio"] >= r["target"]
-            out.append(f"- MTU {r['underlay_mtu']}, {r['metric']}: {r['numerator']} / "
+            out.append(f"- {r.get('underlay', DEFAULT_UNDERLAY)}, MTU {r['underlay_mtu']}, "
+                       f"{r['metric']}: {r['numerator']} / "
                        f"{r['denominator']} = {r['ratio']:.3g}x, target >= {r['target']:g}x: "
                        f"{'met' if ok else 'NOT met'}")
         out.append("")
@@ -455,7 +542,8 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
         out += ["## Errors", ""]
         for e in errors:
             first = (str(e.get("error", "")).splitlines() or [""])[0]
-            out.append(f"- MTU {e.get('underlay_mtu')}, {e.get('path')}: {_md(first)}")
+            out.append(f"- {e.get('underlay', DEFAULT_UNDERLAY)}, MTU {e.get('underlay_mtu')}, "
+                       f"{e.get('path')}: {_md(first)}")
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 

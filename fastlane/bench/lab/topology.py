@@ -41,18 +41,43 @@ from fastlane import subnetfile
 
 __all__ = [
     "MANIFEST_DIR",
+    "NIC_HOST_FEATURES",
+    "NIC_SWITCH_PORT_FEATURES",
+    "UNDERLAY_KINDS",
     "Container",
     "Host",
     "SubnetEnv",
     "Topology",
     "TopologyError",
     "cleanup_stale",
+    "underlay_description",
+    "underlay_features",
 ]
 
 MANIFEST_DIR = Path(os.environ.get("FASTLANE_TOPOLOGY_DIR", "/run/fastlane/topologies"))
 # fl + 6 hex + "-": the only shape of prefix this module creates or ever deletes.
 PREFIX_RE = re.compile(r"^fl[0-9a-f]{6}-$")
 IFNAMSIZ = 15
+
+# What the underlay link between a host and the switch behaves like.
+#   veth: a plain veth pair. It hands 64 KiB GSO frames across whole, so kernel paths never
+#         segment on the "wire"; no real NIC does that.
+#   nic:  like a host with a NIC: every frame on the wire is one packet of at most the MTU
+#         (no TSO/GSO/UDP segmentation offloads, tunnel ones included, and no checksum
+#         offload), and the receiving side aggregates with GRO, as a NIC driver's NAPI does.
+UNDERLAY_KINDS = ("veth", "nic")
+# `ethtool -K <host underlay device> ...` on every host for the nic kind
+NIC_HOST_FEATURES = ("tx", "off", "tso", "off", "gso", "off", "tx-udp-segmentation", "off",
+                     "tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off",
+                     "gro", "on")
+# `ethtool -K <switch side of the host's veth> ...`: a veth only runs GRO (NAPI) for frames
+# its peer sends when that peer has no TSO, so without this the hosts' "gro on" does nothing.
+NIC_SWITCH_PORT_FEATURES = ("tso", "off", "gso", "off")
+# ethtool -K names -> the names `ethtool -k` prints, to check each setting took effect
+_ETHTOOL_K_NAMES = {
+    "tx": "tx-checksumming", "tso": "tcp-segmentation-offload",
+    "gso": "generic-segmentation-offload", "gro": "generic-receive-offload",
+}
 
 
 class TopologyError(RuntimeError):
@@ -144,7 +169,11 @@ class Topology:
         switch_ip: bool = True,
         prefix: str | None = None,
         workdir: str | os.PathLike[str] | None = None,
+        underlay_kind: str = "veth",
     ) -> None:
+        if underlay_kind not in UNDERLAY_KINDS:
+            raise TopologyError(f"underlay kind must be one of {', '.join(UNDERLAY_KINDS)}, "
+                                f"got {underlay_kind!r}")
         if not 1 <= hosts <= 200:
             raise TopologyError(f"hosts must be between 1 and 200, got {hosts}")
         if not 68 <= mtu <= 65535:
@@ -160,6 +189,7 @@ class Topology:
             raise TopologyError(f"topology prefix must look like fl1a2b3c-, got {self.prefix!r}")
         self.n_hosts = hosts
         self.mtu = mtu
+        self.underlay_kind = underlay_kind
         self.switch_netns = f"{self.prefix}sw"
         # The bridge's own address (last usable) lets a service in the switch netns (etcd)
         # be reached by every host over the underlay, with no route added anywhere.
@@ -220,6 +250,26 @@ class Topology:
         self.ip(ns, "addr", "add", f"{host.ip}/{self.underlay.prefixlen}", "dev", host.ifname)
         self.ip(ns, "link", "set", host.ifname, "up")
         self.sysctl(ns, "net.ipv4.ip_forward", "1")
+        if self.underlay_kind == "nic":
+            self._ethtool(ns, host.ifname, NIC_HOST_FEATURES)
+            self._ethtool(sw, port, NIC_SWITCH_PORT_FEATURES)
+
+    def _ethtool(self, netns: str, dev: str, features: Sequence[str]) -> None:
+        """`ethtool -K dev features...`, then read back that every one took effect."""
+        if shutil.which("ethtool") is None:
+            raise TopologyError("ethtool not found (needed for the nic underlay): "
+                                "apt-get install -y ethtool")
+        res = self.run(netns, "ethtool", "-K", dev, *features, check=False)
+        if res.returncode != 0:
+            detail = (res.stderr or res.stdout).strip().splitlines()
+            raise TopologyError(f"ethtool -K {dev} {' '.join(features)} failed: "
+                                f"{detail[-1] if detail else res.returncode}")
+        now = underlay_features(self.run(netns, "ethtool", "-k", dev).stdout)
+        wrong = [f"{name} is {now.get(_ETHTOOL_K_NAMES.get(name, name), 'missing')}"
+                 for name, want in zip(features[::2], features[1::2])
+                 if now.get(_ETHTOOL_K_NAMES.get(name, name)) != want]
+        if wrong:
+            raise TopologyError(f"ethtool -K {dev} did not take: {', '.join(wrong)}")
 
     def teardown(self) -> None:
         """Kill what we started (by PID), delete what we created. Never raises; idempotent.
@@ -446,6 +496,27 @@ class Topology:
             os.replace(tmp, self._manifest)
         except OSError:
             pass  # the manifest only helps clean up after a kill; never fail a run for it
+
+
+def underlay_features(ethtool_k: str) -> dict[str, str]:
+    """`ethtool -k` output -> {feature: "on"|"off"} ("[fixed]" and "[requested ...]" dropped)."""
+    out = {}
+    for line in ethtool_k.splitlines():
+        name, sep, rest = line.partition(":")
+        if sep and line[:1] not in (" ", "\t") and rest.split():
+            out[name.strip()] = rest.split()[0]
+    return out
+
+
+def underlay_description(kind: str) -> dict[str, str]:
+    """What an underlay kind is, for the bench's JSON environment: the exact settings."""
+    if kind == "veth":
+        return {"link": "veth pair host <-> switch bridge port, offloads as the kernel sets "
+                        "them (TSO/GSO on: GSO frames up to 64 KiB cross whole)"}
+    return {"link": "veth pair host <-> switch bridge port, set up like a NIC: frames on "
+                    "the wire are single packets of at most the MTU, GRO on receive",
+            "host_device": "ethtool -K <dev> " + " ".join(NIC_HOST_FEATURES),
+            "switch_port": "ethtool -K <port> " + " ".join(NIC_SWITCH_PORT_FEATURES)}
 
 
 # ---------------------------------------------------------------------------------------------
