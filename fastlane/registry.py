@@ -296,8 +296,7 @@ class Registry:
                                         revision=revision)
                 if got is not None:
                     if action.from_previous:
-                        log.info("allocated lease %s (reusing the previous subnet file's)",
-                                 action.name)
+                        log.info("reusing subnet %s from the previous subnet file", action.name)
                     else:
                         log.info("allocated lease %s", action.name)
                     return got
