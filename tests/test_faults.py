@@ -246,7 +246,9 @@ def test_etcd_data_lost_subnets_kept(ha, ha_nodes, prefix):
     for node, key in ((a, key_a), (b, key_b)):
         assert json.loads(leases(cluster, prefix)[key])["PublicIP"] == str(node.host.ip)
         assert node.proc.poll() is None and "Traceback" not in node.log()
-    assert sb in _overlay_routes(topo, a.host, "10.9.") and sa in _overlay_routes(topo, b.host, "10.9.")
+    # the keys are back; each node's watcher re-lists and re-installs the other's route
+    assert wait_until(lambda: sb in _overlay_routes(topo, a.host, "10.9.")
+                      and sa in _overlay_routes(topo, b.host, "10.9."), 20)
     figure("etcd-data-lost-running", wipe_and_restart_s=round(wiped, 2),
            both_leases_back_after_s=round(back, 2))
 
