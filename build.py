@@ -12,6 +12,7 @@ Two modules from the same sources:
 into their own directory instead (build/asan/fastlane/_engine*.so and
 build/asan/tests/_engine_test*.so), for `make asan`; the in-place modules are not touched.
 """
+
 import argparse
 import os
 import shlex
@@ -26,8 +27,12 @@ LDFLAGS = ["-pthread"]
 TEST_ONLY = {"testapi.c"}
 
 
-def make_builder(extra_cflags: list[str] | None = None, extra_ldflags: list[str] | None = None,
-                 absolute: bool = False, test: bool = False) -> FFI:
+def make_builder(
+    extra_cflags: list[str] | None = None,
+    extra_ldflags: list[str] | None = None,
+    absolute: bool = False,
+    test: bool = False,
+) -> FFI:
     """The production module's builder, or with test=True the tests' module's."""
     # cffi compiles from inside its tmpdir: sources relative to ROOT only work for the in-place build
     ffi = FFI()
@@ -69,5 +74,8 @@ if __name__ == "__main__":
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for test in (False, True):
-            print(make_builder(extra, extra, absolute=True, test=test).compile(tmpdir=str(out),
-                                                                               verbose=False))
+            print(
+                make_builder(extra, extra, absolute=True, test=test).compile(
+                    tmpdir=str(out), verbose=False
+                )
+            )

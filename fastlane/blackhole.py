@@ -28,8 +28,11 @@ class RouteError(Exception):
 
 def present(ipr: IPRoute, subnet: ipaddress.IPv4Network) -> bool:
     for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
-        if (r["type"] == RTN_BLACKHOLE and r["dst_len"] == subnet.prefixlen
-                and r.get_attr("RTA_DST") == str(subnet.network_address)):
+        if (
+            r["type"] == RTN_BLACKHOLE
+            and r["dst_len"] == subnet.prefixlen
+            and r.get_attr("RTA_DST") == str(subnet.network_address)
+        ):
             return True
     return False
 
@@ -40,8 +43,14 @@ def ensure(subnet: ipaddress.IPv4Network) -> bool:
         with IPRoute() as ipr:
             if present(ipr, subnet):
                 return False
-            ipr.route("add", dst=str(subnet.network_address), dst_len=subnet.prefixlen,
-                      type=RTN_BLACKHOLE, proto=RTPROT_BOOT, table=MAIN_TABLE)
+            ipr.route(
+                "add",
+                dst=str(subnet.network_address),
+                dst_len=subnet.prefixlen,
+                type=RTN_BLACKHOLE,
+                proto=RTPROT_BOOT,
+                table=MAIN_TABLE,
+            )
             return True
     except NetlinkError as exc:
         reason = exc.args[1] if len(exc.args) > 1 else exc

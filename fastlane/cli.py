@@ -72,35 +72,101 @@ def flagset() -> FlagSet:
     fs.add("etcd-password", "", "password for BasicAuth to etcd")
     fs.add("iface", [], "interface to use (IP or name) for inter-host communication; repeatable")
     fs.add("iface-regex", [], "regex of the interface (IP or name) to use; repeatable")
-    fs.add("iface-can-reach", "", "detect interface to use (IP or name) for inter-host communication based on which will be used for provided IP. This is exactly the interface to use of command 'ip route get <ip-address>'")
-    fs.add("public-ip", "", "IP accessible by other nodes for inter-host communication", check=_ipv4)
-    fs.add("public-ipv6", "", "IPv6 accessible by other nodes for inter-host communication", check=_ipv6)
-    fs.add("subnet-file", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to")
-    fs.add("subnet-lease-renew-margin", 60, "subnet lease renewal margin, in minutes, ranging from 1 to 1439", check=_margin)
-    fs.add("subnet-lease-ttl", 24 * 3600, "fastlane extension: lease TTL in seconds (flanneld: fixed 24h)", check=_ttl)
-    fs.add("ip-masq", False, "setup IP masquerade rule for traffic destined outside of overlay network")
-    fs.add("ip-masq-fully-random-disable", False, "disable the --random-fully flag of the masquerade rules")
+    fs.add(
+        "iface-can-reach",
+        "",
+        "detect interface to use (IP or name) for inter-host communication based on which will be used for provided IP. This is exactly the interface to use of command 'ip route get <ip-address>'",
+    )
+    fs.add(
+        "public-ip", "", "IP accessible by other nodes for inter-host communication", check=_ipv4
+    )
+    fs.add(
+        "public-ipv6",
+        "",
+        "IPv6 accessible by other nodes for inter-host communication",
+        check=_ipv6,
+    )
+    fs.add(
+        "subnet-file",
+        "/run/flannel/subnet.env",
+        "filename where env variables (subnet, MTU, ...) will be written to",
+    )
+    fs.add(
+        "subnet-lease-renew-margin",
+        60,
+        "subnet lease renewal margin, in minutes, ranging from 1 to 1439",
+        check=_margin,
+    )
+    fs.add(
+        "subnet-lease-ttl",
+        24 * 3600,
+        "fastlane extension: lease TTL in seconds (flanneld: fixed 24h)",
+        check=_ttl,
+    )
+    fs.add(
+        "ip-masq", False, "setup IP masquerade rule for traffic destined outside of overlay network"
+    )
+    fs.add(
+        "ip-masq-fully-random-disable",
+        False,
+        "disable the --random-fully flag of the masquerade rules",
+    )
     fs.add("kube-subnet-mgr", False, "not supported by fastlane (etcd only)")
     fs.add("healthz-ip", "0.0.0.0", "the IP address for healthz server to listen")
     fs.add("healthz-port", 0, "the port for healthz server to listen(0 to disable)", check=_port)
-    fs.add("iptables-resync", 5, "resync period for iptables rules, in seconds", check=lambda v: None if v >= 1 else "must be at least 1")
+    fs.add(
+        "iptables-resync",
+        5,
+        "resync period for iptables rules, in seconds",
+        check=lambda v: None if v >= 1 else "must be at least 1",
+    )
     fs.add("iptables-forward-rules", True, "add default accept rules to FORWARD chain in iptables")
-    fs.add("ip-blackhole-route", False, "add blackhole route on the node for the local subnet (checked every -iptables-resync seconds)")
-    fs.add("kube-api-url", "", "Kubernetes API server URL (only with -kube-subnet-mgr, which fastlane refuses)")
-    fs.add("kubeconfig-file", "", "kubeconfig file location (only with -kube-subnet-mgr, which fastlane refuses)")
-    fs.add("kube-annotation-prefix", "flannel.alpha.coreos.com",
-           "Kubernetes annotation prefix (only with -kube-subnet-mgr, which fastlane refuses)")
-    fs.add("net-config-path", "/etc/kube-flannel/net-conf.json",
-           "path to the network configuration file (only with -kube-subnet-mgr, which fastlane refuses)")
-    fs.add("set-node-network-unavailable", True,
-           "set NodeNetworkUnavailable after ready (only with -kube-subnet-mgr, which fastlane refuses)")
+    fs.add(
+        "ip-blackhole-route",
+        False,
+        "add blackhole route on the node for the local subnet (checked every -iptables-resync seconds)",
+    )
+    fs.add(
+        "kube-api-url",
+        "",
+        "Kubernetes API server URL (only with -kube-subnet-mgr, which fastlane refuses)",
+    )
+    fs.add(
+        "kubeconfig-file",
+        "",
+        "kubeconfig file location (only with -kube-subnet-mgr, which fastlane refuses)",
+    )
+    fs.add(
+        "kube-annotation-prefix",
+        "flannel.alpha.coreos.com",
+        "Kubernetes annotation prefix (only with -kube-subnet-mgr, which fastlane refuses)",
+    )
+    fs.add(
+        "net-config-path",
+        "/etc/kube-flannel/net-conf.json",
+        "path to the network configuration file (only with -kube-subnet-mgr, which fastlane refuses)",
+    )
+    fs.add(
+        "set-node-network-unavailable",
+        True,
+        "set NodeNetworkUnavailable after ready (only with -kube-subnet-mgr, which fastlane refuses)",
+    )
     # klog's flags that flanneld copies into its own FlagSet (main.go copyFlag); klog's
     # others (-logtostderr, -log_dir, ...) are not parsed by flanneld and are unknown here too.
     fs.add("v", 0, "number for the log level verbosity", kind="int", parser=parse_klog_level)
-    fs.add("vmodule", "", "comma-separated list of pattern=N settings for file-filtered logging "
-           "(accepted; fastlane logs at one level)", parser=parse_klog_vmodule)
-    fs.add("log_backtrace_at", "", "when logging hits line file:N, emit a stack trace "
-           "(accepted; fastlane does not)", parser=parse_klog_backtrace_at)
+    fs.add(
+        "vmodule",
+        "",
+        "comma-separated list of pattern=N settings for file-filtered logging "
+        "(accepted; fastlane logs at one level)",
+        parser=parse_klog_vmodule,
+    )
+    fs.add(
+        "log_backtrace_at",
+        "",
+        "when logging hits line file:N, emit a stack trace (accepted; fastlane does not)",
+        parser=parse_klog_backtrace_at,
+    )
     # flanneld checks -version before reading FLANNELD_*, so FLANNELD_VERSION never applies.
     fs.add("version", False, "print version and exit", from_env=False)
     return fs
@@ -121,8 +187,11 @@ IGNORED_FLAGS: dict[str, str] = {
 
 def ignored_flag_lines(parsed: Parsed) -> list[str]:
     """One line per given flag that fastlane accepts but does not act on."""
-    return [f"-{name}={_show(parsed.values[name])} is ignored: {why}"
-            for name, why in IGNORED_FLAGS.items() if name in parsed.explicit]
+    return [
+        f"-{name}={_show(parsed.values[name])} is ignored: {why}"
+        for name, why in IGNORED_FLAGS.items()
+        if name in parsed.explicit
+    ]
 
 
 def _show(value) -> str:
@@ -204,7 +273,9 @@ def _run_daemon(parsed: Parsed) -> int:
         print(f"fastlane: {exc}", file=sys.stderr)
         return 2
     if values["kube-subnet-mgr"]:
-        print("fastlane: -kube-subnet-mgr is not supported (fastlane uses etcd only)", file=sys.stderr)
+        print(
+            "fastlane: -kube-subnet-mgr is not supported (fastlane uses etcd only)", file=sys.stderr
+        )
         return 2
     setup_logging(values["v"])
     log = logging.getLogger("fastlane.cli")
@@ -282,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"fastlane: {exc}", file=sys.stderr)
             return 2
-    print(f"fastlane: unknown subcommand {command!r} (known: {', '.join(SUBCOMMANDS)})", file=sys.stderr)
+    print(
+        f"fastlane: unknown subcommand {command!r} (known: {', '.join(SUBCOMMANDS)})",
+        file=sys.stderr,
+    )
     print(fs.usage(), file=sys.stderr)
     return 2

@@ -49,8 +49,12 @@ class NetworkConfig:
 
     def fits(self, subnet: IPv4Network | None) -> bool:
         """Whether an existing lease is still valid under this config (reuse rule)."""
-        if (not self.enable_ipv4 or self.network is None or subnet is None
-                or subnet.prefixlen != self.subnet_len):
+        if (
+            not self.enable_ipv4
+            or self.network is None
+            or subnet is None
+            or subnet.prefixlen != self.subnet_len
+        ):
             return False
         lo, hi = self.subnet_bounds()
         return lo.network_address <= subnet.network_address <= hi.network_address
@@ -65,8 +69,12 @@ class NetworkConfig:
 
     def fits6(self, subnet: IPv6Network | None) -> bool:
         """flannel's isIPv6SubnetConfigCompat for an enabled IPv6: length and range."""
-        if (not self.enable_ipv6 or self.ipv6_network is None or subnet is None
-                or subnet.prefixlen != self.ipv6_subnet_len):
+        if (
+            not self.enable_ipv6
+            or self.ipv6_network is None
+            or subnet is None
+            or subnet.prefixlen != self.ipv6_subnet_len
+        ):
             return False
         lo, hi = self.subnet_bounds6()
         return lo.network_address <= subnet.network_address <= hi.network_address

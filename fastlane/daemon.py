@@ -30,21 +30,21 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
-from fastlane import backend as backends
 from pyroute2.netlink.exceptions import NetlinkError
 
+from fastlane import backend as backends
 from fastlane import blackhole, linkwatch, metrics, rules, subnetfile
 from fastlane.backend.kernel import KernelError
 from fastlane.config import ConfigError, NetworkConfig
-from fastlane.etcd import EtcdError, Endpoint, Store, TLSFiles, parse_endpoints
+from fastlane.etcd import Endpoint, EtcdError, Store, TLSFiles, parse_endpoints
 from fastlane.etcd.connection import credentials
 from fastlane.iface import Interface, InterfaceError, choose
 from fastlane.lease import SUBNET_TTL, UNSPECIFIED_V4, Lease, LeaseAttrs, holder
+from fastlane.leasetable import LeaseTable
 from fastlane.notify import sd_notify
 from fastlane.registry import ConfigMissing, LeaseConflict, OutOfSubnets, Registry
-from fastlane.leasetable import LeaseTable
 from fastlane.supervise import describe, spawn
-from fastlane.watcher import Watcher
+from fastlane.watcher import OwnChange, Watcher
 
 log = logging.getLogger("fastlane")
 
@@ -126,7 +126,7 @@ class Daemon:
                     last = str(exc)
             try:
                 await asyncio.wait_for(self._stop.wait(), interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         raise asyncio.CancelledError
 
@@ -166,18 +166,29 @@ class Daemon:
         if config.enable_ipv4:
             log.info(
                 "network %s, subnets /%d from %s to %s, backend %s",
-                config.network, config.subnet_len, config.subnet_min, config.subnet_max,
+                config.network,
+                config.subnet_len,
+                config.subnet_min,
+                config.subnet_max,
                 config.backend_type,
             )
         if config.enable_ipv6:
             log.info(
                 "IPv6 network %s, subnets /%d from %s to %s, backend %s",
-                config.ipv6_network, config.ipv6_subnet_len, config.ipv6_subnet_min,
-                config.ipv6_subnet_max, config.backend_type,
+                config.ipv6_network,
+                config.ipv6_subnet_len,
+                config.ipv6_subnet_min,
+                config.ipv6_subnet_max,
+                config.backend_type,
             )
         try:
-            iface = await asyncio.to_thread(choose, self.opts.ifaces, self.opts.iface_regexes,
-                                            self.opts.iface_can_reach, self.opts.public_ip)
+            iface = await asyncio.to_thread(
+                choose,
+                self.opts.ifaces,
+                self.opts.iface_regexes,
+                self.opts.iface_can_reach,
+                self.opts.public_ip,
+            )
         except InterfaceError as exc:
             raise Fatal(str(exc)) from None
         self.iface = iface
@@ -196,9 +207,12 @@ class Daemon:
             # The interface's own IPv6 address is not looked up yet (fastlane/iface.py).
             raise Fatal("EnableIPv6 is set: give this node's IPv6 address with -public-ipv6")
         # An IPv6-only node has no PublicIP: flanneld leaves it 0.0.0.0 in the lease.
-        attrs = LeaseAttrs(public_ip=public_ip if config.enable_ipv4 else UNSPECIFIED_V4,
-                           backend_type=self.backend.lease_type, backend_data=data,
-                           public_ipv6=public_ipv6)
+        attrs = LeaseAttrs(
+            public_ip=public_ip if config.enable_ipv4 else UNSPECIFIED_V4,
+            backend_type=self.backend.lease_type,
+            backend_data=data,
+            public_ipv6=public_ipv6,
+        )
         previous = subnetfile.previous_subnet(self.opts.subnet_file)
         previous6 = subnetfile.previous_ipv6_subnet(self.opts.subnet_file)
         try:
@@ -216,8 +230,9 @@ class Daemon:
         except (KernelError, NetlinkError, OSError) as exc:
             raise Fatal(f"{config.backend_type} backend start: {describe(exc)}") from None
         await self._install_rules(config)
-        self._subnet_text = subnetfile.render(config, self.lease.subnet, self.backend.mtu,
-                                              self.opts.ip_masq, self.lease.ipv6_subnet)
+        self._subnet_text = subnetfile.render(
+            config, self.lease.subnet, self.backend.mtu, self.opts.ip_masq, self.lease.ipv6_subnet
+        )
         self._write_subnet_file(first=True)
 
     def _write_subnet_file(self, first: bool = False) -> bool:
@@ -228,9 +243,13 @@ class Daemon:
             subnetfile.write(self.opts.subnet_file, self._subnet_text)
         except OSError as exc:
             if first:
-                log.warning("failed to write subnet file %s: %s; not ready, retrying",
-                            self.opts.subnet_file, exc.strerror or exc)
+                log.warning(
+                    "failed to write subnet file %s: %s; not ready, retrying",
+                    self.opts.subnet_file,
+                    exc.strerror or exc,
+                )
             return False
+        assert self.backend is not None  # the subnet file is written once the backend runs
         log.info("wrote %s (FLANNEL_MTU=%d)", self.opts.subnet_file, self.backend.mtu)
         self.ready = True
         return True
@@ -247,15 +266,19 @@ class Daemon:
         """-ip-blackhole-route: ensure the route now, then every -iptables-resync seconds."""
         last: str | None = None
         while True:
-            subnet = self.lease.subnet
+            assert self.lease is not None  # started only once the lease is held
+            subnet = self.lease.subnet4
             try:
                 if await asyncio.to_thread(blackhole.ensure, subnet):
                     log.info("added blackhole route for %s", subnet)
                 last = None
             except blackhole.RouteError as exc:
                 if str(exc) != last:
-                    log.error("failed to set up blackhole route: %s; retrying every %ds",
-                              exc, self.opts.iptables_resync)
+                    log.error(
+                        "failed to set up blackhole route: %s; retrying every %ds",
+                        exc,
+                        self.opts.iptables_resync,
+                    )
                     last = str(exc)
             await asyncio.sleep(self.opts.iptables_resync)
 
@@ -278,8 +301,12 @@ class Daemon:
                 if now == "same":
                     log.info("network config at %s is the running one again", key)
                 else:
-                    log.warning("network config at %s is %s; this daemon keeps the config it "
-                                "started with until it restarts (as flanneld)", key, now)
+                    log.warning(
+                        "network config at %s is %s; this daemon keeps the config it "
+                        "started with until it restarts (as flanneld)",
+                        key,
+                        now,
+                    )
                 last = now
 
     async def _install_rules(self, config: NetworkConfig) -> None:
@@ -299,8 +326,9 @@ class Daemon:
                 raise Fatal(f"cannot install nftables rules: {exc}") from None
             # flanneld (setupAndEnsureIP4Tables) logs and tries again every -iptables-resync.
             self.stats.rules_sync_errors += 1
-            log.error("failed to set up iptables rules: %s; retrying every %ds",
-                      exc, o.iptables_resync)
+            log.error(
+                "failed to set up iptables rules: %s; retrying every %ds", exc, o.iptables_resync
+            )
 
     def _rules_wanted(self) -> bool:
         c = self._rules_config
@@ -309,17 +337,23 @@ class Daemon:
     async def _ensure_rules(self) -> int:
         """Build the rule sets if not built yet (iptables may appear later), then ensure them."""
         o, config = self.opts, self._rules_config
+        assert config is not None and config.network is not None and self.lease is not None
         if not self._chains:
-            self._chains = rules.rule_sets(config.network, self.lease.subnet,
-                                           nftables=config.enable_nftables, ip_masq=o.ip_masq,
-                                           forward=o.forward_rules,
-                                           random_fully_disable=o.random_fully_disable)
+            self._chains = rules.rule_sets(
+                config.network,
+                self.lease.subnet4,
+                nftables=config.enable_nftables,
+                ip_masq=o.ip_masq,
+                forward=o.forward_rules,
+                random_fully_disable=o.random_fully_disable,
+            )
         return await asyncio.to_thread(rules.ensure, self._chains)
 
     async def _resync_rules(self) -> None:
         failing: str | None = None
         while True:
             await asyncio.sleep(self.opts.iptables_resync)
+            assert self._rules_config is not None  # this loop runs only when rules are wanted
             kind = "nftables" if self._rules_config.enable_nftables else "iptables"
             try:
                 fixed = await self._ensure_rules()
@@ -337,17 +371,18 @@ class Daemon:
 
     # ---- upkeep ---------------------------------------------------------------------
 
-    async def _on_own(self, what: str, lease: Lease | None) -> None:
+    async def _on_own(self, what: OwnChange, lease: Lease | None) -> None:
         """Our key was deleted or overwritten by someone else."""
         assert self.registry is not None and self.lease is not None
         async with self._own_lock:
             await self._handle_own(what, lease)
 
-    async def _handle_own(self, what: str, lease: Lease | None) -> None:
+    async def _handle_own(self, what: OwnChange, lease: Lease | None) -> None:
         assert self.registry is not None and self.lease is not None
         if self._stop.is_set():
             return
-        if what == "changed":
+        if what is OwnChange.CHANGED:
+            assert lease is not None  # CHANGED always carries the lease now in etcd
             self._die(f"our lease {self.lease.name} was overwritten by {holder(lease.attrs)}")
             return
         log.warning("lease %s has been revoked; taking the same subnet again", self.lease.name)
@@ -376,7 +411,7 @@ class Daemon:
             try:
                 await asyncio.wait_for(self._lease_changed.wait(), delay)
                 continue  # re-taken or replaced: recompute from the new lease
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             try:
                 self.lease = await self.registry.renew(lease)
@@ -384,11 +419,13 @@ class Daemon:
                 log.info("lease %s renewed, expires in %ds", lease.name, self.lease.remaining())
             except EtcdError as exc:
                 self.stats.lease_renewal_failures += 1
-                log.warning("failed to renew lease %s (%s); trying again in %gs", lease.name, exc, retry)
+                log.warning(
+                    "failed to renew lease %s (%s); trying again in %gs", lease.name, exc, retry
+                )
                 await asyncio.sleep(retry)
             except LeaseConflict as exc:
                 log.warning("%s", exc)
-                await self._on_own("deleted", None)
+                await self._on_own(OwnChange.DELETED, None)
 
     async def _healthz(self) -> asyncio.AbstractServer | None:
         if not self.opts.healthz_port:
@@ -406,8 +443,11 @@ class Daemon:
                 if path == "/healthz":
                     code, body = 200, b"flanneld is running"
                 elif path == "/readyz":
-                    code, body = ((200, b"flanneld is ready") if self.ready
-                                  else (503, b"flanneld is not ready yet"))
+                    code, body = (
+                        (200, b"flanneld is ready")
+                        if self.ready
+                        else (503, b"flanneld is not ready yet")
+                    )
                 elif path == "/metrics":
                     try:
                         code, body, ctype = 200, exporter.render(), metrics.CONTENT_TYPE
@@ -416,14 +456,19 @@ class Daemon:
                         code, body = 500, b"cannot collect metrics"
                 else:
                     code, body = 404, b"404 page not found\n"
-                reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error",
-                          503: "Service Unavailable"}[code]
+                reason = {
+                    200: "OK",
+                    404: "Not Found",
+                    500: "Internal Server Error",
+                    503: "Service Unavailable",
+                }[code]
                 writer.write(
                     f"HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                    + body
                 )
                 await writer.drain()
-            except (OSError, asyncio.TimeoutError, IndexError):
+            except (TimeoutError, OSError, IndexError):
                 pass
             except Exception as exc:  # one bad request must not print a traceback
                 log.warning("healthz: %s", describe(exc))
@@ -433,7 +478,9 @@ class Daemon:
         try:
             return await asyncio.start_server(handle, self.opts.healthz_ip, self.opts.healthz_port)
         except OSError as exc:
-            raise Fatal(f"cannot listen on {self.opts.healthz_ip}:{self.opts.healthz_port}: {exc.strerror}") from None
+            raise Fatal(
+                f"cannot listen on {self.opts.healthz_ip}:{self.opts.healthz_port}: {exc.strerror}"
+            ) from None
 
     async def _log_counters(self) -> None:
         while True:
@@ -441,7 +488,9 @@ class Daemon:
             if self.backend is not None:
                 c = self.backend.counters()
                 if c:
-                    log.info("counters: %s", " ".join(f"{k}={v}" for k, v in sorted(c.items()) if v))
+                    log.info(
+                        "counters: %s", " ".join(f"{k}={v}" for k, v in sorted(c.items()) if v)
+                    )
 
     def _die(self, message: str) -> None:
         self._fatal = message
@@ -466,12 +515,17 @@ class Daemon:
                 return 0
             stopper.cancel()
             startup.result()
-            self.watcher = watcher = Watcher(self.registry, self.table, lambda: self.lease, self._on_own)
+            assert self.registry is not None and self.iface is not None
+            assert self.backend is not None and self.lease is not None
+            iface, mtu = self.iface, self.backend.mtu
+            self.watcher = watcher = Watcher(
+                self.registry, self.table, lambda: self.lease, self._on_own
+            )
             # Every loop restarts after a failure (fastlane.supervise says why that is safe).
             self._tasks = [
                 spawn("lease watcher", watcher.run),
                 spawn("lease renewal", self._renew_loop),
-                spawn("link watch", lambda: linkwatch.watch_link(self.iface, self.backend.mtu)),
+                spawn("link watch", lambda: linkwatch.watch_link(iface, mtu)),
                 spawn("config watch", self._watch_config),
             ]
             if self._rules_wanted():
@@ -500,7 +554,11 @@ class Daemon:
         finally:
             for t in self._tasks:
                 t.cancel()
-            for t, res in zip(self._tasks, await asyncio.gather(*self._tasks, return_exceptions=True)):
+            for t, res in zip(
+                self._tasks,
+                await asyncio.gather(*self._tasks, return_exceptions=True),
+                strict=False,
+            ):
                 if isinstance(res, Exception):  # supervise() itself failed: say so, do not hide it
                     log.error("%s: %s", t.get_name(), describe(res))
             if self.backend is not None:

@@ -81,11 +81,16 @@ def read_env_file(text: str) -> dict[str, str]:
     return out
 
 
-def render(variables: Mapping[str, str], individual: bool, combined: bool, ipmasq: bool,
-           key: str) -> str:
+def render(
+    variables: Mapping[str, str], individual: bool, combined: bool, ipmasq: bool, key: str
+) -> str:
     """The output file's bytes for these shell variables (environment + subnet file)."""
     shell = {k: v for k, v in variables.items() if _NAME.match(k)}
-    subnet, mtu, masq = shell.get("FLANNEL_SUBNET", ""), shell.get("FLANNEL_MTU", ""), shell.get("FLANNEL_IPMASQ", "")
+    subnet, mtu, masq = (
+        shell.get("FLANNEL_SUBNET", ""),
+        shell.get("FLANNEL_MTU", ""),
+        shell.get("FLANNEL_IPMASQ", ""),
+    )
     if subnet:
         shell["DOCKER_OPT_BIP"] = f"--bip={subnet}"
     if mtu:
@@ -134,17 +139,21 @@ def conflicting_routes(subnet: str) -> str:
     except ValueError:
         return ""
     try:
-        routes = subprocess.run(["ip", "route", "show"], check=False, capture_output=True, text=True,
-                                timeout=10).stdout
+        routes = subprocess.run(
+            ["ip", "route", "show"], check=False, capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
-    pattern = re.compile(".".join(re.escape(p) for p in network.split(".")))  # grep: "." is any char
+    pattern = re.compile(
+        ".".join(re.escape(p) for p in network.split("."))
+    )  # grep: "." is any char
     hits = [line for line in routes.splitlines() if pattern.search(line) and "via" in line]
     return "\n".join(hits)
 
 
-def main(argv: list[str], prog: str = "fastlane docker-opts",
-         environ: Mapping[str, str] | None = None) -> int:
+def main(
+    argv: list[str], prog: str = "fastlane docker-opts", environ: Mapping[str, str] | None = None
+) -> int:
     def usage() -> int:
         sys.stderr.write(USAGE.format(prog=prog))
         return 1
@@ -153,7 +162,9 @@ def main(argv: list[str], prog: str = "fastlane docker-opts",
     individual = combined = False
     ipmasq = True
     try:
-        opts, _ignored = getopt.getopt(argv, "f:d:icmk:h")  # stops at the first non-option, like getopts
+        opts, _ignored = getopt.getopt(
+            argv, "f:d:icmk:h"
+        )  # stops at the first non-option, like getopts
     except getopt.GetoptError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return usage()

@@ -62,8 +62,16 @@ def _route_tuple(r: Route) -> tuple[int, int, int, int]:
     """(net, len, next_hop, port) for the C array. Typed values are used as they are: a table of
     thousands of routes is converted on every swap, and re-parsing each address from text
     would cost more than the C side's whole build and swap."""
-    net = r.network if isinstance(r.network, ipaddress.IPv4Network) else ipaddress.IPv4Network(r.network)
-    hop = r.next_hop if isinstance(r.next_hop, ipaddress.IPv4Address) else ipaddress.IPv4Address(r.next_hop)
+    net = (
+        r.network
+        if isinstance(r.network, ipaddress.IPv4Network)
+        else ipaddress.IPv4Network(r.network)
+    )
+    hop = (
+        r.next_hop
+        if isinstance(r.next_hop, ipaddress.IPv4Address)
+        else ipaddress.IPv4Address(r.next_hop)
+    )
     if not 0 < r.port < 65536:
         raise ValueError(f"route {net}: port {r.port} out of range")
     return int(net.network_address), net.prefixlen, int(hop), r.port
@@ -150,8 +158,11 @@ class Engine:
     def set_routes(self, routes: Iterable[Route]) -> None:
         """Replace the whole table; returns once no worker can still see the old one."""
         arr, n = _routes_array(routes, self._ffi)
-        _check(self._lib.fl_engine_set_routes(self._e, arr, n), "cannot build the route table",
-               self._ffi)
+        _check(
+            self._lib.fl_engine_set_routes(self._e, arr, n),
+            "cannot build the route table",
+            self._ffi,
+        )
 
     def start(self) -> None:
         with self._lock:
@@ -173,8 +184,12 @@ class Engine:
         return {name: out[i] for i, name in enumerate(COUNTER_NAMES) if i}
 
 
-def describe_changes(before: dict[str, int], after: dict[str, int],
-                     features_before: dict[str, bool], features_after: dict[str, bool]) -> list[str]:
+def describe_changes(
+    before: dict[str, int],
+    after: dict[str, int],
+    features_before: dict[str, bool],
+    features_after: dict[str, bool],
+) -> list[str]:
     """Log lines for what changed in the engine between two looks: offloads that turned off or
     on (UDP GSO pauses after a failed send), and drops by reason. The engine never writes to
     stderr; the daemon looks periodically and logs these lines, so every drop reaches the log
@@ -184,9 +199,12 @@ def describe_changes(before: dict[str, int], after: dict[str, int],
         was, now = features_before.get(name), features_after[name]
         if was is not None and was != now:
             lines.append(f"udp engine: {name} {'on again' if now else 'off'}")
-    drops = {k: after[k] - before.get(k, 0) for k in sorted(after)
-             if (k.startswith("drop_") or k in ("io_errors", "tx_gso_fallbacks"))
-             and after[k] > before.get(k, 0)}
+    drops = {
+        k: after[k] - before.get(k, 0)
+        for k in sorted(after)
+        if (k.startswith("drop_") or k in ("io_errors", "tx_gso_fallbacks"))
+        and after[k] > before.get(k, 0)
+    }
     if drops:
         lines.append("udp engine: " + " ".join(f"{k}=+{v}" for k, v in drops.items()))
     return lines

@@ -141,8 +141,16 @@ class FlagSet:
     program: str
     flags: dict[str, Flag] = field(default_factory=dict)
 
-    def add(self, name: str, default: Any, help: str, kind: str | None = None, check=None,
-            parser: Callable[[str], Any] | None = None, from_env: bool = True) -> None:
+    def add(
+        self,
+        name: str,
+        default: Any,
+        help: str,
+        kind: str | None = None,
+        check=None,
+        parser: Callable[[str], Any] | None = None,
+        from_env: bool = True,
+    ) -> None:
         if kind is None:
             kind = {bool: "bool", int: "int", list: "list"}.get(type(default), "string")
         self.flags[name] = Flag(name, default, help, kind, check, parser, from_env)
@@ -171,10 +179,14 @@ class FlagSet:
             value = flag.convert(text)
         except ValueError as exc:
             reason = str(exc) if flag.parser is not None else "parse error"
-            raise FlagError(f"invalid value {text!r} for flag -{flag.name}{origin}: {reason}") from None
+            raise FlagError(
+                f"invalid value {text!r} for flag -{flag.name}{origin}: {reason}"
+            ) from None
         self._store(values, flag, value, text, origin)
 
-    def _store(self, values: dict[str, Any], flag: Flag, value: Any, text: str, origin: str) -> None:
+    def _store(
+        self, values: dict[str, Any], flag: Flag, value: Any, text: str, origin: str
+    ) -> None:
         if flag.check is not None:
             problem = flag.check(value)
             if problem:
@@ -185,7 +197,10 @@ class FlagSet:
             values[flag.name] = value
 
     def parse_full(
-        self, argv: list[str], environ: Mapping[str, str] | None = None, env_prefix: str = "FLANNELD_"
+        self,
+        argv: list[str],
+        environ: Mapping[str, str] | None = None,
+        env_prefix: str = "FLANNELD_",
     ) -> Parsed:
         """Parse argv (stopping at the first non-flag) then the environment.
 
@@ -234,8 +249,14 @@ class FlagSet:
                 value = flag.convert(text)
             except ValueError as exc:
                 reason = str(exc) if flag.parser is not None else "parse error"
-                problems.append(EnvProblem(key, f"invalid value {text!r} for {key}: {reason}; "
-                                                f"using the default of -{flag.name}", fatal=False))
+                problems.append(
+                    EnvProblem(
+                        key,
+                        f"invalid value {text!r} for {key}: {reason}; "
+                        f"using the default of -{flag.name}",
+                        fatal=False,
+                    )
+                )
                 continue
             try:
                 self._store(values, flag, value, text, f" (from ${key})")
@@ -244,11 +265,16 @@ class FlagSet:
         explicit = set(cli) | set(values)
         values.update(cli)
         for flag in self.flags.values():
-            values.setdefault(flag.name, list(flag.default) if flag.kind == "list" else flag.default)
+            values.setdefault(
+                flag.name, list(flag.default) if flag.kind == "list" else flag.default
+            )
         return Parsed(values, args, explicit, problems)
 
     def parse(
-        self, argv: list[str], environ: Mapping[str, str] | None = None, env_prefix: str = "FLANNELD_"
+        self,
+        argv: list[str],
+        environ: Mapping[str, str] | None = None,
+        env_prefix: str = "FLANNELD_",
     ) -> tuple[dict[str, Any], list[str]]:
         """Return (values, remaining args); a fatal environment problem raises FlagError.
 

@@ -76,16 +76,29 @@ class _Link:
 
 def _global_unicast(ip: IPv4Address) -> bool:
     """Go's net.IP.IsGlobalUnicast for IPv4 (private ranges included)."""
-    return not (ip.is_loopback or ip.is_multicast or ip.is_unspecified
-                or ip == IPv4Address("255.255.255.255") or ip in _LINK_LOCAL)
+    return not (
+        ip.is_loopback
+        or ip.is_multicast
+        or ip.is_unspecified
+        or ip == IPv4Address("255.255.255.255")
+        or ip in _LINK_LOCAL
+    )
 
 
 def usable_addresses(addrs: list[_Addr]) -> list[IPv4Address]:
     """flanneld's GetInterfaceIP4Addrs: filter, then order by preference (stable)."""
-    ok = [a for a in addrs
-          if (_global_unicast(a.ip) or a.ip in _LINK_LOCAL) and not a.flags & IFA_F_DEPRECATED]
-    ok.sort(key=lambda a: (a.ip in _LINK_LOCAL, not a.flags & IFA_F_PERMANENT,
-                           bool(a.flags & IFA_F_TEMPORARY)))
+    ok = [
+        a
+        for a in addrs
+        if (_global_unicast(a.ip) or a.ip in _LINK_LOCAL) and not a.flags & IFA_F_DEPRECATED
+    ]
+    ok.sort(
+        key=lambda a: (
+            a.ip in _LINK_LOCAL,
+            not a.flags & IFA_F_PERMANENT,
+            bool(a.flags & IFA_F_TEMPORARY),
+        )
+    )
     return [a.ip for a in ok]
 
 
@@ -96,8 +109,9 @@ class _Host:
         self.ipr = ipr
         self.links: list[_Link] = []
         for msg in ipr.get_links():
-            self.links.append(_Link(msg["index"], msg.get_attr("IFLA_IFNAME"),
-                                    msg.get_attr("IFLA_MTU") or 0))
+            self.links.append(
+                _Link(msg["index"], msg.get_attr("IFLA_IFNAME"), msg.get_attr("IFLA_MTU") or 0)
+            )
         self.links.sort(key=lambda link: link.index)
         by_index = {link.index: link for link in self.links}
         for msg in ipr.get_addr(family=socket.AF_INET):
@@ -164,10 +178,14 @@ class _Host:
         for link in self.links:
             if rx.search(link.name):
                 return self._best(link)
-        available = ", ".join(f"{link.name}:[{' '.join(map(str, usable_addresses(link.addrs)))}]"
-                              for link in self.links)
-        raise _Miss(f"could not match pattern {pattern} to any of the available network "
-                    f"interfaces ({available})")
+        available = ", ".join(
+            f"{link.name}:[{' '.join(map(str, usable_addresses(link.addrs)))}]"
+            for link in self.links
+        )
+        raise _Miss(
+            f"could not match pattern {pattern} to any of the available network "
+            f"interfaces ({available})"
+        )
 
     def can_reach(self, target: str) -> Interface:
         try:
@@ -191,14 +209,17 @@ class _Host:
                 continue
             oif = r.get_attr("RTA_OIF")
             if not oif:
-                raise _Miss("failed to get default interface: found default route but could not "
-                            "determine interface")
+                raise _Miss(
+                    "failed to get default interface: found default route but could not "
+                    "determine interface"
+                )
             return self._best(self._link(oif))
         raise _Miss("failed to get default interface: unable to find default route")
 
 
-def choose(ifaces: list[str], regexes: list[str], can_reach: str = "",
-           public_ip: IPv4Address | None = None) -> Interface:
+def choose(
+    ifaces: list[str], regexes: list[str], can_reach: str = "", public_ip: IPv4Address | None = None
+) -> Interface:
     """The interface and address flanneld would use; InterfaceError (one line) if none."""
     try:
         with IPRoute() as ipr:
@@ -209,21 +230,32 @@ def choose(ifaces: list[str], regexes: list[str], can_reach: str = "",
                         return host.by_ip(str(public_ip), public_ip)
                     return host.default()
                 except _Miss as exc:
-                    hint = "" if public_ip is not None else " (use -iface or -iface-regex to choose one)"
-                    raise InterfaceError(f"failed to find any valid interface to use: {exc}{hint}") from None
+                    hint = (
+                        ""
+                        if public_ip is not None
+                        else " (use -iface or -iface-regex to choose one)"
+                    )
+                    raise InterfaceError(
+                        f"failed to find any valid interface to use: {exc}{hint}"
+                    ) from None
             misses: list[str] = []
-            for kind, specs, lookup in (("-iface", ifaces, host.by_spec),
-                                        ("-iface-regex", regexes, host.by_regex),
-                                        ("-iface-can-reach", [can_reach] if can_reach else [],
-                                         host.can_reach)):
+            for kind, specs, lookup in (
+                ("-iface", ifaces, host.by_spec),
+                ("-iface-regex", regexes, host.by_regex),
+                ("-iface-can-reach", [can_reach] if can_reach else [], host.can_reach),
+            ):
                 for spec in specs:
                     try:
                         return lookup(spec)
                     except _Miss as exc:
-                        log.info("could not find valid interface matching %s %s: %s", kind, spec, exc)
+                        log.info(
+                            "could not find valid interface matching %s %s: %s", kind, spec, exc
+                        )
                         misses.append(f"{kind}={spec}: {exc}")
-            raise InterfaceError("failed to find interface to use that matches the interfaces "
-                                 "and/or regexes provided (" + "; ".join(misses) + ")")
+            raise InterfaceError(
+                "failed to find interface to use that matches the interfaces "
+                "and/or regexes provided (" + "; ".join(misses) + ")"
+            )
     except NetlinkError as exc:
         reason = exc.args[1] if len(exc.args) > 1 else exc
         raise InterfaceError(f"cannot read the host's interfaces: {reason}") from None

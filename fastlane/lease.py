@@ -220,6 +220,14 @@ class Lease:
     ipv6_subnet: IPv6Network | None = None
 
     @property
+    def subnet4(self) -> IPv4Network:
+        """The IPv4 subnet, for the IPv4 data paths: they are only ever given leases that have
+        one (Backend.routable skips IPv6-only leases), so its absence is a bug, not input."""
+        if self.subnet is None:
+            raise ValueError(f"lease {self.name} has no IPv4 subnet")
+        return self.subnet
+
+    @property
     def ident(self) -> LeaseId:
         """What identifies the lease (its key): both subnets, as flannel's sameSubnet."""
         return (self.subnet, self.ipv6_subnet)
@@ -267,8 +275,12 @@ def _range(config: NetworkConfig, family: int) -> tuple[int, int, int, type]:
     """(first, last, prefix length, network type) of the subnets a lease may take."""
     if family == 6:
         assert config.ipv6_subnet_min is not None and config.ipv6_subnet_max is not None
-        return (int(config.ipv6_subnet_min), int(config.ipv6_subnet_max),
-                config.ipv6_subnet_len, IPv6Network)
+        return (
+            int(config.ipv6_subnet_min),
+            int(config.ipv6_subnet_max),
+            config.ipv6_subnet_len,
+            IPv6Network,
+        )
     assert config.subnet_min is not None and config.subnet_max is not None
     return int(config.subnet_min), int(config.subnet_max), config.subnet_len, IPv4Network
 
@@ -399,17 +411,20 @@ def plan_acquisition(
         if config.fits_lease(lease.subnet, lease.ipv6_subnet):
             return AcquirePlan(tuple(drop), Reuse(lease))
         drop.append(lease)
-    others = [l for l in listed if me is None or holder(l.attrs) != me]
+    others = [lease for lease in listed if me is None or holder(lease.attrs) != me]
     subnet: IPv4Network | None = None
     subnet6: IPv6Network | None = None
     if config.enable_ipv4:
-        taken = [l.subnet for l in others if l.subnet is not None]
+        taken = [lease.subnet for lease in others if lease.subnet is not None]
         if previous is not None and config.fits(previous) and not subnet_in_use(previous, taken):
             subnet = previous
     if config.enable_ipv6:
-        taken6 = [l.ipv6_subnet for l in others if l.ipv6_subnet is not None]
-        if (previous6 is not None and config.fits6(previous6)
-                and not subnet_in_use(previous6, taken6)):
+        taken6 = [lease.ipv6_subnet for lease in others if lease.ipv6_subnet is not None]
+        if (
+            previous6 is not None
+            and config.fits6(previous6)
+            and not subnet_in_use(previous6, taken6)
+        ):
             subnet6 = previous6
     from_previous = subnet is not None or subnet6 is not None
     if config.enable_ipv4 and subnet is None:

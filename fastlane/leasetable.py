@@ -33,6 +33,7 @@ def _ident(ref: Ref) -> LeaseId:
         return (None, ref)
     return ref
 
+
 __all__ = ["LeaseTable", "Subscriber", "TableChange"]
 
 
@@ -88,9 +89,13 @@ class LeaseTable:
         return a.attrs == b.attrs
 
     def reset(self, leases: Iterable[Lease]) -> TableChange:
-        fresh = {l.ident: l for l in leases}
-        added = [l for s, l in fresh.items() if s not in self._leases or not self._same(self._leases[s], l)]
-        removed = [l for s, l in self._leases.items() if s not in fresh]
+        fresh = {lease.ident: lease for lease in leases}
+        added = [
+            lease
+            for s, lease in fresh.items()
+            if s not in self._leases or not self._same(self._leases[s], lease)
+        ]
+        removed = [lease for s, lease in self._leases.items() if s not in fresh]
         self._leases = fresh
         return self._publish(TableChange(added, removed))
 

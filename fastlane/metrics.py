@@ -37,8 +37,11 @@ __all__ = ["CONTENT_TYPE", "DaemonStats", "Metrics", "engine_metric_name"]
 
 # The classic text format (0.0.4), which every Prometheus version scrapes; all our names are
 # plain ASCII, so the text is the same as 1.0.0's. (prometheus_client < 0.22: LATEST is 0.0.4.)
-CONTENT_TYPE = getattr(prometheus_client.exposition, "CONTENT_TYPE_PLAIN_0_0_4",
-                       prometheus_client.exposition.CONTENT_TYPE_LATEST)
+CONTENT_TYPE = getattr(
+    prometheus_client.exposition,
+    "CONTENT_TYPE_PLAIN_0_0_4",
+    prometheus_client.exposition.CONTENT_TYPE_LATEST,
+)
 
 # Help text for the engine's counters (csrc/README.md, "Counters"); tx = TUN -> UDP, rx = UDP -> TUN.
 _ENGINE_HELP = {
@@ -72,7 +75,7 @@ _ENGINE_HELP = {
 def engine_metric_name(counter: str) -> tuple[str, dict[str, str]]:
     """The metric (without `_total`) and labels an engine counter is exported as."""
     if counter.startswith("drop_"):
-        return "fastlane_udp_dropped_packets", {"reason": counter[len("drop_"):]}
+        return "fastlane_udp_dropped_packets", {"reason": counter[len("drop_") :]}
     return f"fastlane_udp_{counter}", {}
 
 
@@ -109,15 +112,20 @@ class _DaemonCollector(Collector):
         yield from self._etcd(d)
         stats: DaemonStats = getattr(d, "stats", None) or DaemonStats()
         table = getattr(d, "table", None)
-        g = GaugeMetricFamily("fastlane_peers", "Peer leases in the lease table (routes the backend keeps).")
+        g = GaugeMetricFamily(
+            "fastlane_peers", "Peer leases in the lease table (routes the backend keeps)."
+        )
         g.add_metric([], len(table) if table is not None else 0)
         yield g
-        c = CounterMetricFamily("fastlane_backend_sync_errors",
-                                "Lease table changes the backend failed to apply.")
+        c = CounterMetricFamily(
+            "fastlane_backend_sync_errors", "Lease table changes the backend failed to apply."
+        )
         c.add_metric([], getattr(table, "subscriber_errors", 0))
         yield c
-        c = CounterMetricFamily("fastlane_rules_reinstalls",
-                                "Times the iptables/nftables rules were found missing and re-installed.")
+        c = CounterMetricFamily(
+            "fastlane_rules_reinstalls",
+            "Times the iptables/nftables rules were found missing and re-installed.",
+        )
         c.add_metric([], stats.rules_reinstalls)
         yield c
         c = CounterMetricFamily("fastlane_rules_sync_errors", "Failed iptables/nftables resyncs.")
@@ -131,17 +139,25 @@ class _DaemonCollector(Collector):
         i = InfoMetricFamily("fastlane_build", "fastlane build information.")
         backend = getattr(self.d, "backend", None)
         cfg = getattr(getattr(backend, "ctx", None), "config", None)
-        i.add_metric([], {"version": self.version, "python": platform.python_version(),
-                          "backend": getattr(cfg, "backend_type", "") or ""})
+        i.add_metric(
+            [],
+            {
+                "version": self.version,
+                "python": platform.python_version(),
+                "backend": getattr(cfg, "backend_type", "") or "",
+            },
+        )
         yield i
 
     def _engine(self, backend: Any) -> Iterator[Any]:
         if backend is None:
             return
         counters = backend.counters()
-        drops = CounterMetricFamily("fastlane_udp_dropped_packets",
-                                    "Packets and datagrams the udp engine dropped, by reason.",
-                                    labels=["reason"])
+        drops = CounterMetricFamily(
+            "fastlane_udp_dropped_packets",
+            "Packets and datagrams the udp engine dropped, by reason.",
+            labels=["reason"],
+        )
         for name, value in sorted(counters.items()):
             metric, labels = engine_metric_name(name)
             if labels:
@@ -154,9 +170,11 @@ class _DaemonCollector(Collector):
             yield drops
         engine = getattr(backend, "engine", None)
         if engine is not None:
-            g = GaugeMetricFamily("fastlane_udp_feature_enabled",
-                                  "udp engine features in use (offloads, queues), 1 or 0.",
-                                  labels=["feature"])
+            g = GaugeMetricFamily(
+                "fastlane_udp_feature_enabled",
+                "udp engine features in use (offloads, queues), 1 or 0.",
+                labels=["feature"],
+            )
             for name, on in sorted(engine.features.items()):
                 g.add_metric([name], 1 if on else 0)
             yield g
@@ -168,15 +186,24 @@ class _DaemonCollector(Collector):
             i = InfoMetricFamily("fastlane_lease", "This node's lease.")
             i.add_metric([], {"subnet": str(lease.subnet), "public_ip": str(lease.attrs.public_ip)})
             yield i
-            g = GaugeMetricFamily("fastlane_lease_expiry_seconds",
-                                  "Seconds until this node's lease expires (+Inf: a reservation).")
+            g = GaugeMetricFamily(
+                "fastlane_lease_expiry_seconds",
+                "Seconds until this node's lease expires (+Inf: a reservation).",
+            )
             g.add_metric([], math.inf if lease.expiration is None else lease.remaining())
             yield g
         for name, value, text in (
             ("fastlane_lease_renewals", stats.lease_renewals, "Successful lease renewals."),
-            ("fastlane_lease_renewal_failures", stats.lease_renewal_failures, "Failed lease renewals."),
-            ("fastlane_lease_retakes", stats.lease_retakes,
-             "Times the lease was taken again after someone deleted it."),
+            (
+                "fastlane_lease_renewal_failures",
+                stats.lease_renewal_failures,
+                "Failed lease renewals.",
+            ),
+            (
+                "fastlane_lease_retakes",
+                stats.lease_retakes,
+                "Times the lease was taken again after someone deleted it.",
+            ),
         ):
             c = CounterMetricFamily(name, text)
             c.add_metric([], value)
@@ -185,17 +212,29 @@ class _DaemonCollector(Collector):
     def _etcd(self, d: Any) -> Iterator[Any]:
         w = getattr(d, "watcher", None)
         store = getattr(d, "store", None)
-        connected = store is not None and store.endpoint is not None and (
-            w is None or getattr(w, "connected", True))
-        g = GaugeMetricFamily("fastlane_etcd_connected",
-                              "1 while etcd answers (connection up and the lease watch running).")
+        connected = (
+            store is not None
+            and store.endpoint is not None
+            and (w is None or getattr(w, "connected", True))
+        )
+        g = GaugeMetricFamily(
+            "fastlane_etcd_connected",
+            "1 while etcd answers (connection up and the lease watch running).",
+        )
         g.add_metric([], 1 if connected else 0)
         yield g
         for name, attr, text in (
-            ("fastlane_etcd_reconnects", "reconnects", "Times the lease watch came back after etcd failed."),
+            (
+                "fastlane_etcd_reconnects",
+                "reconnects",
+                "Times the lease watch came back after etcd failed.",
+            ),
             ("fastlane_etcd_watch_events", "events", "Lease events received from the etcd watch."),
-            ("fastlane_etcd_resyncs", "resyncs",
-             "Full re-lists of the lease prefix (1 at start, 1 more after each watch interruption)."),
+            (
+                "fastlane_etcd_resyncs",
+                "resyncs",
+                "Full re-lists of the lease prefix (1 at start, 1 more after each watch interruption).",
+            ),
         ):
             c = CounterMetricFamily(name, text)
             c.add_metric([], getattr(w, attr, 0) if w is not None else 0)

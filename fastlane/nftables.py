@@ -55,7 +55,9 @@ def nft(script: str, *, check_only: bool = False) -> None:
     if not available():
         raise NftError("nft not found: apt-get install -y nftables")
     args = ["nft"] + (["-c"] if check_only else []) + ["-f", "-"]
-    res = subprocess.run(args, input=script, capture_output=True, text=True, timeout=30, check=False)
+    res = subprocess.run(
+        args, input=script, capture_output=True, text=True, timeout=30, check=False
+    )
     if res.returncode != 0:
         raise NftError(" ".join(res.stderr.split()) or f"nft exited {res.returncode}")
 
@@ -67,19 +69,21 @@ def _table(family: str, name: str) -> str:
 def _chain(name: str, kind: str, hook: str, priority: int, comment: str, keep: bool = True) -> str:
     """Create (or keep) the chain and empty it; keep=False removes it instead, whether or
     not it exists (nft 1.0.6 has no `destroy`, so: add, flush, delete)."""
-    out = (f"add chain ip {TABLE4} {name} {{ type {kind} hook {hook} priority {priority} ; "
-           f'comment "{comment}" ; }}\n'
-           f"flush chain ip {TABLE4} {name}\n")
+    out = (
+        f"add chain ip {TABLE4} {name} {{ type {kind} hook {hook} priority {priority} ; "
+        f'comment "{comment}" ; }}\n'
+        f"flush chain ip {TABLE4} {name}\n"
+    )
     return out if keep else out + f"delete chain ip {TABLE4} {name}\n"
 
 
 def masq_rules(network: str, subnet: str, masquerade: str) -> list[str]:
     """flanneld's postrtg rules, in order (addMasqRules, ipv4)."""
     return [
-        f"meta mark {KUBE_PROXY_MARK} return",                     # kube-proxy marked: not twice
-        f"ip saddr {subnet} ip daddr {network} return",            # within the overlay
+        f"meta mark {KUBE_PROXY_MARK} return",  # kube-proxy marked: not twice
+        f"ip saddr {subnet} ip daddr {network} return",  # within the overlay
         f"ip saddr {network} ip daddr {subnet} return",
-        f"ip saddr != {subnet} ip daddr {network} return",         # external to our pods
+        f"ip saddr != {subnet} ip daddr {network} return",  # external to our pods
         f"ip saddr {network} ip daddr != {MULTICAST4} {masquerade}",  # pods to the outside
         f"ip saddr != {network} ip daddr {network} {masquerade}",  # host to the overlay
     ]
@@ -92,10 +96,12 @@ def forward_rules(network: str) -> list[str]:
 def fully_random_supported() -> bool:
     """Whether the kernel takes `masquerade fully-random` (a checked, never applied, test chain,
     as flanneld's checkRandomfully)."""
-    script = (_table("ip", TABLE4)
-              + f"add chain ip {TABLE4} masqueradeTest {{ type nat hook postrouting priority "
-                f'{SRCNAT_PRIORITY} ; comment "chain to test if masquerade random fully is supported" ; }}\n'
-              + f"add rule ip {TABLE4} masqueradeTest ip saddr != 127.0.0.1 masquerade fully-random\n")
+    script = (
+        _table("ip", TABLE4)
+        + f"add chain ip {TABLE4} masqueradeTest {{ type nat hook postrouting priority "
+        f'{SRCNAT_PRIORITY} ; comment "chain to test if masquerade random fully is supported" ; }}\n'
+        + f"add rule ip {TABLE4} masqueradeTest ip saddr != 127.0.0.1 masquerade fully-random\n"
+    )
     try:
         nft(script, check_only=True)
         return True
@@ -106,8 +112,13 @@ def fully_random_supported() -> bool:
 
 def _listing(family: str, table: str) -> list[dict] | None:
     """`nft -j list table`, without handles and metainfo (None: no such table)."""
-    res = subprocess.run(["nft", "-j", "list", "table", family, table], capture_output=True,
-                         text=True, timeout=30, check=False)
+    res = subprocess.run(
+        ["nft", "-j", "list", "table", family, table],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     if res.returncode != 0:
         return None
     try:
@@ -118,8 +129,9 @@ def _listing(family: str, table: str) -> list[dict] | None:
     for item in items:
         if "metainfo" in item:
             continue
-        out.append({kind: {k: v for k, v in body.items() if k != "handle"}
-                    for kind, body in item.items()})
+        out.append(
+            {kind: {k: v for k, v in body.items() if k != "handle"} for kind, body in item.items()}
+        )
     return out
 
 
@@ -133,8 +145,15 @@ class Tables:
 
     kind = "nftables"
 
-    def __init__(self, network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, *,
-                 ip_masq: bool, forward: bool, random_fully_disable: bool) -> None:
+    def __init__(
+        self,
+        network: ipaddress.IPv4Network,
+        subnet: ipaddress.IPv4Network,
+        *,
+        ip_masq: bool,
+        forward: bool,
+        random_fully_disable: bool,
+    ) -> None:
         self.network, self.subnet = str(network), str(subnet)
         self.ip_masq, self.forward = ip_masq, forward
         self.random_fully_disable = random_fully_disable
@@ -143,20 +162,36 @@ class Tables:
 
     def script(self) -> str:
         if self._masquerade is None:
-            fully = (self.ip_masq and not self.random_fully_disable and fully_random_supported())
+            fully = self.ip_masq and not self.random_fully_disable and fully_random_supported()
             self._masquerade = "masquerade fully-random" if fully else "masquerade"
         # A chain these settings do not ask for is removed (a restart without -ip-masq must
         # not keep masquerading); flanneld leaves it in place.
         out = _table("ip", TABLE4) + _table("ip6", TABLE6)
-        out += _chain(POSTRTG, "nat", "postrouting", SRCNAT_PRIORITY,
-                      "chain to manage traffic masquerading by flannel", keep=self.ip_masq)
+        out += _chain(
+            POSTRTG,
+            "nat",
+            "postrouting",
+            SRCNAT_PRIORITY,
+            "chain to manage traffic masquerading by flannel",
+            keep=self.ip_masq,
+        )
         if self.ip_masq:
-            out += "".join(f"add rule ip {TABLE4} {POSTRTG} {r}\n"
-                           for r in masq_rules(self.network, self.subnet, self._masquerade))
-        out += _chain(FORWARD, "filter", "forward", FILTER_PRIORITY,
-                      "chain to accept flannel traffic", keep=self.forward)
+            out += "".join(
+                f"add rule ip {TABLE4} {POSTRTG} {r}\n"
+                for r in masq_rules(self.network, self.subnet, self._masquerade)
+            )
+        out += _chain(
+            FORWARD,
+            "filter",
+            "forward",
+            FILTER_PRIORITY,
+            "chain to accept flannel traffic",
+            keep=self.forward,
+        )
         if self.forward:
-            out += "".join(f"add rule ip {TABLE4} {FORWARD} {r}\n" for r in forward_rules(self.network))
+            out += "".join(
+                f"add rule ip {TABLE4} {FORWARD} {r}\n" for r in forward_rules(self.network)
+            )
         return out
 
     def _current(self) -> tuple[list[dict] | None, list[dict] | None]:

@@ -138,7 +138,7 @@ class Registry:
         return self._decode(kv.key, kv.value, kv.mod_revision, kv.lease)
 
     def _decode(self, key: str, value: bytes, mod_revision: int, etcd_lease: int) -> Lease:
-        name = key[len(self.subnets_prefix):]
+        name = key[len(self.subnets_prefix) :]
         try:
             subnet, subnet6 = parse_key(name)
             attrs = LeaseAttrs.decode(value)
@@ -167,11 +167,12 @@ class Registry:
 
     def _event(self, ev: Event) -> LeaseEvent:
         try:
-            subnet, subnet6 = parse_key(ev.key[len(self.subnets_prefix):])
+            subnet, subnet6 = parse_key(ev.key[len(self.subnets_prefix) :])
         except LeaseValueError as exc:
             message = f"skipping malformed lease {ev.key}: {exc}"
-            return LeaseEvent(ev.key, ev.mod_revision, None, None,
-                              LeaseWarning(ev.key, ev.mod_revision, message))
+            return LeaseEvent(
+                ev.key, ev.mod_revision, None, None, LeaseWarning(ev.key, ev.mod_revision, message)
+            )
         if ev.type == "delete":
             return LeaseEvent(ev.key, ev.mod_revision, subnet, None, ipv6_subnet=subnet6)
         try:
@@ -179,8 +180,14 @@ class Registry:
             # leases are only routed to, never renewed, so 0 is all the table needs.
             lease = self._decode(ev.key, ev.value, ev.mod_revision, 0)
         except LeaseValueError as exc:
-            return LeaseEvent(ev.key, ev.mod_revision, subnet, None,
-                              LeaseWarning(ev.key, ev.mod_revision, str(exc)), subnet6)
+            return LeaseEvent(
+                ev.key,
+                ev.mod_revision,
+                subnet,
+                None,
+                LeaseWarning(ev.key, ev.mod_revision, str(exc)),
+                subnet6,
+            )
         return LeaseEvent(ev.key, ev.mod_revision, subnet, lease, ipv6_subnet=subnet6)
 
     async def watch(self, start_revision: int) -> AsyncIterator[list[LeaseEvent]]:
@@ -224,8 +231,14 @@ class Registry:
             since = (self.subnets_prefix, revision)
         etcd_lease = await self.store.grant(self.ttl)
         expiration = time.time() + self.ttl
-        if not await self.store.create(key, attrs.encode(), lease=etcd_lease, absent=absent,
-                                       absent_prefixes=prefixes, none_created_after=since):
+        if not await self.store.create(
+            key,
+            attrs.encode(),
+            lease=etcd_lease,
+            absent=absent,
+            absent_prefixes=prefixes,
+            none_created_after=since,
+        ):
             return None
         kv = await self.store.get(key)
         return Lease(
@@ -248,15 +261,21 @@ class Registry:
             if not ok:
                 return None
             kv = await self.store.get(key)
-            return Lease(lease.subnet, attrs, None, 0, kv.mod_revision if kv else 0, key,
-                         lease.ipv6_subnet)
+            return Lease(
+                lease.subnet, attrs, None, 0, kv.mod_revision if kv else 0, key, lease.ipv6_subnet
+            )
         etcd_lease = await self.store.grant(self.ttl)
         expiration = time.time() + self.ttl
         if not await self.store.replace(key, attrs.encode(), lease.mod_revision, lease=etcd_lease):
             return None
         kv = await self.store.get(key)
         return Lease(
-            lease.subnet, attrs, expiration, etcd_lease, kv.mod_revision if kv else 0, key,
+            lease.subnet,
+            attrs,
+            expiration,
+            etcd_lease,
+            kv.mod_revision if kv else 0,
+            key,
             lease.ipv6_subnet,
         )
 
@@ -274,7 +293,9 @@ class Registry:
         it out, and lists and decides again when a transaction shows that someone changed
         the leases meanwhile.
         """
-        attempts = RACE_RETRIES + (DUAL_STACK_RETRIES if config.enable_ipv4 and config.enable_ipv6 else 0)
+        attempts = RACE_RETRIES + (
+            DUAL_STACK_RETRIES if config.enable_ipv4 and config.enable_ipv6 else 0
+        )
         for _ in range(attempts):
             leases, revision, warnings = await self.snapshot()
             for warning in warnings:
@@ -292,8 +313,7 @@ class Registry:
                     return got
                 # it changed under us: list again
             elif isinstance(action, Claim):
-                got = await self._claim(action.subnet, attrs, action.ipv6_subnet,
-                                        revision=revision)
+                got = await self._claim(action.subnet, attrs, action.ipv6_subnet, revision=revision)
                 if got is not None:
                     if action.from_previous:
                         log.info("reusing subnet %s from the previous subnet file", action.name)

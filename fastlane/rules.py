@@ -58,8 +58,12 @@ class Chain:
         self.rules = rules
 
     def _ipt(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(["iptables", "-w", "5", "-t", self.table, *args],
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            ["iptables", "-w", "5", "-t", self.table, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if check and res.returncode != 0:
             raise RulesError(f"iptables -t {self.table} {' '.join(args)}: {res.stderr.strip()}")
         return res
@@ -73,8 +77,13 @@ class Chain:
         body = [f"*{self.table}", f":{self.name} - [0:0]"]  # declaring the chain flushes it
         body += ["-A " + self.name + " " + " ".join(_quote(a) for a in r) for r in self.rules]
         body.append("COMMIT")
-        res = subprocess.run(["iptables-restore", "-w", "5", "--noflush"], input="\n".join(body) + "\n",
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            ["iptables-restore", "-w", "5", "--noflush"],
+            input="\n".join(body) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if res.returncode != 0:
             raise RulesError(f"iptables-restore ({self.table}/{self.name}): {res.stderr.strip()}")
         if self._ipt("-C", self.parent, *self.jump, check=False).returncode != 0:
@@ -90,8 +99,14 @@ def _random_fully_supported() -> bool:
     return "random-fully" in res.stdout
 
 
-def chains(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, *, ip_masq: bool,
-           forward: bool, random_fully_disable: bool) -> list[Chain]:
+def chains(
+    network: ipaddress.IPv4Network,
+    subnet: ipaddress.IPv4Network,
+    *,
+    ip_masq: bool,
+    forward: bool,
+    random_fully_disable: bool,
+) -> list[Chain]:
     """The chains flanneld would install for these settings (none when both are off)."""
     if not (ip_masq or forward):
         return []
@@ -100,27 +115,56 @@ def chains(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, *, ip_
     out = []
     if ip_masq:
         rf = not random_fully_disable and _random_fully_supported()
-        out.append(Chain("nat", "FLANNEL-POSTRTG", "POSTROUTING", "flanneld masq",
-                         _masq_rules(str(network), str(subnet), rf)))
+        out.append(
+            Chain(
+                "nat",
+                "FLANNEL-POSTRTG",
+                "POSTROUTING",
+                "flanneld masq",
+                _masq_rules(str(network), str(subnet), rf),
+            )
+        )
     if forward:
-        out.append(Chain("filter", "FLANNEL-FWD", "FORWARD", "flanneld forward",
-                         _forward_rules(str(network))))
+        out.append(
+            Chain(
+                "filter", "FLANNEL-FWD", "FORWARD", "flanneld forward", _forward_rules(str(network))
+            )
+        )
     return out
 
 
-def rule_sets(network: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network, *, nftables: bool,
-              ip_masq: bool, forward: bool, random_fully_disable: bool) -> list:
+def rule_sets(
+    network: ipaddress.IPv4Network,
+    subnet: ipaddress.IPv4Network,
+    *,
+    nftables: bool,
+    ip_masq: bool,
+    forward: bool,
+    random_fully_disable: bool,
+) -> list:
     """What the daemon keeps in place: iptables chains, or flanneld's nftables tables (always
     created in nftables mode, even with no rule asked for, as flanneld's Init does)."""
     if not nftables:
-        return chains(network, subnet, ip_masq=ip_masq, forward=forward,
-                      random_fully_disable=random_fully_disable)
+        return chains(
+            network,
+            subnet,
+            ip_masq=ip_masq,
+            forward=forward,
+            random_fully_disable=random_fully_disable,
+        )
     from fastlane import nftables as nft
 
     if not nft.available():
         raise RulesError("nft not found: apt-get install -y nftables")
-    return [nft.Tables(network, subnet, ip_masq=ip_masq, forward=forward,
-                       random_fully_disable=random_fully_disable)]
+    return [
+        nft.Tables(
+            network,
+            subnet,
+            ip_masq=ip_masq,
+            forward=forward,
+            random_fully_disable=random_fully_disable,
+        )
+    ]
 
 
 # The iptables chains flanneld may have written (any version, either family), and where the
@@ -134,24 +178,39 @@ def remove_iptables_chains() -> list[str]:
     """flanneld's iptables chains and the jumps to them, removed (IPv4 and IPv6). A host
     without iptables has none: nothing to do, no error. Returns what was removed."""
     removed = []
-    for save, restore, label in (("iptables-save", "iptables-restore", "iptables"),
-                                 ("ip6tables-save", "ip6tables-restore", "ip6tables")):
+    for save, restore, label in (
+        ("iptables-save", "iptables-restore", "iptables"),
+        ("ip6tables-save", "ip6tables-restore", "ip6tables"),
+    ):
         if shutil.which(save) is None or shutil.which(restore) is None:
             continue
-        for table, (chain, parent) in _IPTABLES_CHAINS.items():
-            res = subprocess.run([save, "-t", table], capture_output=True, text=True, timeout=30,
-                                 check=False)
+        for table, (chain, _parent) in _IPTABLES_CHAINS.items():
+            res = subprocess.run(
+                [save, "-t", table], capture_output=True, text=True, timeout=30, check=False
+            )
             if res.returncode != 0 or f":{chain} " not in res.stdout:
                 continue
             body = [f"*{table}"]
-            body += ["-D" + line[2:] for line in res.stdout.splitlines()
-                     if line.startswith("-A ") and line.split()[1] != chain
-                     and line.rstrip().endswith(f"-j {chain}")]
+            body += [
+                "-D" + line[2:]
+                for line in res.stdout.splitlines()
+                if line.startswith("-A ")
+                and line.split()[1] != chain
+                and line.rstrip().endswith(f"-j {chain}")
+            ]
             body += [f"-F {chain}", f"-X {chain}", "COMMIT"]
-            out = subprocess.run([restore, "-w", "5", "--noflush"], input="\n".join(body) + "\n",
-                                 capture_output=True, text=True, timeout=30, check=False)
+            out = subprocess.run(
+                [restore, "-w", "5", "--noflush"],
+                input="\n".join(body) + "\n",
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
             if out.returncode != 0:
-                log.warning("could not remove %s %s/%s: %s", label, table, chain, out.stderr.strip())
+                log.warning(
+                    "could not remove %s %s/%s: %s", label, table, chain, out.stderr.strip()
+                )
             else:
                 removed.append(f"{label} {table}/{chain}")
     return removed

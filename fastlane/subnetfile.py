@@ -40,8 +40,9 @@ def render(
     if network is not None and subnet is not None:
         first = ipaddress.IPv4Interface(f"{subnet.network_address + 1}/{subnet.prefixlen}")
     network6 = config.ipv6_network if config.enable_ipv6 else None
-    return render_values(network, first, mtu, ip_masq, network6,
-                         ipv6_subnet if network6 is not None else None)
+    return render_values(
+        network, first, mtu, ip_masq, network6, ipv6_subnet if network6 is not None else None
+    )
 
 
 def render_values(

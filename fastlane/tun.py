@@ -35,7 +35,9 @@ def _tunsetiff(fd: int, name: str, flags: int) -> str:
     return out[:IFNAMSIZ].split(b"\0", 1)[0].decode()
 
 
-def open_tun(name: str = "flannel%d", queues: int = 1, vnet_hdr: bool = False) -> tuple[str, list[int]]:
+def open_tun(
+    name: str = "flannel%d", queues: int = 1, vnet_hdr: bool = False
+) -> tuple[str, list[int]]:
     """Create (or attach to) a TUN device in IFF_TUN|IFF_NO_PI mode; return its name and fds.
 
     With queues > 1 the device is IFF_MULTI_QUEUE and each fd is one queue (the kernel spreads
@@ -74,7 +76,10 @@ def open_udp_socket(bind_ip: str, port: int) -> socket.socket:
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        for force, plain in (
+            (SO_RCVBUFFORCE, socket.SO_RCVBUF),
+            (SO_SNDBUFFORCE, socket.SO_SNDBUF),
+        ):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
             except OSError:

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 IPv4Network = ipaddress.IPv4Network
 
 
-
 class OwnChange(enum.StrEnum):
     """What happened to our own lease in etcd (a str, so older callers comparing with
     "deleted"/"changed" keep working)."""
@@ -57,7 +56,9 @@ def own_change(own: Lease, seen: Lease | None) -> OwnChange | None:
     return None
 
 
-def plan_snapshot(snapshot: Iterable[Lease], own: Lease | None) -> tuple[list[Lease], OwnChange | None, Lease | None]:
+def plan_snapshot(
+    snapshot: Iterable[Lease], own: Lease | None
+) -> tuple[list[Lease], OwnChange | None, Lease | None]:
     """The peers' leases of a full listing (ours left out), and what happened to ours."""
     leases: list[Lease] = []
     own_seen: Lease | None = None
@@ -134,8 +135,11 @@ class Watcher:
         for w in fresh[: self.WARN_EACH]:
             log.warning("%s", w)
         if len(fresh) > self.WARN_EACH:
-            log.warning("%d more unreadable keys under the subnets prefix (not routed), e.g. %s",
-                        len(fresh) - self.WARN_EACH, fresh[-1].key)
+            log.warning(
+                "%d more unreadable keys under the subnets prefix (not routed), e.g. %s",
+                len(fresh) - self.WARN_EACH,
+                fresh[-1].key,
+            )
 
     async def _resync(self) -> int:
         snapshot, revision, warnings = await self.registry.snapshot()
@@ -166,7 +170,9 @@ class Watcher:
                 self.connected = True
                 if failing_since is not None:
                     self.reconnects += 1
-                    log.info("etcd reachable again; lease table re-synced (%d peers)", len(self.table))
+                    log.info(
+                        "etcd reachable again; lease table re-synced (%d peers)", len(self.table)
+                    )
                 failing_since = None
                 backoff = 0.1
                 async for batch in self.registry.watch(revision + 1):

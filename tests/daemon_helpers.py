@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fastlane.bench.lab.etcdserver import EtcdServer
 from fastlane.bench.lab.topology import Host, Topology
@@ -21,23 +22,38 @@ _runs = itertools.count()
 class Node:
     """One fastlane daemon in one host netns; its subnet file lives in the test's tmp dir."""
 
-    def __init__(self, topo: Topology, host: Host, etcd: EtcdServer, prefix: str, workdir: Path,
-                 *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        topo: Topology,
+        host: Host,
+        etcd: EtcdServer,
+        prefix: str,
+        workdir: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.topo, self.host, self.etcd, self.prefix = topo, host, etcd, prefix
         self.dir = workdir / host.netns
         self.dir.mkdir(parents=True, exist_ok=True)
         self.subnet_file = self.dir / "subnet.env"
         self.extra = list(extra)
         self.env = env
-        self.proc = None
+        self.proc: Any = None  # the daemon process, once start() ran
         self.logname = ""
 
     def args(self) -> list[str]:
-        return [sys.executable, "-m", "fastlane", f"-etcd-endpoints={self.etcd.endpoint}",
-                f"-etcd-prefix={self.prefix}", "-iface=eth0", f"-subnet-file={self.subnet_file}",
-                *self.extra]
+        return [
+            sys.executable,
+            "-m",
+            "fastlane",
+            f"-etcd-endpoints={self.etcd.endpoint}",
+            f"-etcd-prefix={self.prefix}",
+            "-iface=eth0",
+            f"-subnet-file={self.subnet_file}",
+            *self.extra,
+        ]
 
-    def start(self) -> "Node":
+    def start(self) -> Node:
         self.logname = f"{self.host.netns.removeprefix(self.topo.prefix)}-fastlane-{next(_runs)}"
         env = dict(os.environ, **(self.env or {}))
         self.proc = self.topo.popen(self.host.netns, *self.args(), name=self.logname, env=env)
@@ -71,8 +87,14 @@ class Node:
             return None
 
 
-def overlay(config: str, name: str, workdir: Path, hosts: int = 2, started: int = 2,
-            prefix: str = "/coreos.com/network"):
+def overlay(
+    config: str,
+    name: str,
+    workdir: Path,
+    hosts: int = 2,
+    started: int = 2,
+    prefix: str = "/coreos.com/network",
+):
     """Generator for module fixtures: a topology, etcd on its switch, `config` in etcd, and a
     daemon (with a container behind it) on each of the first `started` hosts. Yields
     (topo, etcd, nodes); everything is torn down afterwards, pass or fail."""
@@ -81,7 +103,9 @@ def overlay(config: str, name: str, workdir: Path, hosts: int = 2, started: int 
     nodes: list[Node] = []
     try:
         topo.setup()
-        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name=f"fastlane-{name}-tests")
+        etcd = EtcdServer(
+            netns=topo.switch_netns, host=str(topo.switch_ip), name=f"fastlane-{name}-tests"
+        )
         etcd.start()
         etcd.etcdctl("put", f"{prefix}/config", config)
         nodes = [Node(topo, h, etcd, prefix, workdir, "-v=1") for h in topo.hosts]
@@ -104,14 +128,20 @@ def leases(etcd: EtcdServer, prefix: str) -> dict[str, str]:
     out = etcd.etcdctl("get", "--prefix", f"{prefix}/subnets/", "-w", "json")
     kvs = json.loads(out).get("kvs", [])
     import base64
-    return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]).decode() for kv in kvs}
+
+    return {
+        base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]).decode() for kv in kvs
+    }
 
 
 def lease_ids(etcd: EtcdServer, prefix: str) -> dict[str, int]:
     out = etcd.etcdctl("get", "--prefix", f"{prefix}/subnets/", "-w", "json")
     import base64
-    return {base64.b64decode(kv["key"]).decode(): int(kv.get("lease", 0))
-            for kv in json.loads(out).get("kvs", [])}
+
+    return {
+        base64.b64decode(kv["key"]).decode(): int(kv.get("lease", 0))
+        for kv in json.loads(out).get("kvs", [])
+    }
 
 
 class NotifySocket:
@@ -129,7 +159,7 @@ class NotifySocket:
             try:
                 out.append(self.sock.recv(4096).decode())
                 break
-            except socket.timeout:
+            except TimeoutError:
                 continue
         return out
 
@@ -171,11 +201,24 @@ print(n, h.hexdigest(), flush=True)
 """
 
 
-def start_ping(topo: Topology, netns: str, dest, name: str, interval: float = 0.01,
-               seconds: float = 30.0):
+def start_ping(
+    topo: Topology, netns: str, dest, name: str, interval: float = 0.01, seconds: float = 30.0
+):
     """A timestamped ping stream (`ping -D -i`) in the background; read it with ping_gaps."""
-    return topo.popen(netns, "ping", "-n", "-D", "-i", str(interval), "-W", "1",
-                      "-w", str(int(seconds)), str(dest), name=name)
+    return topo.popen(
+        netns,
+        "ping",
+        "-n",
+        "-D",
+        "-i",
+        str(interval),
+        "-W",
+        "1",
+        "-w",
+        str(int(seconds)),
+        str(dest),
+        name=name,
+    )
 
 
 def ping_gaps(text: str, interval: float = 0.01) -> dict[str, float]:
@@ -184,16 +227,24 @@ def ping_gaps(text: str, interval: float = 0.01) -> dict[str, float]:
     got: list[tuple[float, int]] = []
     for line in text.splitlines():
         if "bytes from" in line and "icmp_seq=" in line and line.startswith("["):
-            ts = float(line[1:line.index("]")])
+            ts = float(line[1 : line.index("]")])
             seq = int(line.split("icmp_seq=")[1].split()[0])
             got.append((ts, seq))
     if len(got) < 2:
-        return {"replies": len(got), "max_seq": got[-1][1] if got else 0, "gap_s": float("nan"),
-                "lost": float("nan")}
-    gap = max(b[0] - a[0] for a, b in zip(got, got[1:]))
+        return {
+            "replies": len(got),
+            "max_seq": got[-1][1] if got else 0,
+            "gap_s": float("nan"),
+            "lost": float("nan"),
+        }
+    gap = max(b[0] - a[0] for a, b in zip(got, got[1:], strict=False))
     max_seq = max(s for _, s in got)
-    return {"replies": len(got), "max_seq": max_seq, "gap_s": round(gap, 3),
-            "lost": max_seq - len({s for _, s in got})}
+    return {
+        "replies": len(got),
+        "max_seq": max_seq,
+        "gap_s": round(gap, 3),
+        "lost": max_seq - len({s for _, s in got}),
+    }
 
 
 def nstat(topo: Topology, netns: str, *counters: str) -> dict[str, int]:

@@ -27,7 +27,9 @@ class ProbeEngine(Engine):
             return None
         return ipaddress.IPv4Address(hop[0]), port[0]
 
-    def encap_verdict(self, packet: bytes) -> tuple[str, bytes, tuple[ipaddress.IPv4Address, int] | None, bytes]:
+    def encap_verdict(
+        self, packet: bytes
+    ) -> tuple[str, bytes, tuple[ipaddress.IPv4Address, int] | None, bytes]:
         """(verdict, packet after TTL change, destination, ICMP error or b"")."""
         buf = ffi.new("uint8_t[]", max(len(packet), 1))
         ffi.memmove(buf, packet, len(packet))
@@ -60,8 +62,6 @@ class ProbeEngine(Engine):
             pkts.append(bytes(ffi.buffer(out + off, lens[i])))
             off += lens[i]
         return pkts
-
-
 
 
 def coalesce(packets: list[bytes]) -> list[bytes]:

@@ -92,9 +92,18 @@ class Pair:
     remove them if this run is killed.
     """
 
-    def __init__(self, *, vnet: bool = True, offload: bool = True, tun_mtu: int = MTU,
-                 engine_mtu: int = MTU, custom_b: bool = False, queues: int = 1,
-                 rx_thread: bool = False, **engine_kw: Any) -> None:
+    def __init__(
+        self,
+        *,
+        vnet: bool = True,
+        offload: bool = True,
+        tun_mtu: int = MTU,
+        engine_mtu: int = MTU,
+        custom_b: bool = False,
+        queues: int = 1,
+        rx_thread: bool = False,
+        **engine_kw: Any,
+    ) -> None:
         self.topo = Topology(hosts=2, underlay="10.99.0.0/24", switch_ip=False)
         self.ns = [h.netns for h in self.topo.hosts]
         self.vnet, self.offload = vnet, offload
@@ -108,8 +117,10 @@ class Pair:
         self.tun_fds: list[list[int]] = []
 
     def routes(self) -> list[Route]:
-        return [Route(NET("10.1.1.0/24"), IP(UNDER[0]), PORT),
-                Route(NET("10.1.2.0/24"), IP(UNDER[1]), PORT)]
+        return [
+            Route(NET("10.1.1.0/24"), IP(UNDER[0]), PORT),
+            Route(NET("10.1.2.0/24"), IP(UNDER[1]), PORT),
+        ]
 
     def setup(self) -> None:
         self.topo.setup()
@@ -127,9 +138,16 @@ class Pair:
             sh("ip", "netns", "exec", n, "sysctl", "-qw", f"net.ipv4.conf.{name}.accept_local=1")
             if i == 1 and self.custom_b:
                 continue
-            e = Engine(fds, self.socks[i].fileno(), self.engine_mtu, IP(OVER[i]),
-                       offload=self.offload, rx_thread=self.rx_thread, network=NETWORK,
-                       **self.engine_kw)
+            e = Engine(
+                fds,
+                self.socks[i].fileno(),
+                self.engine_mtu,
+                IP(OVER[i]),
+                offload=self.offload,
+                rx_thread=self.rx_thread,
+                network=NETWORK,
+                **self.engine_kw,
+            )
             e.set_routes(self.routes())
             e.start()
             self.engines.append(e)
@@ -144,12 +162,15 @@ class Pair:
                 os.close(fd)
         self.topo.teardown()
 
-    def exec(self, i: int, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def exec(
+        self, i: int, *args: str, check: bool = True, timeout: float = 30
+    ) -> subprocess.CompletedProcess:
         return sh("ip", "netns", "exec", self.ns[i], *args, check=check, timeout=timeout)
 
     def ping(self, i: int, *args: str, count: int = 3) -> subprocess.CompletedProcess:
-        return self.exec(i, "ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", *args,
-                         check=False)
+        return self.exec(
+            i, "ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", *args, check=False
+        )
 
 
 @pytest.fixture
@@ -179,8 +200,9 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def tcp_transfer(pair: Pair, src: int, dst: int, size: int, seed: int, *, mss: int = 0,
-                 timeout: float = 60) -> tuple[str, str]:
+def tcp_transfer(
+    pair: Pair, src: int, dst: int, size: int, seed: int, *, mss: int = 0, timeout: float = 60
+) -> tuple[str, str]:
     """Send `size` pseudo-random bytes over TCP from host src to host dst's overlay address.
 
     Sockets are made inside the namespaces, then driven from ordinary threads. Returns the
@@ -232,4 +254,3 @@ def tcp_transfer(pair: Pair, src: int, dst: int, size: int, seed: int, *, mss: i
     assert not err, err
     assert not t.is_alive(), "receiver did not finish"
     return sent.hexdigest(), got.hexdigest()
-

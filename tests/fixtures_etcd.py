@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 import pytest
 import uvloop
 
-from fastlane.etcd import Store, TLSFiles, parse_endpoints
 from fastlane.bench.lab.etcdserver import EtcdServer, ServerTLS
+from fastlane.etcd import Store, TLSFiles, parse_endpoints
 
 _LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -36,8 +36,9 @@ def pytest_asyncio_loop_factories(
     if wanted:
         unknown = [n for n in wanted if n not in _LOOPS]
         if unknown:
-            raise pytest.UsageError(f"FASTLANE_TEST_LOOPS: unknown loop(s) {unknown}; "
-                                    f"known: {', '.join(_LOOPS)}")
+            raise pytest.UsageError(
+                f"FASTLANE_TEST_LOOPS: unknown loop(s) {unknown}; known: {', '.join(_LOOPS)}"
+            )
         return {n: _LOOPS[n] for n in wanted}
     return dict(_LOOPS)
 
@@ -88,24 +89,82 @@ def make_test_pki(directory: str) -> dict[str, str]:
         if res.returncode != 0:
             raise RuntimeError(f"openssl {args[0]} failed: {res.stderr.decode()[-300:]}")
 
-    p = {n: os.path.join(directory, n) for n in (
-        "ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "client.pem", "client-key.pem",
-        "other-ca.pem", "other-ca-key.pem")}
-    for ca, key, cn in (("ca.pem", "ca-key.pem", "fastlane test CA"),
-                        ("other-ca.pem", "other-ca-key.pem", "unrelated CA")):
-        run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-keyout", p[key], "-out", p[ca], "-days", "2", "-subj", f"/CN={cn}")
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                 "extendedKeyUsage=serverAuth,clientAuth"),
-                      ("client", "extendedKeyUsage=clientAuth")):
+    p = {
+        n: os.path.join(directory, n)
+        for n in (
+            "ca.pem",
+            "ca-key.pem",
+            "server.pem",
+            "server-key.pem",
+            "client.pem",
+            "client-key.pem",
+            "other-ca.pem",
+            "other-ca-key.pem",
+        )
+    }
+    for ca, key, cn in (
+        ("ca.pem", "ca-key.pem", "fastlane test CA"),
+        ("other-ca.pem", "other-ca-key.pem", "unrelated CA"),
+    ):
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            p[key],
+            "-out",
+            p[ca],
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={cn}",
+        )
+    for name, ext in (
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
         csr = os.path.join(directory, f"{name}.csr")
         extfile = os.path.join(directory, f"{name}.ext")
         with open(extfile, "w") as f:
             f.write(ext + "\n")
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", p[f"{name}-key.pem"], "-out", csr, "-subj", f"/CN=fastlane-{name}")
-        run("x509", "-req", "-in", csr, "-CA", p["ca.pem"], "-CAkey", p["ca-key.pem"],
-            "-CAcreateserial", "-out", p[f"{name}.pem"], "-days", "2", "-extfile", extfile)
+        run(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            p[f"{name}-key.pem"],
+            "-out",
+            csr,
+            "-subj",
+            f"/CN=fastlane-{name}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            p["ca.pem"],
+            "-CAkey",
+            p["ca-key.pem"],
+            "-CAcreateserial",
+            "-out",
+            p[f"{name}.pem"],
+            "-days",
+            "2",
+            "-extfile",
+            extfile,
+        )
     return p
 
 
@@ -117,10 +176,17 @@ def etcd_tls() -> Iterator[tuple[EtcdServer, TLSFiles, dict[str, str]]]:
     server: EtcdServer | None = None
     try:
         pki = make_test_pki(pki_dir)
-        server = EtcdServer(name="fastlane-tls", tls=ServerTLS(
-            cert_file=pki["server.pem"], key_file=pki["server-key.pem"],
-            trusted_ca_file=pki["ca.pem"], client_cert_auth=True,
-            client_cert_file=pki["client.pem"], client_key_file=pki["client-key.pem"]))
+        server = EtcdServer(
+            name="fastlane-tls",
+            tls=ServerTLS(
+                cert_file=pki["server.pem"],
+                key_file=pki["server-key.pem"],
+                trusted_ca_file=pki["ca.pem"],
+                client_cert_auth=True,
+                client_cert_file=pki["client.pem"],
+                client_key_file=pki["client-key.pem"],
+            ),
+        )
         server.start()
         yield server, TLSFiles(pki["ca.pem"], pki["client.pem"], pki["client-key.pem"]), pki
     finally:

@@ -18,14 +18,41 @@ from fastlane.bench.lab.topology import MANIFEST_DIR
 
 EXPECTED = {
     "etcd": {"populate_s"},
-    "stack": {"sync_s", "sync_engine_s", "sync_connect_ms", "sync_list_ms", "sync_decode_ms",
-              "sync_table_ms", "sync_backend_ms", "table_bytes", "rss_delta_bytes", "lag_ms",
-              "lag_p99_ms", "drain_ms", "churn_rate", "swaps_per_s", "cpu_per_s"},
-    "engine": {"swap_ms", "swap_c_ms", "backend_swap_ms", "route_table_bytes",
-               "route_table_bytes_est"},
+    "stack": {
+        "sync_s",
+        "sync_engine_s",
+        "sync_connect_ms",
+        "sync_list_ms",
+        "sync_decode_ms",
+        "sync_table_ms",
+        "sync_backend_ms",
+        "table_bytes",
+        "rss_delta_bytes",
+        "lag_ms",
+        "lag_p99_ms",
+        "drain_ms",
+        "churn_rate",
+        "swaps_per_s",
+        "cpu_per_s",
+    },
+    "engine": {
+        "swap_ms",
+        "swap_c_ms",
+        "backend_swap_ms",
+        "route_table_bytes",
+        "route_table_bytes_est",
+    },
     "engine-running": {"swap_ms"},
-    "daemon": {"sync_s", "ready_s", "first_packet_ms", "lag_ms", "lag_p99_ms", "drain_ms",
-               "churn_rate", "cpu_per_s"},
+    "daemon": {
+        "sync_s",
+        "ready_s",
+        "first_packet_ms",
+        "lag_ms",
+        "lag_p99_ms",
+        "drain_ms",
+        "churn_rate",
+        "cpu_per_s",
+    },
 }
 
 
@@ -34,9 +61,25 @@ def run(net_capable, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp")
     out = tmp / "cp.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastlane.bench", "--control-plane", "--leases", "500",
-         "--duration", "3", "--repeat", "2", "--json", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp)
+        [
+            sys.executable,
+            "-m",
+            "fastlane.bench",
+            "--control-plane",
+            "--leases",
+            "500",
+            "--duration",
+            "3",
+            "--repeat",
+            "2",
+            "--json",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp,
+    )
     try:
         proc.stdout_text, proc.stderr_text = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -51,8 +94,9 @@ def test_run_succeeds_and_prints_the_table(run) -> None:
     assert "fastlane bench --control-plane: 500 leases" in proc.stdout_text
     for path, metrics in EXPECTED.items():
         for metric in metrics:
-            assert any(line.split()[:2] == [path, metric]
-                       for line in proc.stdout_text.splitlines()), (path, metric)
+            assert any(
+                line.split()[:2] == [path, metric] for line in proc.stdout_text.splitlines()
+            ), (path, metric)
     assert "goal sync < 2 s" in proc.stdout_text and "churn, daemon:" in proc.stdout_text
     assert f"JSON: {out}" in proc.stdout_text
 
@@ -87,7 +131,10 @@ def test_json_has_the_bench_schema_and_every_metric_positive(run) -> None:
     assert by[("stack", "lag_ms")]["n"] == 300  # every change was reflected
     assert by[("daemon", "first_packet_ms")]["n"] == controlplane.TRIALS
     assert [(g["path"], g["metric"]) for g in doc["goals"]] == [
-        ("stack", "sync_s"), ("engine", "swap_ms"), ("daemon", "first_packet_ms")]
+        ("stack", "sync_s"),
+        ("engine", "swap_ms"),
+        ("daemon", "first_packet_ms"),
+    ]
     for g in doc["goals"]:
         assert g["median"] > 0 and isinstance(g["met"], bool)
     for path in ("stack", "daemon"):
@@ -107,20 +154,33 @@ def test_its_namespaces_are_gone(run) -> None:
 
 def test_results_document_renders_from_the_json(run) -> None:
     _, out = run
-    doc = subprocess.run([sys.executable, "-m", "fastlane.bench", "--report", str(out)],
-                         capture_output=True, text=True, timeout=60, check=False)
+    doc = subprocess.run(
+        [sys.executable, "-m", "fastlane.bench", "--report", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert doc.returncode == 0, doc.stderr
     assert "control-plane results" in doc.stdout and "sync_s" in doc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--leases", "500", "--duration", "10"], "changes more leases than --leases 500"),
-    (["--leases", "5"], "--leases: 5 is outside"),
-    (["--leases", "500", "--duration", "0.05"], "--duration"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--leases", "500", "--duration", "10"], "changes more leases than --leases 500"),
+        (["--leases", "5"], "--leases: 5 is outside"),
+        (["--leases", "500", "--duration", "0.05"], "--duration"),
+    ],
+)
 def test_sizes_it_cannot_run_are_usage_errors(args, message) -> None:
-    res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--control-plane", *args],
-                         capture_output=True, text=True, timeout=60, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlane.bench", "--control-plane", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert res.returncode == 2 and message in res.stderr
 
 

@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
-VXLAN = (b'{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
-         b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+VXLAN = (
+    b'{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+    b'"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}'
+)
 UDP = b'{"PublicIP":"192.168.64.4","PublicIPv6":null}'  # flannel's udp backend: no BackendType
 RESERVED = b'{"PublicIP":"192.168.64.9","PublicIPv6":null,"BackendType":"host-gw"}'
 
@@ -18,9 +20,19 @@ RESERVED = b'{"PublicIP":"192.168.64.9","PublicIPv6":null,"BackendType":"host-gw
 async def _leases(etcd_server, prefix: str, *args: str) -> tuple[int, str, str]:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}  # no FLANNELD_* from the caller's shell
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fastlane", f"-etcd-endpoints={etcd_server.endpoint}", f"-etcd-prefix={prefix}",
-        "leases", *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "fastlane",
+        f"-etcd-endpoints={etcd_server.endpoint}",
+        f"-etcd-prefix={prefix}",
+        "leases",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None  # communicate() waited for the exit
     return proc.returncode, out.decode(), err.decode()
 
 
@@ -49,7 +61,11 @@ async def test_leases_json(store, prefix, etcd_server):
     udp = by_subnet["10.1.5.0/24"]
     assert udp["backend_type"] == "udp" and udp["backend_data"] is None
     res = by_subnet["10.1.200.0/24"]
-    assert res["reservation"] is True and res["expires_in"] is None and res["backend_type"] == "host-gw"
+    assert (
+        res["reservation"] is True
+        and res["expires_in"] is None
+        and res["backend_type"] == "host-gw"
+    )
     assert [w["key"] for w in doc["warnings"]] == [f"{prefix}/subnets/10.1.7.0-24"]
     assert "10.1.7.0-24" in doc["warnings"][0]["message"] or "JSON" in doc["warnings"][0]["message"]
 
@@ -79,7 +95,15 @@ async def test_leases_usage_and_bad_arguments(etcd_server, prefix):
 async def test_leases_json_unreachable_etcd_is_exit_1(prefix):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fastlane", "-etcd-endpoints=http://127.0.0.1:9", "leases", "--json",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "fastlane",
+        "-etcd-endpoints=http://127.0.0.1:9",
+        "leases",
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1 and out == b"" and b"fastlane leases:" in err

@@ -4,7 +4,8 @@ import ipaddress
 import json
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastlane.config import ConfigError, parse_config
 
@@ -20,7 +21,9 @@ def test_reference_example_defaults():
 
 def test_missing_backend_means_udp_and_type_is_lowercased():
     assert parse_config('{"Network":"10.1.0.0/16"}').backend_type == "udp"
-    assert parse_config('{"Network":"10.1.0.0/16","Backend":{"Type":"VXLAN"}}').backend_type == "vxlan"
+    assert (
+        parse_config('{"Network":"10.1.0.0/16","Backend":{"Type":"VXLAN"}}').backend_type == "vxlan"
+    )
 
 
 def test_keys_are_case_insensitive_last_duplicate_wins_null_ignored():
@@ -37,8 +40,14 @@ def test_backend_option_lookup_ignores_case():
 
 @pytest.mark.parametrize(
     "network,expected_len",
-    [("10.0.0.0/8", 24), ("10.1.0.0/16", 24), ("10.1.0.0/22", 24), ("10.1.0.0/23", 25),
-     ("10.1.0.0/26", 28), ("10.1.0.0/28", 30)],
+    [
+        ("10.0.0.0/8", 24),
+        ("10.1.0.0/16", 24),
+        ("10.1.0.0/22", 24),
+        ("10.1.0.0/23", 25),
+        ("10.1.0.0/26", 28),
+        ("10.1.0.0/28", 30),
+    ],
 )
 def test_default_subnet_len(network, expected_len):
     assert parse_config(json.dumps({"Network": network})).subnet_len == expected_len
@@ -53,8 +62,14 @@ def test_default_subnet_len(network, expected_len):
         ('{"Network":"10.1.0.0/29"}', "Minimum useful network prefix is /28"),
         ('{"Network":"10.1.0.0/16","SubnetLen":31}', "SubnetLen must be less than /31"),
         ('{"Network":"10.1.0.0/16","SubnetLen":17}', "at least four subnets"),
-        ('{"Network":"10.1.0.0/16","SubnetMin":"10.2.0.0"}', "SubnetMin 10.2.0.0 is not in the range"),
-        ('{"Network":"10.1.0.0/16","SubnetMax":"10.1.3.5"}', "SubnetMax is not on a SubnetLen boundary"),
+        (
+            '{"Network":"10.1.0.0/16","SubnetMin":"10.2.0.0"}',
+            "SubnetMin 10.2.0.0 is not in the range",
+        ),
+        (
+            '{"Network":"10.1.0.0/16","SubnetMax":"10.1.3.5"}',
+            "SubnetMax is not on a SubnetLen boundary",
+        ),
         ('{"Network":"10.1.0.0"}', "Network"),
         ('{"Network":"fd00::/64"}', "IPv4"),
         ('{"Network":"10.1.0.0/16","SubnetLen":"24"}', "SubnetLen"),
@@ -112,9 +127,7 @@ def test_subnet_min_max_bounds_and_alignment(prefix, a, b):
     smax = ipaddress.IPv4Address(b)
     text = json.dumps({"Network": str(net), "SubnetMin": str(smin), "SubnetMax": str(smax)})
     size = 1 << (32 - sl)
-    ok = all(
-        int(x) == 0 or (x in net and int(x) % size == 0) for x in (smin, smax)
-    )
+    ok = all(int(x) == 0 or (x in net and int(x) % size == 0) for x in (smin, smax))
     if ok:
         parse_config(text)
     else:
@@ -129,7 +142,9 @@ V6 = '"EnableIPv6":true,"Network":"10.1.0.0/16"'
 
 
 def test_ipv6_example_from_flannels_configuration_doc():
-    c = parse_config('{"EnableIPv6":true,"IPv6Network":"2001:cafe:42::/56","Network":"10.5.0.0/16"}')
+    c = parse_config(
+        '{"EnableIPv6":true,"IPv6Network":"2001:cafe:42::/56","Network":"10.5.0.0/16"}'
+    )
     assert c.enable_ipv4 and c.enable_ipv6 and c.ipv6_subnet_len == 64
     assert str(c.ipv6_subnet_min) == "2001:cafe:42:1::"  # the first subnet is skipped
     assert str(c.ipv6_subnet_max) == "2001:cafe:42:ff::"  # the last one is usable
@@ -147,27 +162,40 @@ def test_ipv6_only_needs_no_ipv4_network():
 
 @pytest.mark.parametrize(
     "network,expected_len",
-    [("fd00::/8", 64), ("fd00::/48", 64), ("fd00::/62", 64), ("fd00::/63", 65),
-     ("fd00::/100", 102), ("fd00::/124", 126)],
+    [
+        ("fd00::/8", 64),
+        ("fd00::/48", 64),
+        ("fd00::/62", 64),
+        ("fd00::/63", 65),
+        ("fd00::/100", 102),
+        ("fd00::/124", 126),
+    ],
 )
 def test_default_ipv6_subnet_len(network, expected_len):
-    c = parse_config(json.dumps({"EnableIPv6": True, "Network": "10.1.0.0/16", "IPv6Network": network}))
+    c = parse_config(
+        json.dumps({"EnableIPv6": True, "Network": "10.1.0.0/16", "IPv6Network": network})
+    )
     assert c.ipv6_subnet_len == expected_len
 
 
 @pytest.mark.parametrize(
     "fields,needle",
     [
-        ('', "please define a correct IPv6Network parameter in the flannel config"),
+        ("", "please define a correct IPv6Network parameter in the flannel config"),
         (',"IPv6Network":"::/0"', "please define a correct IPv6Network"),  # flannel's Empty()
         (',"IPv6Network":"fd00::/125"', "Minimum useful network prefix is /124"),
         (',"IPv6Network":"fd00::/48","IPv6SubnetLen":127', "must be less than /127"),
         (',"IPv6Network":"fd00::/48","IPv6SubnetLen":49', "at least four subnets"),
         (',"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd01::"', "IPv6SubnetMin"),
         (',"IPv6Network":"fd00::/48","IPv6SubnetMax":"fe00::"', "IPv6SubnetMax"),
-        (',"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:1::1"',
-         "IPv6SubnetMin is not on a IPv6SubnetLen boundary"),
-        (',"IPv6Network":"fd00::/48","IPv6SubnetMax":"fd00:0:0:1:8000::"', "IPv6SubnetMax is not on a"),
+        (
+            ',"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd00:0:0:1::1"',
+            "IPv6SubnetMin is not on a IPv6SubnetLen boundary",
+        ),
+        (
+            ',"IPv6Network":"fd00::/48","IPv6SubnetMax":"fd00:0:0:1:8000::"',
+            "IPv6SubnetMax is not on a",
+        ),
         (',"IPv6Network":"10.0.0.0/8"', "IPv6"),
         (',"IPv6Network":"fd00::"', "IPv6Network"),
         (',"IPv6Network":"fd00::/48","IPv6SubnetLen":"64"', "IPv6SubnetLen"),
@@ -188,7 +216,9 @@ def test_ipv6_fields_are_ignored_when_ipv6_is_off():
 
 def test_zero_ipv6_subnet_min_max_mean_the_defaults():
     # ip.IsEmpty(IPv6SubnetMin): "::" is the same as unset
-    c = parse_config('{' + V6 + ',"IPv6Network":"fd00::/48","IPv6SubnetMin":"::","IPv6SubnetMax":"::"}')
+    c = parse_config(
+        "{" + V6 + ',"IPv6Network":"fd00::/48","IPv6SubnetMin":"::","IPv6SubnetMax":"::"}'
+    )
     assert str(c.ipv6_subnet_min) == "fd00:0:0:1::" and str(c.ipv6_subnet_max) == "fd00:0:0:ffff::"
 
 
@@ -229,8 +259,15 @@ def test_ipv6_subnet_min_max_bounds_and_alignment(prefix, a, b):
     # half of the draws land inside the network, to exercise the alignment check
     smin = ipaddress.IPv6Address(a if a % 2 else int(net.network_address) + a % net.num_addresses)
     smax = ipaddress.IPv6Address(b if b % 2 else int(net.network_address) + b % net.num_addresses)
-    text = json.dumps({"EnableIPv6": True, "Network": "10.1.0.0/16", "IPv6Network": str(net),
-                       "IPv6SubnetMin": str(smin), "IPv6SubnetMax": str(smax)})
+    text = json.dumps(
+        {
+            "EnableIPv6": True,
+            "Network": "10.1.0.0/16",
+            "IPv6Network": str(net),
+            "IPv6SubnetMin": str(smin),
+            "IPv6SubnetMax": str(smax),
+        }
+    )
     ok = all(int(x) == 0 or (x in net and int(x) % size == 0) for x in (smin, smax))
     if ok:
         parse_config(text)
@@ -242,11 +279,13 @@ def test_ipv6_subnet_min_max_bounds_and_alignment(prefix, a, b):
 def test_fits_lease_needs_each_enabled_family_and_no_disabled_one():
     """flannel's isSubnetConfigCompat + isIPv6SubnetConfigCompat."""
     N, N6 = ipaddress.IPv4Network, ipaddress.IPv6Network
-    dual = parse_config('{' + V6 + ',"IPv6Network":"fd00::/48"}')
+    dual = parse_config("{" + V6 + ',"IPv6Network":"fd00::/48"}')
     only4 = parse_config('{"Network":"10.1.0.0/16"}')
     only6 = parse_config('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48"}')
     v4, v6 = N("10.1.5.0/24"), N6("fd00:0:0:5::/64")
-    assert dual.fits_lease(v4, v6) and not dual.fits_lease(v4, None) and not dual.fits_lease(None, v6)
+    assert (
+        dual.fits_lease(v4, v6) and not dual.fits_lease(v4, None) and not dual.fits_lease(None, v6)
+    )
     assert not dual.fits_lease(v4, N6("fd00::/64"))  # the first subnet: below IPv6SubnetMin
     assert not dual.fits_lease(v4, N6("fd00:0:0:5::/65"))
     assert only4.fits_lease(v4, None) and not only4.fits_lease(v4, v6)  # v6 off: a v6 part misfits

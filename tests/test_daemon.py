@@ -26,7 +26,9 @@ def cluster(net_capable):
     etcd = None
     try:
         topo.setup()
-        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-daemon-tests")
+        etcd = EtcdServer(
+            netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-daemon-tests"
+        )
         etcd.start()
         yield topo, etcd
     finally:
@@ -73,8 +75,9 @@ def test_two_daemons_hold_flannel_shaped_leases(cluster, nodes, prefix, tmp_path
         first_ip, plen = env["FLANNEL_SUBNET"].split("/")
         assert plen == "24" and first_ip.endswith(".1")
         key = f"{prefix}/subnets/{first_ip[:-2]}.0-24"
-        assert held[key] == json.dumps({"PublicIP": str(node.host.ip), "PublicIPv6": None},
-                                       separators=(",", ":"))
+        assert held[key] == json.dumps(
+            {"PublicIP": str(node.host.ip), "PublicIPv6": None}, separators=(",", ":")
+        )
     assert env_a["FLANNEL_SUBNET"] != env_b["FLANNEL_SUBNET"]
     assert "Traceback" not in a.log() + b.log()
 
@@ -119,7 +122,7 @@ def test_deleted_lease_is_retaken_and_stolen_lease_exits(nodes, cluster, prefix)
     stolen = json.dumps({"PublicIP": "192.168.100.250", "PublicIPv6": None})
     etcd.etcdctl("put", key, stolen)
     assert a.wait_exit(15) == 1, a.log()
-    last = [l for l in a.log().splitlines() if l.strip()][-1]
+    last = [line for line in a.log().splitlines() if line.strip()][-1]
     assert "192.168.100.250" in last and "Traceback" not in a.log()
 
 
@@ -180,24 +183,32 @@ def test_unreachable_etcd_and_malformed_peer_leases(nodes, cluster, prefix, tmp_
     a.start()
     a.wait_subnet_file()
     assert wait_until(lambda: "10.1.5.0-24" in a.log(), 10), a.log()
-    probe = ("import urllib.request as u, urllib.error as e\n"
-             "print(u.urlopen('http://127.0.0.1:18765/healthz').read().decode())\n"
-             "print(u.urlopen('http://127.0.0.1:18765/readyz?verbose').read().decode())\n"
-             "try:\n    u.urlopen('http://127.0.0.1:18765/healthzz')\n"
-             "except e.HTTPError as x:\n    print(x.code, x.read().decode().strip())\n")
+    probe = (
+        "import urllib.request as u, urllib.error as e\n"
+        "print(u.urlopen('http://127.0.0.1:18765/healthz').read().decode())\n"
+        "print(u.urlopen('http://127.0.0.1:18765/readyz?verbose').read().decode())\n"
+        "try:\n    u.urlopen('http://127.0.0.1:18765/healthzz')\n"
+        "except e.HTTPError as x:\n    print(x.code, x.read().decode().strip())\n"
+    )
     out = topo.run(a.host.netns, sys.executable, "-c", probe).stdout
     # flanneld's texts and codes (main.go's mustRunHealthz), unknown paths 404 like Go's mux
-    assert out.splitlines() == ["flanneld is running", "flanneld is ready", "404 404 page not found"]
+    assert out.splitlines() == [
+        "flanneld is running",
+        "flanneld is ready",
+        "404 404 page not found",
+    ]
     # A daemon pointed at nothing: a one-line warning, no traceback, still alive.
     b = Node(topo, topo.hosts[1], etcd, prefix, tmp_path)
     b.args_orig = b.args
-    b.args = lambda: [x if not x.startswith("-etcd-endpoints") else
-                      f"-etcd-endpoints=http://{topo.switch_ip}:1" for x in b.args_orig()]
+    b.args = lambda: [
+        x if not x.startswith("-etcd-endpoints") else f"-etcd-endpoints=http://{topo.switch_ip}:1"
+        for x in b.args_orig()
+    ]
     b.start()
     try:
         assert wait_until(lambda: "cannot connect to etcd" in b.log(), 20), b.log()
         assert b.proc.poll() is None and "Traceback" not in b.log()
-        line = next(l for l in b.log().splitlines() if "cannot connect" in l)
+        line = next(line for line in b.log().splitlines() if "cannot connect" in line)
         assert f"{topo.switch_ip}:1" in line
         assert b.stop() == 0  # SIGTERM during the retry loop exits cleanly
     finally:
@@ -221,7 +232,15 @@ def test_ip_masq_rules_like_flanneld_and_resynced(nodes, cluster):
     assert "-s 10.1.0.0/16" in fwd and "-d 10.1.0.0/16" in fwd
     # Someone flushes our chain: it comes back within the resync period.
     topo.run(ns, "iptables", "-t", "nat", "-F", "FLANNEL-POSTRTG")
-    assert wait_until(lambda: topo.run(ns, "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout.count("flanneld masq") == 6, 10)
+    assert wait_until(
+        lambda: (
+            topo.run(ns, "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout.count(
+                "flanneld masq"
+            )
+            == 6
+        ),
+        10,
+    )
     assert wait_until(lambda: "re-installed" in a.log(), 5), a.log()
 
 
@@ -231,13 +250,24 @@ def test_leases_subcommand_lists_the_table(nodes, cluster, prefix):
     subnet = a.wait_subnet_file()["FLANNEL_SUBNET"][:-5] + ".0/24"
     etcd.etcdctl("put", f"{prefix}/subnets/10.1.250.0-24", '{"PublicIP":"192.168.100.77"}')
     etcd.etcdctl("put", f"{prefix}/subnets/10.1.251.0-24", "junk")
-    res = topo.run(a.host.netns, sys.executable, "-m", "fastlane", f"-etcd-endpoints={etcd.endpoint}",
-                   f"-etcd-prefix={prefix}", "leases", check=False)
+    res = topo.run(
+        a.host.netns,
+        sys.executable,
+        "-m",
+        "fastlane",
+        f"-etcd-endpoints={etcd.endpoint}",
+        f"-etcd-prefix={prefix}",
+        "leases",
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].split()[:2] == ["SUBNET", "PUBLIC"]
-    assert any(l.split()[:2] == [subnet, str(a.host.ip)] and "in " in l for l in lines)
-    assert any(l.split()[:2] == ["10.1.250.0/24", "192.168.100.77"] and "reservation" in l for l in lines)
+    assert any(line.split()[:2] == [subnet, str(a.host.ip)] and "in " in line for line in lines)
+    assert any(
+        lease.split()[:2] == ["10.1.250.0/24", "192.168.100.77"] and "reservation" in lease
+        for lease in lines
+    )
     assert "10.1.251.0-24" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -265,10 +295,12 @@ def _readyz(topo, node, port: int) -> str:
 
 
 def _last_line(node) -> str:
-    return [l for l in node.log().splitlines() if l.strip()][-1]
+    return [line for line in node.log().splitlines() if line.strip()][-1]
 
 
-def test_subnet_file_unwritable_keeps_forwarding_not_ready_then_ready(nodes, cluster, prefix, tmp_path):
+def test_subnet_file_unwritable_keeps_forwarding_not_ready_then_ready(
+    nodes, cluster, prefix, tmp_path
+):
     topo, etcd = cluster
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the subnet file's directory should be\n")
@@ -313,8 +345,15 @@ def test_iptables_failure_is_retried_not_fatal(nodes, cluster, tmp_path):
     assert a.log().count("fake failure") <= 2  # logged once per distinct cause, not every second
     flag.touch()
     ns = a.host.netns
-    assert wait_until(lambda: topo.run(ns, "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG",
-                                       check=False).stdout.count("flanneld masq") == 6, 15), a.log()
+    assert wait_until(
+        lambda: (
+            topo.run(
+                ns, "iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG", check=False
+            ).stdout.count("flanneld masq")
+            == 6
+        ),
+        15,
+    ), a.log()
     assert wait_until(lambda: "iptables rules installed" in a.log(), 5), a.log()
     assert "Traceback" not in a.log()
 
@@ -344,8 +383,12 @@ def test_etcd_host_name_that_resolves_later(nodes, cluster, prefix):
         hosts.write_text("127.0.0.1 localhost\n")
         a = nodes(0)
         base = a.args
-        a.args = lambda: [f"-etcd-endpoints=http://{name}:{etcd.client_port}"
-                          if x.startswith("-etcd-endpoints=") else x for x in base()]
+        a.args = lambda: [
+            f"-etcd-endpoints=http://{name}:{etcd.client_port}"
+            if x.startswith("-etcd-endpoints=")
+            else x
+            for x in base()
+        ]
         a.start()
         assert wait_until(lambda: "cannot resolve host" in a.log(), 20), a.log()
         assert a.proc.poll() is None
@@ -364,8 +407,22 @@ def test_netlink_error_at_backend_setup_is_one_line(nodes, cluster):
     ns = topo.hosts[1].netns
     # Someone else's VXLAN device already holds VNI 1 on the kernel's port: flannel.1
     # cannot be created (EEXIST).
-    topo.ip(ns, "link", "add", "vxother", "type", "vxlan", "id", "1", "dstport", "8472",
-            "dev", "eth0", "local", str(topo.hosts[1].ip))
+    topo.ip(
+        ns,
+        "link",
+        "add",
+        "vxother",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        "8472",
+        "dev",
+        "eth0",
+        "local",
+        str(topo.hosts[1].ip),
+    )
     try:
         a = nodes(1, config='{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}').start()
         assert a.wait_exit(20) == 1, a.log()
@@ -399,8 +456,10 @@ async def test_a_failing_loop_is_logged_and_restarted(caplog):
     with pytest.raises(asyncio.CancelledError):
         await task
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == ["flaky loop failed: RuntimeError: boom second line; restarting it in 0.01s",
-                      "flaky loop failed: RuntimeError: boom second line; restarting it in 0.02s"]
+    assert errors == [
+        "flaky loop failed: RuntimeError: boom second line; restarting it in 0.01s",
+        "flaky loop failed: RuntimeError: boom second line; restarting it in 0.02s",
+    ]
 
 
 async def test_a_loop_that_must_not_degrade_reports_fatal():

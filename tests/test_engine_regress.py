@@ -33,10 +33,25 @@ def regress(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if cc is None:
         pytest.skip("needs a C compiler")
     out = tmp_path_factory.mktemp("regress") / "regress"
-    cmd = [cc, "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-           "-fno-omit-frame-pointer", "-O1", "-g", "-pthread", "-Wall", "-Wextra", "-Werror",
-           "-Wno-unused-parameter", f"-I{CSRC}", str(CSRC / "tests" / "regress.c"),
-           str(CSRC / "tests" / "regress_route.c"), str(CSRC / "packet.c"), "-o", str(out)]
+    cmd = [
+        cc,
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=undefined",
+        "-fno-omit-frame-pointer",
+        "-O1",
+        "-g",
+        "-pthread",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-Wno-unused-parameter",
+        f"-I{CSRC}",
+        str(CSRC / "tests" / "regress.c"),
+        str(CSRC / "tests" / "regress_route.c"),
+        str(CSRC / "packet.c"),
+        "-o",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return out
@@ -49,8 +64,13 @@ def test_every_scenario_is_listed(regress: Path) -> None:
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_scenario(regress: Path, scenario: str) -> None:
-    r = subprocess.run([str(regress), scenario], capture_output=True, text=True, timeout=60,
-                       env={"ASAN_OPTIONS": "abort_on_error=0:exitcode=99"})
+    r = subprocess.run(
+        [str(regress), scenario],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"ASAN_OPTIONS": "abort_on_error=0:exitcode=99"},
+    )
     print(r.stdout)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"PASS {scenario}" in r.stdout

@@ -154,18 +154,29 @@ def test_foreign_and_malformed_datagrams_dropped_and_counted(pair_factory) -> No
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((UNDER[0], 0))  # a process on the peer, not its flannel port
             s.sendto(inner, (UNDER[1], PORT))
-        for payload in (inner[:-3], b"\x60" + inner[1:], bad_csum(inner),
-                        udp_packet("10.1.2.9", OVER[1]),    # host 1's own pod as source
-                        udp_packet("10.1.7.1", OVER[1]),    # a third node's subnet
-                        udp_packet("192.0.2.1", OVER[1])):  # outside the Network: allowed
+        for payload in (
+            inner[:-3],
+            b"\x60" + inner[1:],
+            bad_csum(inner),
+            udp_packet("10.1.2.9", OVER[1]),  # host 1's own pod as source
+            udp_packet("10.1.7.1", OVER[1]),  # a third node's subnet
+            udp_packet("192.0.2.1", OVER[1]),
+        ):  # outside the Network: allowed
             peer.sendto(payload, (UNDER[1], PORT))
 
     in_netns(p.ns[0], send)
-    want = {"drop_rx_foreign_source": 1, "drop_rx_source_port": 1, "drop_rx_malformed": 1,
-            "drop_rx_not_ipv4": 1, "drop_rx_bad_checksum": 1, "drop_rx_inner_source": 2,
-            "rx_packets": 1}
-    d = poll_value(lambda: {k: b.counters()[k] - before[k] for k in want}, lambda v: v == want,
-                   timeout=5)
+    want = {
+        "drop_rx_foreign_source": 1,
+        "drop_rx_source_port": 1,
+        "drop_rx_malformed": 1,
+        "drop_rx_not_ipv4": 1,
+        "drop_rx_bad_checksum": 1,
+        "drop_rx_inner_source": 2,
+        "rx_packets": 1,
+    }
+    d = poll_value(
+        lambda: {k: b.counters()[k] - before[k] for k in want}, lambda v: v == want, timeout=5
+    )
     assert d == want
     # the engine still forwards after the garbage
     assert " 0% packet loss" in p.ping(0, OVER[1]).stdout
@@ -231,8 +242,12 @@ class FlanneldStylePeer:
                 except BlockingIOError:
                     continue
                 self.datagrams += 1
-                if len(pkt) > MTU or struct.unpack("!H", pkt[2:4])[0] != len(pkt) \
-                        or csum(pkt[:20]) != 0 or (pkt[9] == 6 and not tcp_valid(pkt)):
+                if (
+                    len(pkt) > MTU
+                    or struct.unpack("!H", pkt[2:4])[0] != len(pkt)
+                    or csum(pkt[:20]) != 0
+                    or (pkt[9] == 6 and not tcp_valid(pkt))
+                ):
                     self.bad.append(pkt[:40].hex())
                     continue
                 os.write(self.tun, pkt)
@@ -332,16 +347,23 @@ def test_live_hostile_datagrams_counted_and_harmless(pair_factory) -> None:
         for d in singles:
             s.sendto(d, (UNDER[1], PORT))
             time.sleep(0.0005)
-        s.sendmsg([batch], [(socket.SOL_UDP, 103, struct.pack("H", 100))],  # UDP_SEGMENT
-                  0, (UNDER[1], PORT))
+        s.sendmsg(
+            [batch],
+            [(socket.SOL_UDP, 103, struct.pack("H", 100))],  # UDP_SEGMENT
+            0,
+            (UNDER[1], PORT),
+        )
 
     in_netns(p.ns[0], send)
     want = len(singles) + 40
 
     def seen_now() -> int:
         c = b.counters()
-        return sum(c[k] - before[k] for k in c if k.startswith("drop_rx")) + \
-            c["rx_packets"] - before["rx_packets"]
+        return (
+            sum(c[k] - before[k] for k in c if k.startswith("drop_rx"))
+            + c["rx_packets"]
+            - before["rx_packets"]
+        )
 
     seen = poll_value(seen_now, lambda v: v >= want, timeout=5)
     c = b.counters()
@@ -353,16 +375,30 @@ def test_live_hostile_datagrams_counted_and_harmless(pair_factory) -> None:
 
 def _udp_snmp(ns: str) -> dict[str, int]:
     """The kernel's UDP counters in a namespace (datagrams it dropped before the engine)."""
-    lines = [l.split() for l in sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp").stdout.splitlines()
-             if l.startswith("Udp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:])))
+    lines = [
+        line.split()
+        for line in sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp").stdout.splitlines()
+        if line.startswith("Udp:")
+    ]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=False))
 
 
 def _outer(src: str, sport: int, payload: bytes) -> bytes:
     """An outer IPv4/UDP datagram to host 1's engine, for a raw socket (any source address)."""
     udp = struct.pack("!HHHH", sport, PORT, 8 + len(payload), 0)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), 0, 0, 64, 17, 0,
-                     IP(src).packed, IP(UNDER[1]).packed)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        28 + len(payload),
+        0,
+        0,
+        64,
+        17,
+        0,
+        IP(src).packed,
+        IP(UNDER[1]).packed,
+    )
     return ip + udp + payload
 
 
@@ -381,12 +417,15 @@ def test_flood_of_hostile_datagrams_during_a_transfer(pair_factory) -> None:
     kinds: dict[str, list[bytes]] = {
         "drop_rx_foreign_source": [_outer("10.99.0.77", PORT, good)],
         "drop_rx_source_port": [_outer(UNDER[0], 40000 + i, good) for i in range(8)],
-        "drop_rx_inner_source": [_outer(UNDER[0], PORT, udp_packet(s, OVER[1], size=rng.randint(0, 200)))
-                                 for s in ("10.1.2.9", "10.1.9.9")],  # host 1's pod, unleased
-        "drop_rx_not_ipv4": [_outer(UNDER[0], PORT, b"\x60" + rng.randbytes(rng.randint(39, 300)))
-                             for _ in range(8)],
+        "drop_rx_inner_source": [
+            _outer(UNDER[0], PORT, udp_packet(s, OVER[1], size=rng.randint(0, 200)))
+            for s in ("10.1.2.9", "10.1.9.9")
+        ],  # host 1's pod, unleased
+        "drop_rx_not_ipv4": [
+            _outer(UNDER[0], PORT, b"\x60" + rng.randbytes(rng.randint(39, 300))) for _ in range(8)
+        ],
         "drop_rx_malformed": [_outer(UNDER[0], PORT, good[:n]) for n in (1, 19, 20, 40, 80)]
-                             + [_outer(UNDER[0], PORT, b"")],
+        + [_outer(UNDER[0], PORT, b"")],
         "drop_rx_bad_checksum": [_outer(UNDER[0], PORT, bad_csum(good))],
     }
     plan = [(reason, d) for reason, ds in kinds.items() for d in ds]
@@ -420,8 +459,9 @@ def test_flood_of_hostile_datagrams_during_a_transfer(pair_factory) -> None:
         c, snmp = b.counters(), _udp_snmp(p.ns[1])
         return {k: c[k] - before[k] for k in kinds}, snmp["RcvbufErrors"] - snmp0["RcvbufErrors"]
 
-    dropped, kernel = poll_value(accounted, lambda v: sum(v[0].values()) + v[1] >= FLOOD,
-                                 timeout=10, interval=0.1)
+    dropped, kernel = poll_value(
+        accounted, lambda v: sum(v[0].values()) + v[1] >= FLOOD, timeout=10, interval=0.1
+    )
     c = b.counters()
     print(f"flood: engine drops {dropped}, kernel receive-buffer drops {kernel}")
     # the kernel's count also holds the transfers' own datagrams it dropped, so with kernel
@@ -462,8 +502,10 @@ def test_stop_returns_under_a_flood_both_ways(pair_factory) -> None:
     for t in threads:
         t.start()
     try:
-        assert wait_until(lambda: a.counters()["tx_packets"] > 1000 and b.counters()["rx_packets"] > 1000,
-                          timeout=10)
+        assert wait_until(
+            lambda: a.counters()["tx_packets"] > 1000 and b.counters()["rx_packets"] > 1000,
+            timeout=10,
+        )
         took = {}
         for name, e in (("tx-flooded", a), ("rx-flooded", b)):
             t0 = time.monotonic()

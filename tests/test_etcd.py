@@ -38,18 +38,23 @@ def _no_dns(host: str) -> str:
 @pytest.mark.parametrize(
     "spec, expected",
     [
-        ("http://127.0.0.1:4001,http://127.0.0.1:2379",
-         [Endpoint("127.0.0.1", 4001, False), Endpoint("127.0.0.1", 2379, False)]),
+        (
+            "http://127.0.0.1:4001,http://127.0.0.1:2379",
+            [Endpoint("127.0.0.1", 4001, False), Endpoint("127.0.0.1", 2379, False)],
+        ),
         ("https://10.1.2.3:2379", [Endpoint("10.1.2.3", 2379, True)]),
         ("HTTPS://10.1.2.3:2379/", [Endpoint("10.1.2.3", 2379, True)]),
         ("10.1.2.3:12379", [Endpoint("10.1.2.3", 12379, False)]),
         ("http://10.1.2.3", [Endpoint("10.1.2.3", 2379, False)]),
         ("localhost:2379", [Endpoint("localhost", 2379, False)]),
-        (" http://127.0.0.1:2379 , http://127.0.0.1:2379,",
-         [Endpoint("127.0.0.1", 2379, False)]),
-        ("https://etcd1.example:2379,http://etcd-2.example:4001",
-         [Endpoint("10.0.0.1", 2379, True, "etcd1.example"),
-          Endpoint("10.0.0.2", 4001, False, "etcd-2.example")]),
+        (" http://127.0.0.1:2379 , http://127.0.0.1:2379,", [Endpoint("127.0.0.1", 2379, False)]),
+        (
+            "https://etcd1.example:2379,http://etcd-2.example:4001",
+            [
+                Endpoint("10.0.0.1", 2379, True, "etcd1.example"),
+                Endpoint("10.0.0.2", 4001, False, "etcd-2.example"),
+            ],
+        ),
     ],
 )
 def test_parse_endpoints_examples(spec: str, expected: list[Endpoint]) -> None:
@@ -132,7 +137,9 @@ async def test_crud_matches_etcdctl(store: Store, prefix: str, etcd_server: Etcd
     assert kv is not None and kv.value == b'{"Network":"10.5.0.0/16"}'
     assert kv.mod_revision == rev == kv.create_revision and kv.lease == 0
     # The oracle sees what we wrote, and we see what it writes.
-    assert etcd_server.etcdctl("get", "--print-value-only", key).strip() == '{"Network":"10.5.0.0/16"}'
+    assert (
+        etcd_server.etcdctl("get", "--print-value-only", key).strip() == '{"Network":"10.5.0.0/16"}'
+    )
     etcd_server.etcdctl("put", f"{prefix}/subnets/10.5.1.0-24", '{"PublicIP":"1.2.3.4"}')
     kvs, list_rev = await store.list_prefix(f"{prefix}/subnets/")
     assert [k.key for k in kvs] == [f"{prefix}/subnets/10.5.1.0-24"]
@@ -218,15 +225,19 @@ async def test_watch_delivers_in_order_from_start_revision(store: Store, prefix:
     await store.delete(f"{sub}c")
     await asyncio.wait_for(task, 5)
     assert [(e.type, e.key.rsplit("/", 1)[1], e.value) for e in events] == [
-        ("put", "b", b"1"), ("put", "c", b"2"), ("delete", "b", b""),
-        ("put", "a", b"new"), ("delete", "c", b""),
+        ("put", "b", b"1"),
+        ("put", "c", b"2"),
+        ("delete", "b", b""),
+        ("put", "a", b"new"),
+        ("delete", "c", b""),
     ]
     assert [e.mod_revision for e in events] == sorted(e.mod_revision for e in events)
     assert events[0].mod_revision == first
 
 
-async def test_watch_interrupted_by_restart_then_relist_sees_all(etcd: EtcdServer,
-                                                                 prefix: str) -> None:
+async def test_watch_interrupted_by_restart_then_relist_sees_all(
+    etcd: EtcdServer, prefix: str
+) -> None:
     st = await Store.connect(parse_endpoints(etcd.endpoint), timeout=3.0)
     try:
         kvs, rev = await st.list_prefix(prefix)
@@ -260,8 +271,7 @@ async def test_watch_interrupted_by_restart_then_relist_sees_all(etcd: EtcdServe
         await st.close()
 
 
-async def test_watch_from_compacted_revision_is_interrupted(etcd: EtcdServer,
-                                                            prefix: str) -> None:
+async def test_watch_from_compacted_revision_is_interrupted(etcd: EtcdServer, prefix: str) -> None:
     st = await Store.connect(parse_endpoints(etcd.endpoint), timeout=3.0)
     try:
         first = await st.put(f"{prefix}/k", b"1")
@@ -340,8 +350,9 @@ async def test_tls_with_client_certificates(etcd_tls, prefix: str) -> None:
     finally:
         await st.close()
     # "localhost" must verify against the DNS SAN, the IP against the IP SAN.
-    st = await Store.connect(parse_endpoints(f"https://localhost:{server.client_port}"),
-                             tls=files, timeout=3.0)
+    st = await Store.connect(
+        parse_endpoints(f"https://localhost:{server.client_port}"), tls=files, timeout=3.0
+    )
     await st.close()
 
 
@@ -358,11 +369,13 @@ async def test_tls_failures_are_one_line_errors(etcd_tls) -> None:
         await Store.connect(eps, tls=TLSFiles(files.cafile, None, None), timeout=2.0)
     # Plain http against a TLS-only server.
     with pytest.raises(EtcdUnavailable):
-        await Store.connect(parse_endpoints(f"http://127.0.0.1:{server.client_port}"),
-                            tls=files, timeout=2.0)
+        await Store.connect(
+            parse_endpoints(f"http://127.0.0.1:{server.client_port}"), tls=files, timeout=2.0
+        )
     with pytest.raises(EtcdError, match="cannot read etcd cafile"):
-        await Store.connect(eps, tls=TLSFiles("/nonexistent/ca.pem", files.certfile,
-                                              files.keyfile), timeout=2.0)
+        await Store.connect(
+            eps, tls=TLSFiles("/nonexistent/ca.pem", files.certfile, files.keyfile), timeout=2.0
+        )
 
 
 async def test_auth_and_token_refresh_after_restart(etcd: EtcdServer, prefix: str) -> None:
@@ -410,8 +423,10 @@ async def test_failover_between_endpoints(etcd: EtcdServer, prefix: str) -> None
         spec = f"http://127.0.0.1:{dead},{etcd.endpoint},{second.endpoint}"
         st = await Store.connect(parse_endpoints(spec), timeout=2.0)
         try:
-            assert st.endpoint is not None and st.endpoint.port in (etcd.client_port,
-                                                                    second.client_port)
+            assert st.endpoint is not None and st.endpoint.port in (
+                etcd.client_port,
+                second.client_port,
+            )
             first_port = st.endpoint.port
             other = second if first_port == etcd.client_port else etcd
             other.etcdctl("put", f"{prefix}/where", str(other.client_port))
@@ -532,15 +547,20 @@ def test_etcd_server_start_failures_are_one_line(tmp_path, monkeypatch) -> None:
         EtcdServer(data_dir=str(not_a_dir)).start(timeout=10)
     assert "\n" not in str(info.value) and str(info.value).startswith("etcd ")
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(RuntimeError, match=r"^etcd not found: apt-get install -y etcd-server "
-                                           r"etcd-client$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^etcd not found: apt-get install -y etcd-server "
+        r"etcd-client$",
+    ):
         EtcdServer().start()
 
 
-async def test_credentials_for_a_server_without_auth_are_ignored(etcd_server: EtcdServer,
-                                                                 prefix: str, caplog) -> None:
-    st = await Store.connect(parse_endpoints(etcd_server.endpoint), username="flannel",
-                             password="secret", timeout=3.0)
+async def test_credentials_for_a_server_without_auth_are_ignored(
+    etcd_server: EtcdServer, prefix: str, caplog
+) -> None:
+    st = await Store.connect(
+        parse_endpoints(etcd_server.endpoint), username="flannel", password="secret", timeout=3.0
+    )
     try:
         await st.put(f"{prefix}/k", b"1")
         assert (await st.get(f"{prefix}/k")) is not None

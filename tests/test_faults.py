@@ -23,14 +23,16 @@ from tests.daemon_helpers import (
     PACED_SOURCE,
     SINK,
     Node,
-    leases,
     lease_ids,
+    leases,
     nstat,
-    overlay as daemon_overlay,
     ping_gaps,
     routes,
     start_ping,
     wait_until,
+)
+from tests.daemon_helpers import (
+    overlay as daemon_overlay,
 )
 
 
@@ -51,8 +53,9 @@ def ha(net_capable):
     cluster = None
     try:
         topo.setup()
-        cluster = EtcdCluster(3, host=str(topo.switch_ip), netns=topo.switch_netns,
-                              name="fastlane-faults")
+        cluster = EtcdCluster(
+            3, host=str(topo.switch_ip), netns=topo.switch_netns, name="fastlane-faults"
+        )
         cluster.start()
         yield topo, cluster
     finally:
@@ -141,12 +144,24 @@ def test_leader_killed_during_50_joins_then_follower(ha, ha_nodes, prefix):
     subnets = [n.wait_subnet_file()["FLANNEL_SUBNET"][:-5] + ".0/24" for n in nodes]
     for i, node in enumerate(nodes):
         want = {s for j, s in enumerate(subnets) if j != i}
-        assert wait_until(lambda: want <= set(_overlay_routes(topo, node.host, "10.7.")), 20), node.log()
+        assert wait_until(lambda: want <= set(_overlay_routes(topo, node.host, "10.7.")), 20), (
+            node.log()
+        )
 
     leader = cluster.leader()
     t_start = time.monotonic()
-    res = topo.run(topo.switch_netns, sys.executable, "-c", JOINER, cluster.endpoints, prefix, "50", "10",
-                   str(cluster.pid(leader)), timeout=180)
+    res = topo.run(
+        topo.switch_netns,
+        sys.executable,
+        "-c",
+        JOINER,
+        cluster.endpoints,
+        prefix,
+        "50",
+        "10",
+        str(cluster.pid(leader)),
+        timeout=180,
+    )
     out = json.loads(res.stdout)
     joins = out["joins"]
     assert out["killed"] is not None and not cluster.members[leader].running()
@@ -154,47 +169,67 @@ def test_leader_killed_during_50_joins_then_follower(ha, ha_nodes, prefix):
     held = leases(cluster, prefix)
     assert len(held) == 53 and not set(subnets) & {j["subnet"] for j in joins}
     hit = [j["t"] for j in joins if j["errors"]]
-    figure("leader-kill-50-joins", total_s=round(time.monotonic() - t_start, 2),
-           killed_at_s=round(out["killed"], 3),
-           first_hit_join_done_after_kill_s=round(min(hit) - out["killed"], 3) if hit else "-",
-           last_join_s=max(j["t"] for j in joins),
-           max_join_latency_s=max(j["latency"] for j in joins),
-           joins_with_etcd_errors=sum(1 for j in joins if j["errors"]),
-           contention_conflicts=sum(j["conflicts"] for j in joins),
-           sample_error=next((j["last"] for j in joins if j["errors"]), "-"))
+    figure(
+        "leader-kill-50-joins",
+        total_s=round(time.monotonic() - t_start, 2),
+        killed_at_s=round(out["killed"], 3),
+        first_hit_join_done_after_kill_s=round(min(hit) - out["killed"], 3) if hit else "-",
+        last_join_s=max(j["t"] for j in joins),
+        max_join_latency_s=max(j["latency"] for j in joins),
+        joins_with_etcd_errors=sum(1 for j in joins if j["errors"]),
+        contention_conflicts=sum(j["conflicts"] for j in joins),
+        sample_error=next((j["last"] for j in joins if j["errors"]), "-"),
+    )
 
     # Every daemon sees all 50 joins (watch resumed on another member) ...
     t_kill = time.monotonic()
     for node in nodes:
         want = {j["subnet"] for j in joins}
-        assert wait_until(lambda: want <= set(_overlay_routes(topo, node.host, "10.7.")), 30), node.log()[-3000:]
+        assert wait_until(lambda: want <= set(_overlay_routes(topo, node.host, "10.7.")), 30), (
+            node.log()[-3000:]
+        )
     all_seen = time.monotonic() - t_kill
     # ... and renews its lease (TTL 8 s: every ~4 s) through the surviving members.
-    keys = {n: f"{prefix}/subnets/{s[:-3]}-24" for n, s in zip(nodes, subnets)}
+    keys = {n: f"{prefix}/subnets/{s[:-3]}-24" for n, s in zip(nodes, subnets, strict=False)}
     ids = lease_ids(cluster, prefix)
     for node in nodes:
-        assert wait_until(lambda: lease_ids(cluster, prefix).get(keys[node]) not in (None, ids[keys[node]]), 20), \
-            node.log()[-3000:]
-    figure("leader-kill-resume", all_nodes_have_50_routes_after_s=round(all_seen, 2),
-           watch_relists_per_node=[n.log().count("re-listing") + n.log().count("lease watch:") for n in nodes])
+        assert wait_until(
+            lambda: lease_ids(cluster, prefix).get(keys[node]) not in (None, ids[keys[node]]), 20
+        ), node.log()[-3000:]
+    figure(
+        "leader-kill-resume",
+        all_nodes_have_50_routes_after_s=round(all_seen, 2),
+        watch_relists_per_node=[
+            n.log().count("re-listing") + n.log().count("lease watch:") for n in nodes
+        ],
+    )
 
     # The old leader comes back (as a follower); then a follower dies (two of three left).
     cluster.start_member(leader)
-    follower = next(i for i, m in enumerate(cluster.members) if m.running() and i != cluster.leader())
+    follower = next(
+        i for i, m in enumerate(cluster.members) if m.running() and i != cluster.leader()
+    )
     cluster.kill(follower)
     t0 = time.monotonic()
-    cluster.etcdctl("put", f"{prefix}/subnets/10.7.250.0-24",
-                    '{"PublicIP":"192.168.100.250","PublicIPv6":null,"BackendType":"host-gw"}')
+    cluster.etcdctl(
+        "put",
+        f"{prefix}/subnets/10.7.250.0-24",
+        '{"PublicIP":"192.168.100.250","PublicIPv6":null,"BackendType":"host-gw"}',
+    )
     for node in nodes:
-        assert wait_until(lambda: "10.7.250.0/24" in _overlay_routes(topo, node.host, "10.7."), 30), \
-            node.log()[-3000:]
+        assert wait_until(
+            lambda: "10.7.250.0/24" in _overlay_routes(topo, node.host, "10.7."), 30
+        ), node.log()[-3000:]
     seen = time.monotonic() - t0
     ids = lease_ids(cluster, prefix)
     for node in nodes:
-        assert wait_until(lambda: lease_ids(cluster, prefix).get(keys[node]) not in (None, ids[keys[node]]), 20), \
-            node.log()[-3000:]
+        assert wait_until(
+            lambda: lease_ids(cluster, prefix).get(keys[node]) not in (None, ids[keys[node]]), 20
+        ), node.log()[-3000:]
     renewed = time.monotonic() - t0
-    figure("follower-kill", new_lease_on_all_nodes_s=round(seen, 2), all_renewed_s=round(renewed, 2))
+    figure(
+        "follower-kill", new_lease_on_all_nodes_s=round(seen, 2), all_renewed_s=round(renewed, 2)
+    )
     for node in nodes:
         assert node.proc.poll() is None
         assert "Traceback" not in node.log()
@@ -209,18 +244,26 @@ def test_killed_node_lease_expires_and_routes_go(ha, ha_nodes, prefix):
     subnets = [n.wait_subnet_file()["FLANNEL_SUBNET"][:-5] + ".0/24" for n in nodes]
     victim = subnets[2]
     for node in nodes[:2]:
-        assert wait_until(lambda: victim in _overlay_routes(topo, node.host, "10.8."), 20), node.log()
+        assert wait_until(lambda: victim in _overlay_routes(topo, node.host, "10.8."), 20), (
+            node.log()
+        )
     t0 = time.monotonic()
     nodes[2].stop(signal.SIGKILL)
     key = f"{prefix}/subnets/{victim[:-3]}-24"
     assert wait_until(lambda: key not in leases(cluster, prefix), 20)
     expired = time.monotonic() - t0
     for node in nodes[:2]:
-        assert wait_until(lambda: victim not in _overlay_routes(topo, node.host, "10.8."), 10), node.log()[-2000:]
+        assert wait_until(lambda: victim not in _overlay_routes(topo, node.host, "10.8."), 10), (
+            node.log()[-2000:]
+        )
         assert f"subnet removed: {victim}" in node.log()
     gone = time.monotonic() - t0
-    figure("lease-expiry-host-gw", ttl_s=6, lease_gone_after_kill_s=round(expired, 2),
-           routes_gone_on_both_after_kill_s=round(gone, 2))
+    figure(
+        "lease-expiry-host-gw",
+        ttl_s=6,
+        lease_gone_after_kill_s=round(expired, 2),
+        routes_gone_on_both_after_kill_s=round(gone, 2),
+    )
     # The survivors still route to each other.
     assert subnets[1] in _overlay_routes(topo, nodes[0].host, "10.8.")
 
@@ -247,10 +290,18 @@ def test_etcd_data_lost_subnets_kept(ha, ha_nodes, prefix):
         assert json.loads(leases(cluster, prefix)[key])["PublicIP"] == str(node.host.ip)
         assert node.proc.poll() is None and "Traceback" not in node.log()
     # the keys are back; each node's watcher re-lists and re-installs the other's route
-    assert wait_until(lambda: sb in _overlay_routes(topo, a.host, "10.9.")
-                      and sa in _overlay_routes(topo, b.host, "10.9."), 20)
-    figure("etcd-data-lost-running", wipe_and_restart_s=round(wiped, 2),
-           both_leases_back_after_s=round(back, 2))
+    assert wait_until(
+        lambda: (
+            sb in _overlay_routes(topo, a.host, "10.9.")
+            and sa in _overlay_routes(topo, b.host, "10.9.")
+        ),
+        20,
+    )
+    figure(
+        "etcd-data-lost-running",
+        wipe_and_restart_s=round(wiped, 2),
+        both_leases_back_after_s=round(back, 2),
+    )
 
     # Lost again while a is down: a restarted a reads FLANNEL_SUBNET from its subnet file.
     a.stop(signal.SIGTERM)
@@ -296,10 +347,21 @@ def udp(net_capable, tmp_path_factory):
 
 
 def _paced_transfer(topo, src, dst, size, rate, port):
-    sink = topo.popen(dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"sink{port}")
+    sink = topo.popen(
+        dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"sink{port}"
+    )
     assert wait_until(lambda: "listening" in topo.log_tail(f"sink{port}"), 10)
-    source = topo.popen(src.netns, sys.executable, "-c", PACED_SOURCE, str(dst.ip), str(port),
-                        str(size), str(rate), name=f"source{port}")
+    source = topo.popen(
+        src.netns,
+        sys.executable,
+        "-c",
+        PACED_SOURCE,
+        str(dst.ip),
+        str(port),
+        str(size),
+        str(rate),
+        name=f"source{port}",
+    )
     return sink, source
 
 
@@ -340,9 +402,15 @@ def test_daemon_restart_mid_transfer(udp, sig):
     retrans = nstat(topo, c0.netns, "TcpRetransSegs").get("TcpRetransSegs", 0) - retrans0
     # The subnet never changed: same key, same value in etcd.
     assert leases(etcd, "/coreos.com/network")[key] == value
-    figure(f"restart-mid-transfer-{signal.Signals(sig).name}", stop_to_running_again_s=round(restarted, 2),
-           forwarding_gap_s=gaps["gap_s"], pings_lost=gaps["lost"], pings_sent=gaps["max_seq"],
-           transfer_s=sent[2], tcp_retransmits=retrans)
+    figure(
+        f"restart-mid-transfer-{signal.Signals(sig).name}",
+        stop_to_running_again_s=round(restarted, 2),
+        forwarding_gap_s=gaps["gap_s"],
+        pings_lost=gaps["lost"],
+        pings_sent=gaps["max_seq"],
+        transfer_s=sent[2],
+        tcp_retransmits=retrans,
+    )
     assert "Traceback" not in nodes[1].log()
 
 
@@ -361,11 +429,15 @@ def test_killed_node_lease_expires_engine_unreachable(udp):
         res = topo.run(c0.netns, "ping", "-n", "-c", "1", "-W", "1", str(c2.ip), check=False)
         assert "Unreachable" not in res.stdout  # still routed (to a dead host) before expiry
         for node in nodes[:2]:
-            assert wait_until(lambda: f"route {subnet} removed" in node.log(), 20), node.log()[-2000:]
+            assert wait_until(lambda: f"route {subnet} removed" in node.log(), 20), node.log()[
+                -2000:
+            ]
         gone = time.monotonic() - t0
         res = topo.run(c0.netns, "ping", "-n", "-c", "1", "-W", "2", str(c2.ip), check=False)
         assert res.returncode != 0 and "Unreachable" in res.stdout, res.stdout
-        figure("lease-expiry-udp", ttl_s=6, engine_route_removed_on_both_after_kill_s=round(gone, 2))
+        figure(
+            "lease-expiry-udp", ttl_s=6, engine_route_removed_on_both_after_kill_s=round(gone, 2)
+        )
     finally:
         topo.remove_container(2)
         n2.extra.remove("-subnet-lease-ttl=6")
@@ -392,18 +464,36 @@ def test_underlay_link_down_up_and_mtu_change(udp):
     assert topo.wait_ping(c0.netns, c1.ip, 20)
     assert topo.ping(c1.netns, c0.ip, count=2)
     assert nodes[1].proc.poll() is None
-    figure("link-down-up", down_logged_after_s=round(noticed, 2), forwarding_gap_s=gaps["gap_s"],
-           pings_lost=gaps["lost"], pings_sent=gaps["max_seq"])
+    figure(
+        "link-down-up",
+        down_logged_after_s=round(noticed, 2),
+        forwarding_gap_s=gaps["gap_s"],
+        pings_lost=gaps["lost"],
+        pings_sent=gaps["max_seq"],
+    )
 
     # MTU up: flanneld keeps FLANNEL_MTU and the device MTU until it restarts; so do we, and say so.
     try:
         topo.set_underlay_mtu(9000)
         for node in nodes[:2]:
-            assert wait_until(lambda: "MTU changed from 1500 to 9000; FLANNEL_MTU stays 1472" in node.log(), 10), \
-                node.log()[-1500:]
+            assert wait_until(
+                lambda: "MTU changed from 1500 to 9000; FLANNEL_MTU stays 1472" in node.log(), 10
+            ), node.log()[-1500:]
             assert node.wait_subnet_file()["FLANNEL_MTU"] == "1472"
         assert "mtu 1472" in topo.run(h1.netns, "ip", "-o", "link", "show", "flannel0").stdout
-        big = topo.run(c0.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1472 - 28), str(c1.ip), check=False)
+        big = topo.run(
+            c0.netns,
+            "ping",
+            "-n",
+            "-c",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            str(1472 - 28),
+            str(c1.ip),
+            check=False,
+        )
         assert big.returncode == 0, big.stdout
         nodes[1].stop()
         nodes[1].start()
@@ -415,13 +505,35 @@ def test_underlay_link_down_up_and_mtu_change(udp):
         # MTU down below what the running daemons were started with: say so; big packets with
         # DF now die on the underlay (as with flanneld) until the daemons restart.
         topo.set_underlay_mtu(1400)
-        assert wait_until(lambda: "MTU changed from 9000 to 1400" in nodes[0].log(), 10), nodes[0].log()[-1500:]
-        big = topo.run(c0.netns, "ping", "-n", "-c", "2", "-W", "1", "-M", "do", "-s", str(1472 - 28),
-                       str(c1.ip), check=False)
-        small = topo.run(c0.netns, "ping", "-n", "-c", "2", "-W", "1", "-s", "1000", str(c1.ip), check=False)
-        figure("mtu-lowered-1400-without-restart", big_df_ping_ok=big.returncode == 0,
-               small_ping_ok=small.returncode == 0,
-               engine_counters=[l for l in nodes[0].log().splitlines() if "counters:" in l][-1:])
+        assert wait_until(lambda: "MTU changed from 9000 to 1400" in nodes[0].log(), 10), nodes[
+            0
+        ].log()[-1500:]
+        big = topo.run(
+            c0.netns,
+            "ping",
+            "-n",
+            "-c",
+            "2",
+            "-W",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            str(1472 - 28),
+            str(c1.ip),
+            check=False,
+        )
+        small = topo.run(
+            c0.netns, "ping", "-n", "-c", "2", "-W", "1", "-s", "1000", str(c1.ip), check=False
+        )
+        figure(
+            "mtu-lowered-1400-without-restart",
+            big_df_ping_ok=big.returncode == 0,
+            small_ping_ok=small.returncode == 0,
+            engine_counters=[held for held in nodes[0].log().splitlines() if "counters:" in held][
+                -1:
+            ],
+        )
         assert small.returncode == 0
     finally:
         topo.set_underlay_mtu(1500)
@@ -446,13 +558,20 @@ def test_link_change_lines():
     eth = Interface("eth0", 2, ipaddress.IPv4Address("192.168.100.1"), 1500)
     up, down = LinkState(True, True, 1500), LinkState(True, False, 1500)
     assert describe(eth, up, up, 1472) == []
-    assert describe(eth, up, down, 1472) == ["underlay interface eth0 is down; traffic to peers stops until it is up"]
+    assert describe(eth, up, down, 1472) == [
+        "underlay interface eth0 is down; traffic to peers stops until it is up"
+    ]
     assert describe(eth, down, up, 1472) == ["underlay interface eth0 is up again"]
     assert describe(eth, up, LinkState(True, True, 9000), 1472) == [
-        "underlay interface eth0 MTU changed from 1500 to 9000; FLANNEL_MTU stays 1472 until fastlane restarts (as flanneld)"]
-    assert describe(eth, up, LinkState(False), 1472)[0].startswith("underlay interface eth0 is gone")
+        "underlay interface eth0 MTU changed from 1500 to 9000; FLANNEL_MTU stays 1472 until fastlane restarts (as flanneld)"
+    ]
+    assert describe(eth, up, LinkState(False), 1472)[0].startswith(
+        "underlay interface eth0 is gone"
+    )
     assert describe(eth, LinkState(False, False, 1500), up, 1472) == [
-        "underlay interface eth0 is back", "underlay interface eth0 is up again"]
+        "underlay interface eth0 is back",
+        "underlay interface eth0 is up again",
+    ]
 
 
 def test_leases_the_backends_refuse_to_route():

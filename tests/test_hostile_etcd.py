@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from tests.daemon_helpers import leases, overlay as daemon_overlay, wait_until
+from tests.daemon_helpers import overlay as daemon_overlay
+from tests.daemon_helpers import wait_until
 
 PREFIX = "/coreos.com/network"
 UDP = '{"Network":"10.11.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
@@ -28,11 +29,13 @@ def figure(name: str, **values: object) -> None:
 @pytest.fixture(scope="module")
 def hostile(net_capable, tmp_path_factory):
     """Three hosts, one etcd; udp daemons with containers on hosts 0 and 1."""
-    yield from daemon_overlay(UDP, "hostile", tmp_path_factory.mktemp("hostile"), hosts=3, started=2)
+    yield from daemon_overlay(
+        UDP, "hostile", tmp_path_factory.mktemp("hostile"), hosts=3, started=2
+    )
 
 
 def _lines(log: str, text: str) -> list[str]:
-    return [l for l in log.splitlines() if text in l]
+    return [line for line in log.splitlines() if text in line]
 
 
 def _unreachable(topo, netns: str, dest: str) -> bool:
@@ -68,7 +71,9 @@ def test_unreadable_leases_are_one_line_and_never_routed(hostile):
     etcd.etcdctl("put", key, '{"PublicIP":"192.168.100.3","PublicIPv6":null}')
     assert wait_until(lambda: "route 10.11.81.0/24 -> 192.168.100.3" in nodes[0].log(), 10)
     etcd.etcdctl("put", key, '{"PublicIP":')
-    assert wait_until(lambda: "route 10.11.81.0/24 removed" in nodes[0].log(), 10), nodes[0].log()[-2000:]
+    assert wait_until(lambda: "route 10.11.81.0/24 removed" in nodes[0].log(), 10), nodes[0].log()[
+        -2000:
+    ]
     assert _unreachable(topo, c0.netns, "10.11.81.5")
     for node in nodes[:2]:
         assert node.proc.poll() is None and "Traceback" not in node.log()
@@ -89,13 +94,24 @@ def test_leases_outside_the_network_or_the_subnet_length(hostile):
     etcd.etcdctl("put", outside, '{"PublicIP":"192.168.100.252","PublicIPv6":null}')
     try:
         for node in nodes[:2]:
-            assert wait_until(lambda: "ignoring lease 10.11.0.0/16 -> 192.168.100.251: larger than a /24"
-                              in node.log(), 10), node.log()[-2000:]
-            assert wait_until(lambda: "ignoring lease 172.16.5.0/24 -> 192.168.100.252: not inside" in node.log(), 10)
+            assert wait_until(
+                lambda: (
+                    "ignoring lease 10.11.0.0/16 -> 192.168.100.251: larger than a /24"
+                    in node.log()
+                ),
+                10,
+            ), node.log()[-2000:]
+            assert wait_until(
+                lambda: "ignoring lease 172.16.5.0/24 -> 192.168.100.252: not inside" in node.log(),
+                10,
+            )
         unreach = _unreachable(topo, c0.netns, "10.11.99.5")
         print(_lines(nodes[0].log(), "10.11.0.0"), _lines(nodes[0].log(), "172.16.5.0"))
-        figure("lease-for-whole-network", unleased_dest_unreachable=unreach,
-               neigh_wrong_host=_neigh(topo, topo.hosts[0].netns, "192.168.100.251") or "none")
+        figure(
+            "lease-for-whole-network",
+            unleased_dest_unreachable=unreach,
+            neigh_wrong_host=_neigh(topo, topo.hosts[0].netns, "192.168.100.251") or "none",
+        )
         assert unreach
         assert not _neigh(topo, topo.hosts[0].netns, "192.168.100.251")
         assert topo.ping(c0.netns, topo.hosts[1].container.ip, count=2)
@@ -133,7 +149,7 @@ def test_own_subnet_claimed_for_another_public_ip(hostile):
     try:
         etcd.etcdctl("put", key, '{"PublicIP":"192.168.100.250","PublicIPv6":null}')
         assert n2.wait_exit(15) == 1, n2.log()
-        errors = [l for l in n2.log().splitlines() if l.startswith("E")]
+        errors = [line for line in n2.log().splitlines() if line.startswith("E")]
         assert len(errors) == 1 and "192.168.100.250" in errors[0] and "Traceback" not in n2.log()
         last = errors[0]
         # The claimed node never sent anything to the claimant; the others follow etcd.
@@ -146,10 +162,24 @@ def test_own_subnet_claimed_for_another_public_ip(hostile):
 
 
 def _etcdctl_txn(etcd, puts: list[tuple[str, str]]) -> None:
-    cmd = ["ip", "netns", "exec", etcd.netns, "etcdctl", f"--endpoints={etcd.host}:{etcd.client_port}", "txn"]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        etcd.netns,
+        "etcdctl",
+        f"--endpoints={etcd.host}:{etcd.client_port}",
+        "txn",
+    ]
     body = "\n" + "".join(f'put {k} "{v}"\n' for k, v in puts) + "\n\n"
-    res = subprocess.run(cmd, input=body.encode(), capture_output=True, timeout=30,
-                         env=dict(os.environ, ETCDCTL_API="3"), check=False)
+    res = subprocess.run(
+        cmd,
+        input=body.encode(),
+        capture_output=True,
+        timeout=30,
+        env=dict(os.environ, ETCDCTL_API="3"),
+        check=False,
+    )
     assert res.returncode == 0 and b"SUCCESS" in res.stdout, res.stderr.decode()[-300:]
 
 
@@ -171,19 +201,32 @@ def test_key_flood_under_the_prefix(hostile):
             _etcdctl_txn(etcd, batch)
         written = time.monotonic() - t0
         # A genuine change after the flood still arrives, and traffic never stopped.
-        etcd.etcdctl("put", f"{PREFIX}/subnets/10.11.90.0-24", '{"PublicIP":"192.168.100.3","PublicIPv6":null}')
+        etcd.etcdctl(
+            "put",
+            f"{PREFIX}/subnets/10.11.90.0-24",
+            '{"PublicIP":"192.168.100.3","PublicIPv6":null}',
+        )
         t1 = time.monotonic()
         for node in nodes[:2]:
-            assert wait_until(lambda: "route 10.11.90.0/24 -> 192.168.100.3" in node.log(), 30), node.log()[-2000:]
+            assert wait_until(lambda: "route 10.11.90.0/24 -> 192.168.100.3" in node.log(), 30), (
+                node.log()[-2000:]
+            )
         applied = time.monotonic() - t1
         assert topo.ping(c0.netns, c1.ip, count=2)
         for node in nodes[:2]:
             assert node.proc.poll() is None and "Traceback" not in node.log()
-        cpu = [round(_cpu_seconds(n.proc.pid) - c, 2) for n, c in zip(nodes[:2], cpu0)]
+        cpu = [
+            round(_cpu_seconds(n.proc.pid) - c, 2) for n, c in zip(nodes[:2], cpu0, strict=False)
+        ]
         junk_lines = [len(_lines(n.log(), "junk-")) for n in nodes[:2]]
-        figure("key-flood", junk_keys=n_junk, written_s=round(written, 2),
-               next_real_change_applied_s=round(applied, 2), daemon_cpu_s=cpu,
-               log_lines_naming_junk=junk_lines)
+        figure(
+            "key-flood",
+            junk_keys=n_junk,
+            written_s=round(written, 2),
+            next_real_change_applied_s=round(applied, 2),
+            daemon_cpu_s=cpu,
+            log_lines_naming_junk=junk_lines,
+        )
         # Never repeated, and past Watcher.WARN_EACH new bad keys at a time the rest are one
         # summary line: far fewer lines than the junk keys under subnets/ (n_junk // 2).
         assert all(n <= n_junk // 4 for n in junk_lines)

@@ -35,8 +35,23 @@ def add_second_underlay(topo) -> None:
     topo.ip(sw, "addr", "add", f"{ETH1_GW}/24", "dev", "br1")
     topo.ip(sw, "link", "set", "br1", "up")
     for h in topo.hosts:
-        topo.ip(sw, "link", "add", f"q{h.index}", "mtu", str(ETH1_MTU), "type", "veth",
-                "peer", "name", "eth1", "mtu", str(ETH1_MTU), "netns", h.netns)
+        topo.ip(
+            sw,
+            "link",
+            "add",
+            f"q{h.index}",
+            "mtu",
+            str(ETH1_MTU),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth1",
+            "mtu",
+            str(ETH1_MTU),
+            "netns",
+            h.netns,
+        )
         topo.ip(sw, "link", "set", f"q{h.index}", "master", "br1", "up")
         topo.ip(h.netns, "addr", "add", f"{_eth1_ip(h)}/24", "dev", "eth1")
         topo.ip(h.netns, "link", "set", "eth1", "up")
@@ -100,7 +115,9 @@ def test_each_rule_in_flanneld_order(multi):
     # Nothing matches: one line naming every spec tried.
     err = _choose(topo, ns, iface=["nope0"], regex=["^zz"], reach="not-an-ip")
     assert err.startswith("ERR failed to find interface to use that matches")
-    assert "-iface=nope0" in err and "-iface-regex=^zz" in err and "-iface-can-reach=not-an-ip" in err
+    assert (
+        "-iface=nope0" in err and "-iface-regex=^zz" in err and "-iface-can-reach=not-an-ip" in err
+    )
     # A default route without an interface (blackhole), then none at all.
     topo.ip(ns, "route", "replace", "blackhole", "default")
     assert "could not determine interface" in _choose(topo, ns)
@@ -115,7 +132,9 @@ def test_every_address_is_a_candidate_with_flanneld_preference(multi):
     topo.ip(ns, "link", "set", "dum0", "up")
     # In kernel order: link-local, dynamic (DHCP-like lifetime), deprecated, permanent.
     topo.ip(ns, "addr", "add", "169.254.5.5/16", "dev", "dum0")
-    topo.ip(ns, "addr", "add", "10.9.0.5/24", "dev", "dum0", "valid_lft", "300", "preferred_lft", "300")
+    topo.ip(
+        ns, "addr", "add", "10.9.0.5/24", "dev", "dum0", "valid_lft", "300", "preferred_lft", "300"
+    )
     topo.ip(ns, "addr", "add", "10.9.1.5/24", "dev", "dum0", "preferred_lft", "0")
     topo.ip(ns, "addr", "add", "10.9.2.5/24", "dev", "dum0")
     assert _choose(topo, ns, iface=["dum0"]) == "dum0 10.9.2.5 1500"  # global permanent first
@@ -142,7 +161,9 @@ def two_nics(topology, tmp_path):
     factory for daemons *without* the -iface=eth0 the helpers add by default."""
     topo = topology(hosts=2)
     add_second_underlay(topo)
-    etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-iface-tests")
+    etcd = EtcdServer(
+        netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-iface-tests"
+    )
     made: list[Node] = []
     try:
         etcd.start()
@@ -151,7 +172,7 @@ def two_nics(topology, tmp_path):
         def make(i: int, *flags: str) -> Node:
             node = Node(topo, topo.hosts[i], etcd, prefix, tmp_path, "-v=1", *flags)
             base = node.args
-            node.args = lambda: [a for a in base() if a != "-iface=eth0"]
+            node.args = lambda: [a for a in base() if a != "-iface=eth0"]  # type: ignore[method-assign]
             made.append(node)
             return node.start()
 
@@ -163,8 +184,12 @@ def two_nics(topology, tmp_path):
 
 
 def _eth1_packets(topo, host) -> int:
-    out = topo.run(host.netns, "cat", "/sys/class/net/eth1/statistics/tx_packets",
-                   "/sys/class/net/eth1/statistics/rx_packets").stdout.split()
+    out = topo.run(
+        host.netns,
+        "cat",
+        "/sys/class/net/eth1/statistics/tx_packets",
+        "/sys/class/net/eth1/statistics/rx_packets",
+    ).stdout.split()
     return sum(int(x) for x in out)
 
 
@@ -175,8 +200,9 @@ def _ping_over_eth1(topo, nodes) -> None:
     c0, c1 = topo.hosts[0].container, topo.hosts[1].container
     before = _eth1_packets(topo, topo.hosts[0])
     assert topo.wait_ping(c0.netns, c1.ip, 20), "\n".join(n.log() for n in nodes)
-    res = topo.run(c0.netns, "ping", "-n", "-q", "-c", "20", "-i", "0.05", "-W", "1", str(c1.ip),
-                   check=False)
+    res = topo.run(
+        c0.netns, "ping", "-n", "-q", "-c", "20", "-i", "0.05", "-W", "1", str(c1.ip), check=False
+    )
     assert res.returncode == 0, res.stdout
     assert _eth1_packets(topo, topo.hosts[0]) - before >= 40  # 20 requests + 20 replies
 
@@ -205,8 +231,10 @@ def test_udp_public_ip_picks_its_interface(two_nics):
 def test_vxlan_iface_regex_and_can_reach(two_nics):
     topo, etcd, prefix, make = two_nics
     etcd.etcdctl("put", f"{prefix}/config", '{"Network":"10.21.0.0/16","Backend":{"Type":"vxlan"}}')
-    nodes = [make(0, "-iface=nope0", r"-iface-regex=^172\.31\."),
-             make(1, f"-iface-can-reach={ETH1_GW}")]
+    nodes = [
+        make(0, "-iface=nope0", r"-iface-regex=^172\.31\."),
+        make(1, f"-iface-can-reach={ETH1_GW}"),
+    ]
     for n in nodes:
         assert n.wait_subnet_file()["FLANNEL_MTU"] == str(ETH1_MTU - 50)
         assert _public_ip(etcd, prefix, n) == str(_eth1_ip(n.host))
@@ -217,12 +245,18 @@ def test_vxlan_iface_regex_and_can_reach(two_nics):
 
 def test_hostgw_public_ip_routes_on_its_interface(two_nics):
     topo, etcd, prefix, make = two_nics
-    etcd.etcdctl("put", f"{prefix}/config", '{"Network":"10.22.0.0/16","Backend":{"Type":"host-gw"}}')
+    etcd.etcdctl(
+        "put", f"{prefix}/config", '{"Network":"10.22.0.0/16","Backend":{"Type":"host-gw"}}'
+    )
     nodes = [make(i, f"-public-ip={_eth1_ip(h)}") for i, h in enumerate(topo.hosts)]
-    subnets = [ipaddress.IPv4Interface(n.wait_subnet_file()["FLANNEL_SUBNET"]).network for n in nodes]
+    subnets = [
+        ipaddress.IPv4Interface(n.wait_subnet_file()["FLANNEL_SUBNET"]).network for n in nodes
+    ]
     # Before: host-gw refused to start ("PublicIP differs from interface IP").
     route = f"{subnets[1]} via {_eth1_ip(topo.hosts[1])} dev eth1"
-    assert wait_until(lambda: route in topo.ip(topo.hosts[0].netns, "route", "show"), 15), nodes[0].log()
+    assert wait_until(lambda: route in topo.ip(topo.hosts[0].netns, "route", "show"), 15), nodes[
+        0
+    ].log()
     _ping_over_eth1(topo, nodes)
 
 
@@ -231,7 +265,7 @@ def test_public_ip_nobody_has_is_one_line_exit_1(two_nics):
     etcd.etcdctl("put", f"{prefix}/config", '{"Network":"10.23.0.0/16","Backend":{"Type":"alloc"}}')
     a = make(0, "-public-ip=203.0.113.7")
     assert a.wait_exit(20) == 1
-    lines = [l for l in a.log().splitlines() if l.strip()]
+    lines = [line for line in a.log().splitlines() if line.strip()]
     assert "failed to find any valid interface" in lines[-1] and "203.0.113.7" in lines[-1]
     assert "Traceback" not in a.log()
 
@@ -242,10 +276,14 @@ def test_blackhole_route_for_own_subnet(two_nics):
     a = make(0, "-ip-blackhole-route", "-iptables-resync=1")
     subnet = ipaddress.IPv4Interface(a.wait_subnet_file()["FLANNEL_SUBNET"]).network
     ns = a.host.netns
-    assert wait_until(lambda: f"blackhole {subnet}" in topo.ip(ns, "route", "show", "type", "blackhole"), 10), a.log()
+    assert wait_until(
+        lambda: f"blackhole {subnet}" in topo.ip(ns, "route", "show", "type", "blackhole"), 10
+    ), a.log()
     # Someone deletes it: it is back within a resync period.
     topo.ip(ns, "route", "del", "blackhole", str(subnet))
-    assert wait_until(lambda: f"blackhole {subnet}" in topo.ip(ns, "route", "show", "type", "blackhole"), 10), a.log()
+    assert wait_until(
+        lambda: f"blackhole {subnet}" in topo.ip(ns, "route", "show", "type", "blackhole"), 10
+    ), a.log()
     # Without the flag, no blackhole route.
     b = make(1)
     b.wait_subnet_file()

@@ -43,6 +43,7 @@ def hostgw(net_capable, tmp_path_factory):
 
 # ---- helpers ---------------------------------------------------------------------------
 
+
 def _subnet(node: Node) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Interface(node.wait_subnet_file()["FLANNEL_SUBNET"]).network
 
@@ -54,7 +55,9 @@ def _lease_value(etcd, node: Node) -> str:
 
 def _mac(topo, netns: str, dev: str = "flannel.1") -> str:
     out = topo.ip(netns, "-o", "link", "show", dev)
-    return re.search(r"link/ether ([0-9a-f:]{17})", out).group(1)
+    m = re.search(r"link/ether ([0-9a-f:]{17})", out)
+    assert m is not None, out
+    return m.group(1)
 
 
 def _neigh(topo, netns):
@@ -79,11 +82,22 @@ def _vxlan_state(topo, netns, subnet, mac, ip) -> tuple[bool, bool, bool]:
 
 
 def _transfer(topo, src, dst, size, port):
-    sink = topo.popen(dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"ksink{port}")
+    sink = topo.popen(
+        dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"ksink{port}"
+    )
     try:
         assert wait_until(lambda: "listening" in topo.log_tail(f"ksink{port}"), 10)
-        res = topo.run(src.netns, sys.executable, "-c", SOURCE, str(dst.ip), str(port), str(size), "0",
-                       timeout=120)
+        res = topo.run(
+            src.netns,
+            sys.executable,
+            "-c",
+            SOURCE,
+            str(dst.ip),
+            str(port),
+            str(size),
+            "0",
+            timeout=120,
+        )
         assert wait_until(lambda: len(topo.log_tail(f"ksink{port}").split()) >= 3, 30)
         return res.stdout.split(), topo.log_tail(f"ksink{port}").split()[-2:]
     finally:
@@ -103,32 +117,48 @@ def _ctx(config: str, public_ip: str = "192.168.100.1") -> BackendContext:
 
 # ---- options (no kernel needed) --------------------------------------------------------
 
-@pytest.mark.parametrize("backend,err", [
-    ('{"Type":"vxlan","VNI":"1"}', "Backend.VNI must be an integer"),
-    ('{"Type":"vxlan","VNI":16777216}', "Backend.VNI must be an integer"),
-    ('{"Type":"vxlan","VNI":12345678}', "exceeds 15 characters"),
-    ('{"Type":"vxlan","Port":70000}', "Backend.Port must be an integer"),
-    ('{"Type":"vxlan","MTU":100}', "Backend.MTU must be an integer"),
-    ('{"Type":"vxlan","DirectRouting":"yes"}', "Backend.DirectRouting must be true or false"),
-    ('{"Type":"vxlan","gbp":1}', "Backend.GBP must be true or false"),
-])
+
+@pytest.mark.parametrize(
+    "backend,err",
+    [
+        ('{"Type":"vxlan","VNI":"1"}', "Backend.VNI must be an integer"),
+        ('{"Type":"vxlan","VNI":16777216}', "Backend.VNI must be an integer"),
+        ('{"Type":"vxlan","VNI":12345678}', "exceeds 15 characters"),
+        ('{"Type":"vxlan","Port":70000}', "Backend.Port must be an integer"),
+        ('{"Type":"vxlan","MTU":100}', "Backend.MTU must be an integer"),
+        ('{"Type":"vxlan","DirectRouting":"yes"}', "Backend.DirectRouting must be true or false"),
+        ('{"Type":"vxlan","gbp":1}', "Backend.GBP must be true or false"),
+    ],
+)
 def test_vxlan_bad_options_are_one_line_errors(backend, err):
     from fastlane.backend.vxlan import VxlanBackend
+
     with pytest.raises(BackendError, match=re.escape(err)) as exc:
-        VxlanBackend(_ctx('{"Network":"10.6.0.0/16","Backend":%s}' % backend))
+        VxlanBackend(_ctx(f'{{"Network":"10.6.0.0/16","Backend":{backend}}}'))
     assert "\n" not in str(exc.value)
 
 
 def test_vxlan_options_like_flannel():
     from fastlane.backend.vxlan import VxlanBackend
+
     be = VxlanBackend(_ctx('{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan"}}'))
-    assert (be.vni, be.port, be.mtu, be.ifname, be.learning, be.gbp) == (1, 8472, 1450, "flannel.1", False, False)
-    be = VxlanBackend(_ctx('{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan","vni":42,"port":4789,"mtu":9000}}'))
+    assert (be.vni, be.port, be.mtu, be.ifname, be.learning, be.gbp) == (
+        1,
+        8472,
+        1450,
+        "flannel.1",
+        False,
+        False,
+    )
+    be = VxlanBackend(
+        _ctx('{"Network":"10.6.0.0/16","Backend":{"Type":"vxlan","vni":42,"port":4789,"mtu":9000}}')
+    )
     assert (be.vni, be.port, be.mtu, be.ifname) == (42, 4789, 8950, "flannel.42")
 
 
 def test_vtep_mac_parsing_accepts_go_forms():
     from fastlane.backend.vxlan import vtep_mac
+
     assert vtep_mac({"VtepMAC": "C6:D2:32:6F:8F:44"}) == "c6:d2:32:6f:8f:44"
     assert vtep_mac({"vtepmac": "c6-d2-32-6f-8f-44"}) == "c6:d2:32:6f:8f:44"
     assert vtep_mac({"VtepMAC": "c6d2.326f.8f44"}) == "c6:d2:32:6f:8f:44"
@@ -139,11 +169,13 @@ def test_vtep_mac_parsing_accepts_go_forms():
 
 def test_hostgw_refuses_nat_public_ip_without_kernel():
     from fastlane.backend.hostgw import HostGwBackend
+
     with pytest.raises(BackendError, match="probably you're on a NAT"):
         HostGwBackend(_ctx(HOSTGW, public_ip="203.0.113.9"))
 
 
 # ---- vxlan -----------------------------------------------------------------------------
+
 
 def test_vxlan_lease_value_and_device_match_flanneld(vxlan):
     topo, etcd, nodes = vxlan
@@ -167,10 +199,14 @@ def test_vxlan_peer_entries_like_flanneld(vxlan):
     topo, etcd, nodes = vxlan
     for me, peer in ((0, 1), (1, 0)):
         subnet, mac = _subnet(nodes[peer]), _mac(topo, topo.hosts[peer].netns)
-        assert wait_until(lambda: all(_vxlan_state(topo, topo.hosts[me].netns, subnet, mac,
-                                                   topo.hosts[peer].ip)), 10), (
-            _neigh(topo, topo.hosts[me].netns) + _fdb(topo, topo.hosts[me].netns)
-            + _routes(topo, topo.hosts[me].netns))
+        assert wait_until(
+            lambda: all(_vxlan_state(topo, topo.hosts[me].netns, subnet, mac, topo.hosts[peer].ip)),
+            10,
+        ), (
+            _neigh(topo, topo.hosts[me].netns)
+            + _fdb(topo, topo.hosts[me].netns)
+            + _routes(topo, topo.hosts[me].netns)
+        )
 
 
 def test_vxlan_ping_both_ways_at_overlay_mtu(vxlan):
@@ -178,7 +214,9 @@ def test_vxlan_ping_both_ways_at_overlay_mtu(vxlan):
     a, b = topo.hosts[0].container, topo.hosts[1].container
     assert topo.wait_ping(a.netns, b.ip, 20), "no connectivity c0 -> c1"
     assert topo.ping(b.netns, a.ip, count=2)
-    res = topo.run(a.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1450 - 28), str(b.ip), check=False)
+    res = topo.run(
+        a.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1450 - 28), str(b.ip), check=False
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
@@ -195,27 +233,58 @@ def test_vxlan_fake_peer_added_changed_ignored_and_removed(vxlan):
     topo, etcd, nodes = vxlan
     ns = topo.hosts[0].netns
     taken = {_subnet(n) for n in nodes}
-    subnet = next(ipaddress.IPv4Network(f"10.6.{i}.0/24") for i in range(250, 200, -1)
-                  if ipaddress.IPv4Network(f"10.6.{i}.0/24") not in taken)
-    other = next(ipaddress.IPv4Network(f"10.6.{i}.0/24") for i in range(199, 150, -1)
-                 if ipaddress.IPv4Network(f"10.6.{i}.0/24") not in taken)
+    subnet = next(
+        ipaddress.IPv4Network(f"10.6.{i}.0/24")
+        for i in range(250, 200, -1)
+        if ipaddress.IPv4Network(f"10.6.{i}.0/24") not in taken
+    )
+    other = next(
+        ipaddress.IPv4Network(f"10.6.{i}.0/24")
+        for i in range(199, 150, -1)
+        if ipaddress.IPv4Network(f"10.6.{i}.0/24") not in taken
+    )
     peer_ip = "192.168.100.200"
-    key = _put_lease(etcd, str(subnet), {"PublicIP": peer_ip, "PublicIPv6": None, "BackendType": "vxlan",
-                                         "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:01"}})
+    key = _put_lease(
+        etcd,
+        str(subnet),
+        {
+            "PublicIP": peer_ip,
+            "PublicIPv6": None,
+            "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:01"},
+        },
+    )
     # A peer of another backend type is ignored, as flanneld does.
-    key2 = _put_lease(etcd, str(other), {"PublicIP": "192.168.100.201", "PublicIPv6": None,
-                                         "BackendType": "host-gw"})
+    key2 = _put_lease(
+        etcd,
+        str(other),
+        {"PublicIP": "192.168.100.201", "PublicIPv6": None, "BackendType": "host-gw"},
+    )
     try:
-        assert wait_until(lambda: all(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:01", peer_ip)), 10)
+        assert wait_until(
+            lambda: all(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:01", peer_ip)), 10
+        )
         assert str(other) not in _routes(topo, ns)
         assert "ignoring non-vxlan subnet" in nodes[0].log()
         # Its VtepMAC changes (the peer re-created its device): no stale FDB entry remains.
-        _put_lease(etcd, str(subnet), {"PublicIP": peer_ip, "PublicIPv6": None, "BackendType": "vxlan",
-                                       "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:02"}})
-        assert wait_until(lambda: all(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:02", peer_ip)), 10)
+        _put_lease(
+            etcd,
+            str(subnet),
+            {
+                "PublicIP": peer_ip,
+                "PublicIPv6": None,
+                "BackendType": "vxlan",
+                "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:02"},
+            },
+        )
+        assert wait_until(
+            lambda: all(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:02", peer_ip)), 10
+        )
         assert "0a:00:00:00:00:01" not in _fdb(topo, ns)
         etcd.etcdctl("del", key)
-        assert wait_until(lambda: not any(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:02", peer_ip)), 10)
+        assert wait_until(
+            lambda: not any(_vxlan_state(topo, ns, subnet, "0a:00:00:00:00:02", peer_ip)), 10
+        )
         assert str(subnet.network_address) not in _neigh(topo, ns)
         assert "0a:00:00:00:00:02" not in _fdb(topo, ns)
         assert str(subnet) not in _routes(topo, ns)
@@ -229,12 +298,20 @@ def test_vxlan_burst_of_puts_and_deletes_ends_in_the_right_state(vxlan):
     topo, etcd, nodes = vxlan
     ns = topo.hosts[0].netns
     taken = {_subnet(n) for n in nodes}
-    subnets = [s for s in (ipaddress.IPv4Network(f"10.6.{i}.0/24") for i in range(100, 160)) if s not in taken][:40]
+    subnets = [
+        s
+        for s in (ipaddress.IPv4Network(f"10.6.{i}.0/24") for i in range(100, 160))
+        if s not in taken
+    ][:40]
     gone, kept = subnets[:20], subnets[20:]
 
     def value(i: int) -> dict:
-        return {"PublicIP": f"192.168.100.{100 + i}", "PublicIPv6": None, "BackendType": "vxlan",
-                "BackendData": {"VNI": 1, "VtepMAC": f"0a:00:00:00:01:{i:02x}"}}
+        return {
+            "PublicIP": f"192.168.100.{100 + i}",
+            "PublicIPv6": None,
+            "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": f"0a:00:00:00:01:{i:02x}"},
+        }
 
     keys = []
     try:
@@ -245,10 +322,14 @@ def test_vxlan_burst_of_puts_and_deletes_ends_in_the_right_state(vxlan):
 
         def settled() -> bool:
             routes, fdb, neigh = _routes(topo, ns), _fdb(topo, ns), _neigh(topo, ns)
-            return (all(f"{s} via" in routes for s in kept) and not any(f"{s} via" in routes for s in gone)
-                    and all(f"0a:00:00:00:01:{i:02x}" in fdb for i in range(20, 40))
-                    and not any(f"0a:00:00:00:01:{i:02x}" in fdb for i in range(20))
-                    and not any(f"{s.network_address} lladdr" in neigh for s in gone))
+            return (
+                all(f"{s} via" in routes for s in kept)
+                and not any(f"{s} via" in routes for s in gone)
+                and all(f"0a:00:00:00:01:{i:02x}" in fdb for i in range(20, 40))
+                and not any(f"0a:00:00:00:01:{i:02x}" in fdb for i in range(20))
+                and not any(f"{s.network_address} lladdr" in neigh for s in gone)
+            )
+
         assert wait_until(settled, 15), _routes(topo, ns)
         assert nodes[0].proc.poll() is None
     finally:
@@ -262,7 +343,9 @@ def test_vxlan_device_deleted_is_recreated_with_same_mac(vxlan):
     h = topo.hosts[0]
     mac = _mac(topo, h.netns)
     topo.ip(h.netns, "link", "del", "flannel.1")
-    assert wait_until(lambda: "flannel.1" in topo.ip(h.netns, "-o", "link", "show"), 15), nodes[0].log()[-2000:]
+    assert wait_until(lambda: "flannel.1" in topo.ip(h.netns, "-o", "link", "show"), 15), nodes[
+        0
+    ].log()[-2000:]
     assert _mac(topo, h.netns) == mac
     assert topo.wait_ping(h.container.netns, topo.hosts[1].container.ip, 15), nodes[0].log()[-2000:]
 
@@ -276,18 +359,51 @@ def test_vxlan_restart_keeps_vtep_mac_and_sweeps_stale_entries(vxlan):
     # flanneld leaves the device and the entries in place: traffic keeps flowing meanwhile.
     assert topo.ping(topo.hosts[0].container.netns, h.container.ip, count=2)
     # Entries for a subnet nobody holds (its lease vanished while we were down).
-    topo.ip(h.netns, "neigh", "replace", "10.6.249.0", "lladdr", "0a:00:00:00:00:09", "dev", "flannel.1",
-            "nud", "permanent")
-    topo.run(h.netns, "bridge", "fdb", "replace", "0a:00:00:00:00:09", "dev", "flannel.1", "dst",
-             "192.168.100.209", "self", "permanent")
-    topo.ip(h.netns, "route", "replace", "10.6.249.0/24", "via", "10.6.249.0", "dev", "flannel.1", "onlink")
+    topo.ip(
+        h.netns,
+        "neigh",
+        "replace",
+        "10.6.249.0",
+        "lladdr",
+        "0a:00:00:00:00:09",
+        "dev",
+        "flannel.1",
+        "nud",
+        "permanent",
+    )
+    topo.run(
+        h.netns,
+        "bridge",
+        "fdb",
+        "replace",
+        "0a:00:00:00:00:09",
+        "dev",
+        "flannel.1",
+        "dst",
+        "192.168.100.209",
+        "self",
+        "permanent",
+    )
+    topo.ip(
+        h.netns,
+        "route",
+        "replace",
+        "10.6.249.0/24",
+        "via",
+        "10.6.249.0",
+        "dev",
+        "flannel.1",
+        "onlink",
+    )
     # A host-gw-shaped route on eth0 is not vxlan's (no DirectRouting): it stays.
     topo.ip(h.netns, "route", "replace", "10.6.248.0/24", "via", "192.168.100.248", "dev", "eth0")
     try:
         nodes[1].subnet_file.unlink()
         nodes[1].start()
         nodes[1].wait_subnet_file()
-        assert wait_until(lambda: "10.6.249.0" not in _routes(topo, h.netns), 15), nodes[1].log()[-2000:]
+        assert wait_until(lambda: "10.6.249.0" not in _routes(topo, h.netns), 15), nodes[1].log()[
+            -2000:
+        ]
         assert "10.6.248.0/24 via 192.168.100.248 dev eth0" in _routes(topo, h.netns)
         assert "0a:00:00:00:00:09" not in _fdb(topo, h.netns)
         assert "10.6.249.0" not in _neigh(topo, h.netns)
@@ -305,8 +421,25 @@ def test_vxlan_incompatible_device_is_recreated_keeping_mac(vxlan):
     h, other = topo.hosts[1], topo.hosts[0]
     nodes[1].stop(signal.SIGKILL)
     topo.ip(h.netns, "link", "del", "flannel.1")
-    topo.ip(h.netns, "link", "add", "flannel.1", "address", "02:aa:bb:cc:dd:ee", "type", "vxlan", "id", "1",
-            "local", str(h.ip), "dev", "eth0", "dstport", "8472", "gbp")
+    topo.ip(
+        h.netns,
+        "link",
+        "add",
+        "flannel.1",
+        "address",
+        "02:aa:bb:cc:dd:ee",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        str(h.ip),
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "gbp",
+    )
     nodes[1].subnet_file.unlink()
     nodes[1].start()
     nodes[1].wait_subnet_file()
@@ -334,34 +467,61 @@ def _restart_all(topo, etcd, nodes, config: str) -> None:
 
 def test_vxlan_options_vni_port_mtu_gbp(vxlan):
     topo, etcd, nodes = vxlan
-    _restart_all(topo, etcd, nodes, '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":'
-                 '{"Type":"vxlan","VNI":7,"Port":4789,"MTU":1400,"GBP":true}}')
+    _restart_all(
+        topo,
+        etcd,
+        nodes,
+        '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":'
+        '{"Type":"vxlan","VNI":7,"Port":4789,"MTU":1400,"GBP":true}}',
+    )
     for i, n in enumerate(nodes):
         h = topo.hosts[i]
         assert n.wait_subnet_file()["FLANNEL_MTU"] == "1350"
         link = topo.ip(h.netns, "-d", "link", "show", "flannel.7")
-        assert "mtu 1350" in link and "vxlan id 7 " in link and "dstport 4789" in link and " gbp " in link
+        assert (
+            "mtu 1350" in link
+            and "vxlan id 7 " in link
+            and "dstport 4789" in link
+            and " gbp " in link
+        )
         data = json.loads(_lease_value(etcd, n))["BackendData"]
         assert data == {"VNI": 7, "VtepMAC": _mac(topo, h.netns, "flannel.7")}
     a, b = topo.hosts[0].container, topo.hosts[1].container
     want = f"{_subnet(nodes[1])} via {_subnet(nodes[1]).network_address} dev flannel.7 onlink"
-    assert wait_until(lambda: want in _routes(topo, topo.hosts[0].netns), 10), _routes(topo, topo.hosts[0].netns)
+    assert wait_until(lambda: want in _routes(topo, topo.hosts[0].netns), 10), _routes(
+        topo, topo.hosts[0].netns
+    )
     assert topo.wait_ping(a.netns, b.ip, 15), nodes[0].log()[-2000:]
-    res = topo.run(b.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1350 - 28), str(a.ip), check=False)
+    res = topo.run(
+        b.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1350 - 28), str(a.ip), check=False
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_vxlan_direct_routing_on_same_l2(vxlan):
     topo, etcd, nodes = vxlan
-    _restart_all(topo, etcd, nodes, '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":'
-                 '{"Type":"vxlan","VNI":7,"Port":4789,"MTU":1400,"GBP":true,"DirectRouting":true}}')
+    _restart_all(
+        topo,
+        etcd,
+        nodes,
+        '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":'
+        '{"Type":"vxlan","VNI":7,"Port":4789,"MTU":1400,"GBP":true,"DirectRouting":true}}',
+    )
     for me, peer in ((0, 1), (1, 0)):
         ns, subnet = topo.hosts[me].netns, _subnet(nodes[peer])
         want = f"{subnet} via {topo.hosts[peer].ip} dev eth0"
         assert wait_until(lambda: want in _routes(topo, ns), 10), _routes(topo, ns)
         # The encapsulated path's entries from the previous run are swept.
-        assert wait_until(lambda: str(subnet.network_address) not in topo.ip(ns, "neigh", "show", "dev", "flannel.7"), 5)
-        assert str(topo.hosts[peer].ip) not in topo.run(ns, "bridge", "fdb", "show", "dev", "flannel.7").stdout
+        assert wait_until(
+            lambda: (
+                str(subnet.network_address) not in topo.ip(ns, "neigh", "show", "dev", "flannel.7")
+            ),
+            5,
+        )
+        assert (
+            str(topo.hosts[peer].ip)
+            not in topo.run(ns, "bridge", "fdb", "show", "dev", "flannel.7").stdout
+        )
     a, b = topo.hosts[0].container, topo.hosts[1].container
     assert topo.wait_ping(a.netns, b.ip, 15)
     assert topo.ping(b.netns, a.ip, count=2)
@@ -373,11 +533,15 @@ def test_vxlan_direct_routing_on_same_l2(vxlan):
 
 # ---- host-gw ---------------------------------------------------------------------------
 
+
 def test_hostgw_lease_value_mtu_and_routes_match_flanneld(hostgw):
     topo, etcd, nodes = hostgw
     for i, node in enumerate(nodes):
         h, peer = topo.hosts[i], topo.hosts[1 - i]
-        assert _lease_value(etcd, node) == f'{{"PublicIP":"{h.ip}","PublicIPv6":null,"BackendType":"host-gw"}}'
+        assert (
+            _lease_value(etcd, node)
+            == f'{{"PublicIP":"{h.ip}","PublicIPv6":null,"BackendType":"host-gw"}}'
+        )
         assert node.wait_subnet_file()["FLANNEL_MTU"] == "1500"
         want = f"{_subnet(nodes[1 - i])} via {peer.ip} dev eth0"
         assert wait_until(lambda: want in _routes(topo, h.netns), 10), _routes(topo, h.netns)
@@ -388,7 +552,9 @@ def test_hostgw_ping_and_tcp_transfer(hostgw):
     a, b = topo.hosts[0].container, topo.hosts[1].container
     assert topo.wait_ping(a.netns, b.ip, 20)
     assert topo.ping(b.netns, a.ip, count=2)
-    res = topo.run(a.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1500 - 28), str(b.ip), check=False)
+    res = topo.run(
+        a.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1500 - 28), str(b.ip), check=False
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     sent, got = _transfer(topo, b, a, 20 * 1024 * 1024, port=5201)
     assert sent == got and sent[0] == str(20 * 1024 * 1024)
@@ -398,15 +564,31 @@ def test_hostgw_fake_peer_added_ignored_removed_and_repaired(hostgw):
     topo, etcd, nodes = hostgw
     ns = topo.hosts[0].netns
     taken = {_subnet(n) for n in nodes}
-    subnet = next(ipaddress.IPv4Network(f"10.7.{i}.0/24") for i in range(250, 200, -1)
-                  if ipaddress.IPv4Network(f"10.7.{i}.0/24") not in taken)
-    other = next(ipaddress.IPv4Network(f"10.7.{i}.0/24") for i in range(199, 150, -1)
-                 if ipaddress.IPv4Network(f"10.7.{i}.0/24") not in taken)
-    key = _put_lease(etcd, str(subnet), {"PublicIP": "192.168.100.200", "PublicIPv6": None,
-                                         "BackendType": "host-gw"})
-    key2 = _put_lease(etcd, str(other), {"PublicIP": "192.168.100.201", "PublicIPv6": None,
-                                         "BackendType": "vxlan",
-                                         "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:03"}})
+    subnet = next(
+        ipaddress.IPv4Network(f"10.7.{i}.0/24")
+        for i in range(250, 200, -1)
+        if ipaddress.IPv4Network(f"10.7.{i}.0/24") not in taken
+    )
+    other = next(
+        ipaddress.IPv4Network(f"10.7.{i}.0/24")
+        for i in range(199, 150, -1)
+        if ipaddress.IPv4Network(f"10.7.{i}.0/24") not in taken
+    )
+    key = _put_lease(
+        etcd,
+        str(subnet),
+        {"PublicIP": "192.168.100.200", "PublicIPv6": None, "BackendType": "host-gw"},
+    )
+    key2 = _put_lease(
+        etcd,
+        str(other),
+        {
+            "PublicIP": "192.168.100.201",
+            "PublicIPv6": None,
+            "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": "0a:00:00:00:00:03"},
+        },
+    )
     want = f"{subnet} via 192.168.100.200 dev eth0"
     try:
         assert wait_until(lambda: want in _routes(topo, ns), 10)
@@ -417,7 +599,11 @@ def test_hostgw_fake_peer_added_ignored_removed_and_repaired(hostgw):
         etcd.etcdctl("del", key)
         assert wait_until(lambda: str(subnet) not in _routes(topo, ns), 10)
         # A peer that is not on our L2 segment cannot be a gateway: one error line, no crash.
-        _put_lease(etcd, str(subnet), {"PublicIP": "10.99.0.1", "PublicIPv6": None, "BackendType": "host-gw"})
+        _put_lease(
+            etcd,
+            str(subnet),
+            {"PublicIP": "10.99.0.1", "PublicIPv6": None, "BackendType": "host-gw"},
+        )
         assert wait_until(lambda: f"cannot add route {subnet} via 10.99.0.1" in nodes[0].log(), 10)
         assert nodes[0].proc.poll() is None and "Traceback" not in nodes[0].log()
     finally:

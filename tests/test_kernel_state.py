@@ -71,7 +71,9 @@ def _ifindex(topo, ns, dev="flannel.1") -> int:
 
 
 def _mac(topo, ns, dev="flannel.1") -> str:
-    return re.search(r"link/ether ([0-9a-f:]{17})", topo.ip(ns, "-o", "link", "show", dev)).group(1)
+    m = re.search(r"link/ether ([0-9a-f:]{17})", topo.ip(ns, "-o", "link", "show", dev))
+    assert m is not None
+    return m.group(1)
 
 
 def _restart(node: Node) -> None:
@@ -82,6 +84,7 @@ def _restart(node: Node) -> None:
 
 
 # ---- vxlan: what is ours and what is not ---------------------------------------------------
+
 
 def test_vxlan_operator_entries_survive_start_and_restart_stale_ones_go(vxlan):
     topo, etcd, nodes = vxlan
@@ -96,20 +99,86 @@ def test_vxlan_operator_entries_survive_start_and_restart_stale_ones_go(vxlan):
     # entry for a MAC and address no flannel node uses.
     operator = [
         ("route", "add", "172.31.5.0/24", "via", "10.8.252.0", "dev", "flannel.1", "onlink"),
-        ("route", "add", "10.8.253.0/24", "via", "10.8.253.0", "dev", "flannel.1", "onlink", "proto", "static"),
-        ("route", "add", "10.8.254.0/24", "via", "10.8.254.0", "dev", "flannel.1", "onlink", "metric", "10"),
-        ("route", "add", "10.8.249.0/24", "via", "10.8.249.0", "dev", "flannel.1", "onlink", "table", "100"),
+        (
+            "route",
+            "add",
+            "10.8.253.0/24",
+            "via",
+            "10.8.253.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+            "proto",
+            "static",
+        ),
+        (
+            "route",
+            "add",
+            "10.8.254.0/24",
+            "via",
+            "10.8.254.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+            "metric",
+            "10",
+        ),
+        (
+            "route",
+            "add",
+            "10.8.249.0/24",
+            "via",
+            "10.8.249.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+            "table",
+            "100",
+        ),
         ("route", "add", "10.8.250.0/24", "via", str(h.container.ip), "dev", "cni0"),
         ("route", "add", "10.8.251.0/24", "via", "192.168.100.251", "dev", "eth0"),
-        ("route", "add", "10.8.247.7/32", "via", "192.168.100.247", "dev", "eth0", "proto", "static"),
-        ("neigh", "add", "172.31.5.1", "lladdr", "0a:00:00:00:0e:01", "dev", "flannel.1", "nud", "permanent"),
+        (
+            "route",
+            "add",
+            "10.8.247.7/32",
+            "via",
+            "192.168.100.247",
+            "dev",
+            "eth0",
+            "proto",
+            "static",
+        ),
+        (
+            "neigh",
+            "add",
+            "172.31.5.1",
+            "lladdr",
+            "0a:00:00:00:0e:01",
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ),
         ("addr", "add", "172.31.9.1/32", "dev", "flannel.1"),
     ]
-    fdb_operator = [("00:00:00:00:00:00", "192.168.100.240"), ("0a:00:00:00:0e:02", "192.168.100.241")]
+    fdb_operator = [
+        ("00:00:00:00:00:00", "192.168.100.240"),
+        ("0a:00:00:00:0e:02", "192.168.100.241"),
+    ]
     # Stale fastlane/flanneld entries: a vanished peer's neighbour, FDB entry and route, the
     # live peer's VTEP at an address it no longer has, an address of the Network on flannel.1.
     stale = [
-        ("neigh", "replace", "10.8.248.0", "lladdr", "0a:00:00:00:0f:01", "dev", "flannel.1", "nud", "permanent"),
+        (
+            "neigh",
+            "replace",
+            "10.8.248.0",
+            "lladdr",
+            "0a:00:00:00:0f:01",
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ),
         ("route", "replace", "10.8.248.0/24", "via", "10.8.248.0", "dev", "flannel.1", "onlink"),
         ("addr", "add", "10.8.255.1/32", "dev", "flannel.1"),
     ]
@@ -118,40 +187,73 @@ def test_vxlan_operator_entries_survive_start_and_restart_stale_ones_go(vxlan):
         for cmd in operator:
             _ip(topo, ns, *cmd)
         for mac, dst in fdb_operator:
-            topo.run(ns, "bridge", "fdb", "append", mac, "dev", "flannel.1", "dst", dst, "self", "permanent")
+            topo.run(
+                ns,
+                "bridge",
+                "fdb",
+                "append",
+                mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                dst,
+                "self",
+                "permanent",
+            )
 
         def operator_intact() -> list[str]:
             main, t100 = _routes(topo, ns), _routes(topo, ns, "table", "100")
             fdb, neigh = _fdb(topo, ns), _neigh(topo, ns)
             addrs = topo.ip(ns, "-o", "-4", "addr", "show", "dev", "flannel.1")
-            missing = [want for want, where in (
-                ("172.31.5.0/24 via 10.8.252.0 dev flannel.1 onlink", main),
-                ("10.8.253.0/24 via 10.8.253.0 dev flannel.1 proto static onlink", main),
-                ("10.8.254.0/24 via 10.8.254.0 dev flannel.1 metric 10 onlink", main),
-                ("10.8.249.0/24 via 10.8.249.0 dev flannel.1 onlink", t100),
-                (f"10.8.250.0/24 via {h.container.ip} dev cni0", main),
-                ("10.8.251.0/24 via 192.168.100.251 dev eth0", main),
-                ("10.8.247.7 via 192.168.100.247 dev eth0 proto static", main),
-                ("172.31.5.1 lladdr 0a:00:00:00:0e:01 PERMANENT", neigh),
-                ("00:00:00:00:00:00 dst 192.168.100.240 self permanent", fdb),
-                ("0a:00:00:00:0e:02 dst 192.168.100.241 self permanent", fdb),
-                ("inet 172.31.9.1/32", addrs),
-            ) if want not in where]
+            missing = [
+                want
+                for want, where in (
+                    ("172.31.5.0/24 via 10.8.252.0 dev flannel.1 onlink", main),
+                    ("10.8.253.0/24 via 10.8.253.0 dev flannel.1 proto static onlink", main),
+                    ("10.8.254.0/24 via 10.8.254.0 dev flannel.1 metric 10 onlink", main),
+                    ("10.8.249.0/24 via 10.8.249.0 dev flannel.1 onlink", t100),
+                    (f"10.8.250.0/24 via {h.container.ip} dev cni0", main),
+                    ("10.8.251.0/24 via 192.168.100.251 dev eth0", main),
+                    ("10.8.247.7 via 192.168.100.247 dev eth0 proto static", main),
+                    ("172.31.5.1 lladdr 0a:00:00:00:0e:01 PERMANENT", neigh),
+                    ("00:00:00:00:00:00 dst 192.168.100.240 self permanent", fdb),
+                    ("0a:00:00:00:0e:02 dst 192.168.100.241 self permanent", fdb),
+                    ("inet 172.31.9.1/32", addrs),
+                )
+                if want not in where
+            ]
             return missing
 
         assert operator_intact() == []
-        for attempt in range(2):  # a start, then a restart
+        for _attempt in range(2):  # a start, then a restart
             for cmd in stale:
                 _try(topo, ns, "ip", *cmd)
             for mac, dst in fdb_stale:
-                topo.run(ns, "bridge", "fdb", "append", mac, "dev", "flannel.1", "dst", dst, "self", "permanent")
+                topo.run(
+                    ns,
+                    "bridge",
+                    "fdb",
+                    "append",
+                    mac,
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    dst,
+                    "self",
+                    "permanent",
+                )
             node.subnet_file.unlink(missing_ok=True)
             node.start()
             node.wait_subnet_file()
             assert wait_until(lambda: "10.8.248.0" not in _routes(topo, ns), 15), node.log()[-3000:]
             assert wait_until(lambda: "10.8.248.0" not in _neigh(topo, ns), 5)
-            assert wait_until(lambda: "0a:00:00:00:0f:01" not in _fdb(topo, ns)
-                              and "192.168.100.246" not in _fdb(topo, ns), 5), _fdb(topo, ns)
+            assert wait_until(
+                lambda: (
+                    "0a:00:00:00:0f:01" not in _fdb(topo, ns)
+                    and "192.168.100.246" not in _fdb(topo, ns)
+                ),
+                5,
+            ), _fdb(topo, ns)
             assert "10.8.255.1" not in topo.ip(ns, "-o", "-4", "addr", "show", "dev", "flannel.1")
             assert operator_intact() == [], node.log()[-3000:]
             assert _ifindex(topo, ns) == index  # the device was reused, never re-created
@@ -171,6 +273,7 @@ def test_vxlan_operator_entries_survive_start_and_restart_stale_ones_go(vxlan):
 
 # ---- vxlan: re-use of an existing device ---------------------------------------------------
 
+
 def _replace_device(topo, node: Node, host, *spec: str) -> None:
     node.stop(signal.SIGTERM)
     topo.run(host.netns, "ip", "link", "del", "flannel.1", check=False)
@@ -188,15 +291,49 @@ def _fresh_device(topo, node: Node, host) -> None:
 
 # Differences flanneld's vxlanLinksIncompat does not look at (or only when both sides set it).
 TOLERATED = {
-    "learning-mtu-dstport": (["mtu", "1400", "type", "vxlan", "id", "1", "local", "{ip}", "dev", "eth0",
-                              "dstport", "4789", "learning"],
-                             ["dstport 4789", "nolearning", "mtu 1450"], "dstport 4789 (Backend.Port not set)"),
-    "remote-no-local-no-dev": (["type", "vxlan", "id", "1", "remote", "192.168.100.239", "dstport", "8472",
-                                "nolearning"],
-                               ["remote 192.168.100.239", "dstport 8472"], "remote/group 192.168.100.239"),
-    "l3miss-ttl": (["type", "vxlan", "id", "1", "local", "{ip}", "dev", "eth0", "dstport", "8472", "l3miss",
-                    "ttl", "10"],
-                   ["l3miss", "ttl 10"], None),
+    "learning-mtu-dstport": (
+        [
+            "mtu",
+            "1400",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            "{ip}",
+            "dev",
+            "eth0",
+            "dstport",
+            "4789",
+            "learning",
+        ],
+        ["dstport 4789", "nolearning", "mtu 1450"],
+        "dstport 4789 (Backend.Port not set)",
+    ),
+    "remote-no-local-no-dev": (
+        ["type", "vxlan", "id", "1", "remote", "192.168.100.239", "dstport", "8472", "nolearning"],
+        ["remote 192.168.100.239", "dstport 8472"],
+        "remote/group 192.168.100.239",
+    ),
+    "l3miss-ttl": (
+        [
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            "{ip}",
+            "dev",
+            "eth0",
+            "dstport",
+            "8472",
+            "l3miss",
+            "ttl",
+            "10",
+        ],
+        ["l3miss", "ttl 10"],
+        None,
+    ),
 }
 
 
@@ -227,15 +364,26 @@ def test_vxlan_device_with_tolerated_difference_is_kept(vxlan, case):
 
 # Differences that make flanneld delete and re-create the device.
 INCOMPATIBLE = {
-    "gbp": (["type", "vxlan", "id", "1", "local", "{ip}", "dev", "eth0", "dstport", "8472", "gbp"],
-            "gbp: false vs true"),
-    "l2miss": (["type", "vxlan", "id", "1", "local", "{ip}", "dev", "eth0", "dstport", "8472", "l2miss"],
-               "l2miss: false vs true"),
-    "vni": (["type", "vxlan", "id", "2", "local", "{ip}", "dev", "eth0", "dstport", "8472"], "vni: 1 vs 2"),
-    "local": (["type", "vxlan", "id", "1", "local", "192.168.100.99", "dev", "eth0", "dstport", "8472"],
-              "vtep (external) IP: {ip} vs 192.168.100.99"),
-    "dev": (["type", "vxlan", "id", "1", "local", "{ip}", "dev", "cni0", "dstport", "8472"],
-            "vtep (external) interface:"),
+    "gbp": (
+        ["type", "vxlan", "id", "1", "local", "{ip}", "dev", "eth0", "dstport", "8472", "gbp"],
+        "gbp: false vs true",
+    ),
+    "l2miss": (
+        ["type", "vxlan", "id", "1", "local", "{ip}", "dev", "eth0", "dstport", "8472", "l2miss"],
+        "l2miss: false vs true",
+    ),
+    "vni": (
+        ["type", "vxlan", "id", "2", "local", "{ip}", "dev", "eth0", "dstport", "8472"],
+        "vni: 1 vs 2",
+    ),
+    "local": (
+        ["type", "vxlan", "id", "1", "local", "192.168.100.99", "dev", "eth0", "dstport", "8472"],
+        "vtep (external) IP: {ip} vs 192.168.100.99",
+    ),
+    "dev": (
+        ["type", "vxlan", "id", "1", "local", "{ip}", "dev", "cni0", "dstport", "8472"],
+        "vtep (external) interface:",
+    ),
     "type": (["type", "veth", "peer", "name", "flk-peer"], "link type: vxlan vs veth"),
 }
 
@@ -288,8 +436,21 @@ def test_vxlan_port_set_in_config_and_different_recreates(vxlan):
     config = '{"Network":"10.8.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","Port":8472}}'
     try:
         etcd.etcdctl("put", f"{PREFIX}/config", config)
-        _replace_device(topo, node, h, "type", "vxlan", "id", "1", "local", str(h.ip), "dev", "eth0",
-                        "dstport", "4789")
+        _replace_device(
+            topo,
+            node,
+            h,
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            str(h.ip),
+            "dev",
+            "eth0",
+            "dstport",
+            "4789",
+        )
         index = _ifindex(topo, h.netns)
         node.subnet_file.unlink(missing_ok=True)
         node.start()
@@ -329,8 +490,22 @@ def test_vxlan_local_is_the_public_ip(vxlan, tmp_path):
         # To the second daemon, this host's own lease was a peer's: its route replaced the
         # connected route of cni0 (flanneld's RouteReplace does the same). Put it back.
         own = h.container.env.subnet
-        _try(topo, h.netns, "ip", "route", "replace", str(own.network), "dev", "cni0", "proto", "kernel",
-             "scope", "link", "src", str(own.ip))
+        _try(
+            topo,
+            h.netns,
+            "ip",
+            "route",
+            "replace",
+            str(own.network),
+            "dev",
+            "cni0",
+            "proto",
+            "kernel",
+            "scope",
+            "link",
+            "src",
+            str(own.ip),
+        )
         _fresh_device(topo, node, h)
         assert topo.wait_ping(other.container.netns, h.container.ip, 15)
 
@@ -341,8 +516,11 @@ def test_vxlan_lease_backend_data_is_flannels_uint32_vni(vxlan):
     topo, etcd, nodes = vxlan
     h, node = topo.hosts[1], nodes[1]
     for vni in (70000, 1):
-        etcd.etcdctl("put", f"{PREFIX}/config",
-                     '{"Network":"10.8.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan","VNI":%d}}' % vni)
+        etcd.etcdctl(
+            "put",
+            f"{PREFIX}/config",
+            f'{{"Network":"10.8.0.0/16","SubnetLen":24,"Backend":{{"Type":"vxlan","VNI":{vni}}}}}',
+        )
         try:
             _restart(node)
             dev = f"flannel.{vni}"
@@ -350,13 +528,15 @@ def test_vxlan_lease_backend_data_is_flannels_uint32_vni(vxlan):
             assert f"vxlan id {vni} " in _link(topo, h.netns, dev)
             assert _lease_value(etcd, node) == (
                 f'{{"PublicIP":"{h.ip}","PublicIPv6":null,"BackendType":"vxlan",'
-                f'"BackendData":{{"VNI":{vni},"VtepMAC":"{mac}"}}}}')
+                f'"BackendData":{{"VNI":{vni},"VtepMAC":"{mac}"}}}}'
+            )
         finally:
             etcd.etcdctl("put", f"{PREFIX}/config", VXLAN)
             _try(topo, h.netns, "ip", "link", "del", "flannel.70000")
 
 
 # ---- host-gw -------------------------------------------------------------------------------
+
 
 def test_hostgw_operator_routes_survive_start_and_restart_stale_ones_go(hostgw):
     topo, etcd, nodes = hostgw
@@ -378,16 +558,20 @@ def test_hostgw_operator_routes_survive_start_and_restart_stale_ones_go(hostgw):
 
         def operator_intact() -> list[str]:
             main, t100 = _routes(topo, ns), _routes(topo, ns, "table", "100")
-            return [want for want, where in (
-                ("10.9.250.0/24 via 192.168.100.250 dev eth0 proto static", main),
-                ("10.9.251.0/24 via 192.168.100.251 dev eth0", t100),
-                ("10.9.252.0/24 via 192.168.100.252 dev eth0 metric 5", main),
-                ("10.9.253.0/25 via 192.168.100.253 dev eth0", main),
-                (f"10.9.249.0/24 via {h.container.ip} dev cni0", main),
-                ("172.31.6.0/24 via 192.168.100.254 dev eth0", main),
-            ) if want not in where]
+            return [
+                want
+                for want, where in (
+                    ("10.9.250.0/24 via 192.168.100.250 dev eth0 proto static", main),
+                    ("10.9.251.0/24 via 192.168.100.251 dev eth0", t100),
+                    ("10.9.252.0/24 via 192.168.100.252 dev eth0 metric 5", main),
+                    ("10.9.253.0/25 via 192.168.100.253 dev eth0", main),
+                    (f"10.9.249.0/24 via {h.container.ip} dev cni0", main),
+                    ("172.31.6.0/24 via 192.168.100.254 dev eth0", main),
+                )
+                if want not in where
+            ]
 
-        for attempt in range(2):  # a start, then a restart
+        for _attempt in range(2):  # a start, then a restart
             for r in stale:
                 _ip(topo, ns, "route", "replace", *r)
             node.subnet_file.unlink(missing_ok=True)

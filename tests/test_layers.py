@@ -23,15 +23,23 @@ BACKEND_MODULES = [
     "fastlane.leasetable",
 ]
 STORE_MODULES = ["fastlane.etcd", "etcd3aio", "grpc", "fastlane.registry", "fastlane.watcher"]
-DAEMON_MODULES = ["fastlane.cli", "fastlane.daemon", "fastlane.leasescmd", "fastlane.registry",
-                  "fastlane.watcher", "fastlane.subnetfile", "fastlane.etcd"]
+DAEMON_MODULES = [
+    "fastlane.cli",
+    "fastlane.daemon",
+    "fastlane.leasescmd",
+    "fastlane.registry",
+    "fastlane.watcher",
+    "fastlane.subnetfile",
+    "fastlane.etcd",
+]
 
 
 def imported_after(module: str) -> set[str]:
     """The module names loaded by importing `module` in a fresh interpreter."""
     code = f"import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                         text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
     return set(json.loads(out))
 
 

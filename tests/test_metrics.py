@@ -60,10 +60,15 @@ def overlay(net_capable, tmp_path_factory):
     nodes: list[Node] = []
     try:
         topo.setup()
-        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-metrics-tests")
+        etcd = EtcdServer(
+            netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-metrics-tests"
+        )
         etcd.start()
         etcd.etcdctl("put", f"{PREFIX}/config", UDP)
-        nodes = [Node(topo, h, etcd, PREFIX, workdir, "-v=1", f"-healthz-port={PORT}") for h in topo.hosts]
+        nodes = [
+            Node(topo, h, etcd, PREFIX, workdir, "-v=1", f"-healthz-port={PORT}")
+            for h in topo.hosts
+        ]
         for n in nodes[:2]:
             n.start()
         for i, n in enumerate(nodes[:2]):
@@ -94,7 +99,7 @@ def one(samples: dict[str, dict], name: str, **labels: str) -> float:
 
 
 def exit_counters(log: str) -> dict[str, int]:
-    line = [l for l in log.splitlines() if "udp engine counters at exit:" in l][-1]
+    line = [line for line in log.splitlines() if "udp engine counters at exit:" in line][-1]
     return {k: int(v) for k, v in (kv.split("=") for kv in line.split("at exit:")[1].split())}
 
 
@@ -102,21 +107,32 @@ def test_metrics_format_and_build_info(overlay):
     topo, _, nodes = overlay
     ctype, m = scrape(topo, nodes[0])
     assert ctype.startswith("text/plain")
-    assert len(m["fastlane_build_info"]) == 1 and one(m, "fastlane_build_info", **dict(
-        next(iter(m["fastlane_build_info"])))) == 1
+    assert (
+        len(m["fastlane_build_info"]) == 1
+        and one(m, "fastlane_build_info", **dict(next(iter(m["fastlane_build_info"])))) == 1
+    )
     labels = dict(next(iter(m["fastlane_build_info"])))
     assert labels["backend"] == "udp" and labels["version"] and labels["python"]
     assert one(m, "fastlane_ready") == 1
     assert "process_resident_memory_bytes" in m  # the process collector, on our registry
     # Prometheus conventions: every fastlane counter ends in _total, every sample has the prefix.
     assert all(name.startswith(("fastlane_", "process_")) for name in m)
-    for name in ("fastlane_udp_tx_packets_total", "fastlane_udp_rx_bytes_total",
-                 "fastlane_udp_dropped_packets_total", "fastlane_lease_renewals_total",
-                 "fastlane_etcd_watch_events_total", "fastlane_backend_sync_errors_total"):
+    for name in (
+        "fastlane_udp_tx_packets_total",
+        "fastlane_udp_rx_bytes_total",
+        "fastlane_udp_dropped_packets_total",
+        "fastlane_lease_renewals_total",
+        "fastlane_etcd_watch_events_total",
+        "fastlane_backend_sync_errors_total",
+    ):
         assert name in m, name
     # The health endpoints are unchanged.
-    assert "flanneld is running" in topo.run(nodes[0].host.netns, sys.executable, "-c", SCRAPE,
-                                             f"http://127.0.0.1:{PORT}/healthz").stdout
+    assert (
+        "flanneld is running"
+        in topo.run(
+            nodes[0].host.netns, sys.executable, "-c", SCRAPE, f"http://127.0.0.1:{PORT}/healthz"
+        ).stdout
+    )
 
 
 def test_lease_peers_and_etcd_metrics(overlay):
@@ -132,7 +148,9 @@ def test_lease_peers_and_etcd_metrics(overlay):
     assert one(m, "fastlane_etcd_resyncs_total") >= 1
     before = one(m, "fastlane_etcd_watch_events_total")
     # A peer comes and goes: two watch events, the peer count follows.
-    etcd.etcdctl("put", f"{PREFIX}/subnets/10.9.200.0-24", '{"PublicIP":"192.168.100.77","PublicIPv6":null}')
+    etcd.etcdctl(
+        "put", f"{PREFIX}/subnets/10.9.200.0-24", '{"PublicIP":"192.168.100.77","PublicIPv6":null}'
+    )
     assert wait_until(lambda: one(scrape(topo, nodes[0])[1], "fastlane_peers") == 2, 10)
     etcd.etcdctl("del", f"{PREFIX}/subnets/10.9.200.0-24")
     assert wait_until(lambda: one(scrape(topo, nodes[0])[1], "fastlane_peers") == 1, 10)
@@ -160,14 +178,18 @@ def test_engine_counters_after_traffic_match_the_engine(overlay):
     finally:
         topo.stop(sink)
     # 10.9.250.1 is in the Network but nobody leases it: dropped (no route), ICMP sent back.
-    topo.run(a.netns, "ping", "-n", "-q", "-c", "5", "-i", "0.05", "-W", "1", "10.9.250.1", check=False)
+    topo.run(
+        a.netns, "ping", "-n", "-q", "-c", "5", "-i", "0.05", "-W", "1", "10.9.250.1", check=False
+    )
     time.sleep(1.0)
     _, m = scrape(topo, nodes[0])
 
     def grew(name: str, **labels: str) -> float:
         return one(m, name, **labels) - one(m0, name, **labels)
 
-    assert grew("fastlane_udp_tx_packets_total") >= 20 and grew("fastlane_udp_rx_packets_total") >= 20
+    assert (
+        grew("fastlane_udp_tx_packets_total") >= 20 and grew("fastlane_udp_rx_packets_total") >= 20
+    )
     assert grew("fastlane_udp_tx_bytes_total") >= size  # inner packets carry the payload
     assert grew("fastlane_udp_dropped_packets_total", reason="tx_no_route") == 5
     assert grew("fastlane_udp_icmp_sent_total") == 5
@@ -176,7 +198,9 @@ def test_engine_counters_after_traffic_match_the_engine(overlay):
     assert set(feats) >= {"vnet_hdr", "tso", "gso", "gro", "coalesce", "multiqueue"}
     assert set(feats.values()) <= {0.0, 1.0}
     logged = re.search(r"engine features (\S+)", nodes[0].log()).group(1)
-    assert {f for f, v in feats.items() if v} == (set() if logged == "none" else set(logged.split(",")))
+    assert {f for f, v in feats.items() if v} == (
+        set() if logged == "none" else set(logged.split(","))
+    )
     # Quiet now: a second scrape is identical (the counters only move with traffic) ...
     _, again = scrape(topo, nodes[0])
     udp = [n for n in m if n.startswith("fastlane_udp_") and n.endswith("_total")]
@@ -188,7 +212,7 @@ def test_engine_counters_after_traffic_match_the_engine(overlay):
     exported = {}
     for name in udp:
         for labels, value in m[name].items():
-            base = name[len("fastlane_udp_"):-len("_total")]
+            base = name[len("fastlane_udp_") : -len("_total")]
             key = f"drop_{dict(labels)['reason']}" if base == "dropped_packets" else base
             exported[key] = int(value)
     assert {k: v for k, v in exported.items() if v} == engine
@@ -204,23 +228,32 @@ def test_renewals_retakes_and_reconnects(overlay):
     try:
         env = n.wait_subnet_file()
         key = f"{PREFIX}/subnets/" + env["FLANNEL_SUBNET"].rsplit(".", 1)[0] + ".0-24"
-        assert wait_until(lambda: one(scrape(topo, n)[1], "fastlane_lease_renewals_total") >= 2, 20), n.log()
+        assert wait_until(
+            lambda: one(scrape(topo, n)[1], "fastlane_lease_renewals_total") >= 2, 20
+        ), n.log()
         _, m = scrape(topo, n)
         assert 0 < one(m, "fastlane_lease_expiry_seconds") <= 6
         assert one(m, "fastlane_lease_retakes_total") == 0
         # Someone deletes our key: the daemon takes the subnet again and counts it.
         etcd.etcdctl("del", key)
-        assert wait_until(lambda: one(scrape(topo, n)[1], "fastlane_lease_retakes_total") == 1, 15), n.log()
+        assert wait_until(
+            lambda: one(scrape(topo, n)[1], "fastlane_lease_retakes_total") == 1, 15
+        ), n.log()
         # etcd goes away and comes back: not connected meanwhile, one reconnect after.
         assert one(scrape(topo, n)[1], "fastlane_etcd_reconnects_total") == 0
         etcd.stop()
         try:
-            assert wait_until(lambda: one(scrape(topo, n)[1], "fastlane_etcd_connected") == 0, 30), n.log()
             assert wait_until(
-                lambda: one(scrape(topo, n)[1], "fastlane_lease_renewal_failures_total") >= 1, 20), n.log()
+                lambda: one(scrape(topo, n)[1], "fastlane_etcd_connected") == 0, 30
+            ), n.log()
+            assert wait_until(
+                lambda: one(scrape(topo, n)[1], "fastlane_lease_renewal_failures_total") >= 1, 20
+            ), n.log()
         finally:
             etcd.start()
-        assert wait_until(lambda: one(scrape(topo, n)[1], "fastlane_etcd_connected") == 1, 30), n.log()
+        assert wait_until(lambda: one(scrape(topo, n)[1], "fastlane_etcd_connected") == 1, 30), (
+            n.log()
+        )
         _, m = scrape(topo, n)
         assert one(m, "fastlane_etcd_reconnects_total") == 1
         assert one(m, "fastlane_etcd_resyncs_total") >= 2
@@ -236,8 +269,13 @@ class _FakeBackend:
     engine = _FakeEngine()
 
     def counters(self):
-        return {"tx_packets": 7, "tx_bytes": 700, "drop_tx_no_route": 3, "drop_rx_malformed": 0,
-                "some_future_counter": 2}
+        return {
+            "tx_packets": 7,
+            "tx_bytes": 700,
+            "drop_tx_no_route": 3,
+            "drop_rx_malformed": 0,
+            "some_future_counter": 2,
+        }
 
 
 class _FakeDaemon:
@@ -269,7 +307,10 @@ def test_collector_before_start_up_and_with_an_engine():
     d = _FakeDaemon()
     d.backend = _FakeBackend()
     m = _render(d)
-    assert one(m, "fastlane_udp_tx_packets_total") == 7 and one(m, "fastlane_udp_tx_bytes_total") == 700
+    assert (
+        one(m, "fastlane_udp_tx_packets_total") == 7
+        and one(m, "fastlane_udp_tx_bytes_total") == 700
+    )
     assert one(m, "fastlane_udp_dropped_packets_total", reason="tx_no_route") == 3
     assert one(m, "fastlane_udp_dropped_packets_total", reason="rx_malformed") == 0
     assert one(m, "fastlane_udp_some_future_counter_total") == 2

@@ -72,7 +72,9 @@ def cluster(net_capable):
     etcd = None
     try:
         topo.setup()
-        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-nft-tests")
+        etcd = EtcdServer(
+            netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-nft-tests"
+        )
         etcd.start()
         yield topo, etcd
     finally:
@@ -115,8 +117,14 @@ def scratch_netns():
 
 
 def _nft(netns: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", netns, "nft", *args], capture_output=True,
-                          text=True, input=input, check=False, timeout=30)
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        check=False,
+        timeout=30,
+    )
 
 
 def _table_json(netns: str, family: str, table: str) -> list[dict] | None:
@@ -126,7 +134,9 @@ def _table_json(netns: str, family: str, table: str) -> list[dict] | None:
     out = []
     for item in json.loads(res.stdout)["nftables"]:
         if "metainfo" not in item:
-            out.append({k: {kk: vv for kk, vv in v.items() if kk != "handle"} for k, v in item.items()})
+            out.append(
+                {k: {kk: vv for kk, vv in v.items() if kk != "handle"} for k, v in item.items()}
+            )
     return out
 
 
@@ -148,11 +158,17 @@ def test_tables_are_flanneld_s(node, cluster, scratch_netns):
     assert res.returncode == 0, res.stderr
     assert wait_until(lambda: _table_json(ns, "ip", "flannel-ipv4") is not None, 10), n.log()
     assert _table_json(ns, "ip", "flannel-ipv4") == _table_json(scratch_netns, "ip", "flannel-ipv4")
-    assert _table_json(ns, "ip6", "flannel-ipv6") == _table_json(scratch_netns, "ip6", "flannel-ipv6")
+    assert _table_json(ns, "ip6", "flannel-ipv6") == _table_json(
+        scratch_netns, "ip6", "flannel-ipv6"
+    )
     # nft 1.0's JSON leaves comments out; the text listing has them.
     text = _nft(ns, "list", "ruleset").stdout
-    for comment in ("rules for flannel-ipv4", "rules for flannel-ipv6",
-                    "chain to manage traffic masquerading by flannel", "chain to accept flannel traffic"):
+    for comment in (
+        "rules for flannel-ipv4",
+        "rules for flannel-ipv6",
+        "chain to manage traffic masquerading by flannel",
+        "chain to accept flannel traffic",
+    ):
         assert f'comment "{comment}"' in text
     assert "type nat hook postrouting priority srcnat" in text
     assert "type filter hook forward priority filter" in text
@@ -177,7 +193,9 @@ def test_container_traffic_to_the_outside_is_masqueraded(node, cluster):
     n.wait_subnet_file()
     c = topo.add_container(0, n.subnet_file)
     outside = topo.hosts[1]
-    server = topo.popen(outside.netns, sys.executable, "-c", PEER, str(outside.ip), "7001", name="nft-peer")
+    server = topo.popen(
+        outside.netns, sys.executable, "-c", PEER, str(outside.ip), "7001", name="nft-peer"
+    )
     try:
         assert wait_until(lambda: "listening" in topo.log_tail("nft-peer"), 10)
         res = topo.run(c.netns, sys.executable, "-c", CONNECT, str(outside.ip), "7001", check=False)
@@ -203,8 +221,13 @@ def test_rules_restored_after_flush_and_delete(node, cluster):
     assert wait_until(lambda: _table_json(ns, "ip", "flannel-ipv4") == want, 10), n.log()
     assert wait_until(lambda: "nftables rules were missing; re-installed" in n.log(), 5), n.log()
     _nft(ns, "flush", "ruleset")  # everything gone, both tables
-    assert wait_until(lambda: _table_json(ns, "ip", "flannel-ipv4") == want
-                      and _table_json(ns, "ip6", "flannel-ipv6") is not None, 10), n.log()
+    assert wait_until(
+        lambda: (
+            _table_json(ns, "ip", "flannel-ipv4") == want
+            and _table_json(ns, "ip6", "flannel-ipv6") is not None
+        ),
+        10,
+    ), n.log()
     assert n.proc.poll() is None
 
 
@@ -221,15 +244,22 @@ def test_switch_iptables_to_nftables_and_back(node, cluster):
     b = node(NFT, "-ip-masq").start()
     b.wait_subnet_file()
     assert wait_until(lambda: _table_json(ns, "ip", "flannel-ipv4") is not None, 10), b.log()
-    assert wait_until(lambda: "FLANNEL" not in _iptables_save(topo, ns), 10), _iptables_save(topo, ns)
+    assert wait_until(lambda: "FLANNEL" not in _iptables_save(topo, ns), 10), _iptables_save(
+        topo, ns
+    )
     assert "removed iptables nat/FLANNEL-POSTRTG" in b.log()
     assert b.stop() == 0
     # And back: flannel's tables are deleted, the iptables chains return.
     c = node(IPT, "-ip-masq").start()
     c.wait_subnet_file()
     assert wait_until(lambda: "FLANNEL-POSTRTG" in _iptables_save(topo, ns), 10), c.log()
-    assert wait_until(lambda: _table_json(ns, "ip", "flannel-ipv4") is None
-                      and _table_json(ns, "ip6", "flannel-ipv6") is None, 10), c.log()
+    assert wait_until(
+        lambda: (
+            _table_json(ns, "ip", "flannel-ipv4") is None
+            and _table_json(ns, "ip6", "flannel-ipv6") is None
+        ),
+        10,
+    ), c.log()
 
 
 def test_nftables_only_host_with_ip_masq(node, cluster, tmp_path):
@@ -240,7 +270,8 @@ def test_nftables_only_host_with_ip_masq(node, cluster, tmp_path):
     (bindir / "nft").symlink_to(Path("/usr/sbin/nft"))
     env = {"PATH": f"{bindir}:/usr/bin:/bin"}
     assert not any(Path(d, "iptables").exists() for d in ("/usr/bin", "/bin")) or pytest.skip(
-        "iptables is in /usr/bin or /bin: cannot hide it")
+        "iptables is in /usr/bin or /bin: cannot hide it"
+    )
     n = node(NFT, "-ip-masq", env=env).start()
     n.wait_subnet_file()
     ns = topo.hosts[0].netns

@@ -17,27 +17,48 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastlane.engine import EngineError, Route
-
 from tests.engine_probe import ProbeEngine, coalesce
-from tests.packets import (IP, MTU, NET, TUN_ADDR, bad_csum, csum, ipv4, tcp_pseudo, tcp_segment,
-                           tcp_valid, tso_frame, udp_packet, vnet_hdr)
+from tests.packets import (
+    IP,
+    MTU,
+    NET,
+    TUN_ADDR,
+    bad_csum,
+    csum,
+    ipv4,
+    tcp_pseudo,
+    tcp_segment,
+    tcp_valid,
+    tso_frame,
+    udp_packet,
+    vnet_hdr,
+)
 
 
 @pytest.fixture
 def engine() -> ProbeEngine:
     e = ProbeEngine([], -1, MTU, TUN_ADDR, icmp_rate=1000, icmp_burst=1000)
-    e.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285),
-                  Route(NET("10.1.3.0/24"), IP("192.168.0.3"), 9000)])
+    e.set_routes(
+        [
+            Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285),
+            Route(NET("10.1.3.0/24"), IP("192.168.0.3"), 9000),
+        ]
+    )
     return e
 
 
 # ---------------------------------------------------------------- checksum
 
+
 @settings(max_examples=200, deadline=None)
-@given(size=st.integers(0, 600) | st.integers(0, 65535), seed=st.integers(0, 2**32),
-       offset=st.integers(0, 7))
-def test_checksum_matches_reference_at_any_length_and_alignment(size: int, seed: int,
-                                                                 offset: int) -> None:
+@given(
+    size=st.integers(0, 600) | st.integers(0, 65535),
+    seed=st.integers(0, 2**32),
+    offset=st.integers(0, 7),
+)
+def test_checksum_matches_reference_at_any_length_and_alignment(
+    size: int, seed: int, offset: int
+) -> None:
     """The C sum (scalar, and AVX2 from 256 bytes on) against RFC 1071 done in Python."""
     from tests._engine_test import ffi, lib
 
@@ -50,6 +71,7 @@ def test_checksum_matches_reference_at_any_length_and_alignment(size: int, seed:
 
 
 # ---------------------------------------------------------------- route lookup
+
 
 def reference_lookup(routes: list[tuple[int, int, int, int]], dst: int) -> tuple[int, int] | None:
     """Longest prefix wins; among duplicates of one prefix the last one given."""
@@ -65,13 +87,18 @@ def reference_lookup(routes: list[tuple[int, int, int, int]], dst: int) -> tuple
 
 
 route_st = st.tuples(
-    st.integers(0, 2**32 - 1), st.integers(0, 32), st.integers(1, 2**32 - 1),
-    st.integers(1, 65535))
+    st.integers(0, 2**32 - 1), st.integers(0, 32), st.integers(1, 2**32 - 1), st.integers(1, 65535)
+)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(routes=st.lists(route_st, max_size=40), probes=st.lists(st.integers(0, 2**32 - 1), max_size=20),
-       data=st.data())
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    routes=st.lists(route_st, max_size=40),
+    probes=st.lists(st.integers(0, 2**32 - 1), max_size=20),
+    data=st.data(),
+)
 def test_lookup_matches_longest_prefix_reference(routes, probes, data) -> None:
     e = ProbeEngine([], -1, MTU, TUN_ADDR)
     # Route() normalises to the network address, so give it masked nets
@@ -131,6 +158,7 @@ def test_route_swap_under_concurrent_lookups() -> None:
 
 # ---------------------------------------------------------------- encap verdicts
 
+
 def test_forward_decrements_ttl_with_valid_checksum(engine: ProbeEngine) -> None:
     pkt = udp_packet("10.1.1.5", "10.1.2.9", ttl=64)
     verdict, out, dest, icmp = engine.encap_verdict(pkt)
@@ -139,12 +167,23 @@ def test_forward_decrements_ttl_with_valid_checksum(engine: ProbeEngine) -> None
     assert out[:8] == pkt[:8] and out[9:10] == pkt[9:10] and out[12:] == pkt[12:]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ttl=st.integers(2, 255), tos=st.integers(0, 255), ident=st.integers(0, 65535),
-       size=st.integers(0, 1400), df=st.booleans(), proto=st.sampled_from([6, 17, 47, 0, 255]))
-def test_incremental_checksum_equals_recomputed(engine: ProbeEngine, ttl, tos, ident, size, df, proto) -> None:
-    pkt = ipv4("10.1.1.5", "10.1.3.1", bytes(size), ttl=ttl, tos=tos, ident=ident, df=df,
-               proto=proto)
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ttl=st.integers(2, 255),
+    tos=st.integers(0, 255),
+    ident=st.integers(0, 65535),
+    size=st.integers(0, 1400),
+    df=st.booleans(),
+    proto=st.sampled_from([6, 17, 47, 0, 255]),
+)
+def test_incremental_checksum_equals_recomputed(
+    engine: ProbeEngine, ttl, tos, ident, size, df, proto
+) -> None:
+    pkt = ipv4(
+        "10.1.1.5", "10.1.3.1", bytes(size), ttl=ttl, tos=tos, ident=ident, df=df, proto=proto
+    )
     verdict, out, dest, _ = engine.encap_verdict(pkt)
     assert verdict == "forward" and dest == (IP("192.168.0.3"), 9000)
     want = bytearray(pkt[:20])
@@ -202,22 +241,38 @@ def test_too_big_without_df_dropped_silently(engine: ProbeEngine) -> None:
     assert engine.encap_verdict(pkt)[::3] == ("drop_tx_oversize", b"")
 
 
-@pytest.mark.parametrize("pkt", [
-    # ICMP errors (dest unreachable, time exceeded) are never answered
-    ipv4("10.1.1.5", "10.9.9.9", bytes([3, 1, 0, 0]) + bytes(32), proto=1),
-    ipv4("10.1.1.5", "10.9.9.9", bytes([11, 0, 0, 0]) + bytes(32), proto=1),
-    # nor non-first fragments, nor odd sources
-    udp_packet("10.1.1.5", "10.9.9.9", frag_off=100),
-    udp_packet("0.0.0.0", "10.9.9.9"),
-    udp_packet("0.1.2.3", "10.9.9.9"),
-    udp_packet("127.0.0.1", "10.9.9.9"),
-    udp_packet("224.0.0.1", "10.9.9.9"),
-    udp_packet("240.0.0.1", "10.9.9.9"),
-    udp_packet("255.255.255.255", "10.9.9.9"),
-    udp_packet("10.1.1.5", "255.255.255.255"),
-], ids=["icmp-unreach", "icmp-time-exceeded", "fragment", "src-zero", "src-this-network",
-        "src-loopback", "src-multicast", "src-reserved", "src-bcast", "dst-bcast"])
-def test_no_icmp_about_icmp_errors_fragments_or_odd_addresses(engine: ProbeEngine, pkt: bytes) -> None:
+@pytest.mark.parametrize(
+    "pkt",
+    [
+        # ICMP errors (dest unreachable, time exceeded) are never answered
+        ipv4("10.1.1.5", "10.9.9.9", bytes([3, 1, 0, 0]) + bytes(32), proto=1),
+        ipv4("10.1.1.5", "10.9.9.9", bytes([11, 0, 0, 0]) + bytes(32), proto=1),
+        # nor non-first fragments, nor odd sources
+        udp_packet("10.1.1.5", "10.9.9.9", frag_off=100),
+        udp_packet("0.0.0.0", "10.9.9.9"),
+        udp_packet("0.1.2.3", "10.9.9.9"),
+        udp_packet("127.0.0.1", "10.9.9.9"),
+        udp_packet("224.0.0.1", "10.9.9.9"),
+        udp_packet("240.0.0.1", "10.9.9.9"),
+        udp_packet("255.255.255.255", "10.9.9.9"),
+        udp_packet("10.1.1.5", "255.255.255.255"),
+    ],
+    ids=[
+        "icmp-unreach",
+        "icmp-time-exceeded",
+        "fragment",
+        "src-zero",
+        "src-this-network",
+        "src-loopback",
+        "src-multicast",
+        "src-reserved",
+        "src-bcast",
+        "dst-bcast",
+    ],
+)
+def test_no_icmp_about_icmp_errors_fragments_or_odd_addresses(
+    engine: ProbeEngine, pkt: bytes
+) -> None:
     verdict, _, _, icmp = engine.encap_verdict(pkt)
     assert verdict == "drop_tx_no_route" and icmp == b""
 
@@ -248,7 +303,9 @@ def test_icmp_budget_is_per_source_and_frag_needed_has_its_own() -> None:
     e = ProbeEngine([], -1, MTU, TUN_ADDR, icmp_rate=1, icmp_burst=3)
     e.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285)])
     flooder = "10.1.1.5"
-    other = next(f"10.1.1.{i}" for i in range(6, 250) if _icmp_slot(f"10.1.1.{i}") != _icmp_slot(flooder))
+    other = next(
+        f"10.1.1.{i}" for i in range(6, 250) if _icmp_slot(f"10.1.1.{i}") != _icmp_slot(flooder)
+    )
     replies = [e.encap_verdict(udp_packet(flooder, "10.9.9.9"))[3] for _ in range(10)]
     assert sum(1 for r in replies if r) == 3
     verdict, _, _, icmp = e.encap_verdict(udp_packet(other, "10.9.9.9"))
@@ -260,14 +317,18 @@ def test_icmp_budget_is_per_source_and_frag_needed_has_its_own() -> None:
     assert c["icmp_sent"] == 5 and c["icmp_suppressed"] == 7
 
 
-@pytest.mark.parametrize("pkt,reason", [
-    (b"", "drop_tx_malformed"),
-    (b"\x60" + bytes(39), "drop_tx_not_ipv4"),
-    (b"\x45" + bytes(10), "drop_tx_malformed"),
-    (udp_packet("10.1.1.5", "10.1.2.9")[:-1], "drop_tx_malformed"),
-    (b"\x44" + udp_packet("10.1.1.5", "10.1.2.9")[1:], "drop_tx_malformed"),
-    (b"\x4f" + udp_packet("10.1.1.5", "10.1.2.9", size=0)[1:], "drop_tx_malformed"),
-], ids=["empty", "ipv6", "short", "total-length", "ihl-4", "ihl-past-end"])
+@pytest.mark.parametrize(
+    "pkt,reason",
+    [
+        (b"", "drop_tx_malformed"),
+        (b"\x60" + bytes(39), "drop_tx_not_ipv4"),
+        (b"\x45" + bytes(10), "drop_tx_malformed"),
+        (udp_packet("10.1.1.5", "10.1.2.9")[:-1], "drop_tx_malformed"),
+        (b"\x44" + udp_packet("10.1.1.5", "10.1.2.9")[1:], "drop_tx_malformed"),
+        (b"\x4f" + udp_packet("10.1.1.5", "10.1.2.9", size=0)[1:], "drop_tx_malformed"),
+    ],
+    ids=["empty", "ipv6", "short", "total-length", "ihl-4", "ihl-past-end"],
+)
 def test_encap_header_checks(engine: ProbeEngine, pkt: bytes, reason: str) -> None:
     assert engine.encap_verdict(pkt)[0] == reason
 
@@ -277,21 +338,37 @@ def test_encap_header_checks(engine: ProbeEngine, pkt: bytes, reason: str) -> No
 GOOD = udp_packet("10.1.2.9", "10.1.1.5")
 
 
-@pytest.mark.parametrize("pkt,src,reason", [
-    (GOOD, "192.168.0.2", "deliver"),
-    (GOOD, "192.168.0.3:9000", "deliver"),
-    (GOOD, "192.168.0.3", "drop_rx_source_port"),
-    (GOOD, "192.168.0.2:9000", "drop_rx_source_port"),
-    (GOOD, "192.168.0.99", "drop_rx_foreign_source"),
-    (b"\x60" + GOOD[1:], "192.168.0.2", "drop_rx_not_ipv4"),
-    (b"", "192.168.0.2", "drop_rx_malformed"),
-    (GOOD[:19], "192.168.0.2", "drop_rx_malformed"),
-    (GOOD[:-1], "192.168.0.2", "drop_rx_malformed"),
-    (GOOD + b"\0", "192.168.0.2", "drop_rx_malformed"),
-    (b"\x44" + GOOD[1:], "192.168.0.2", "drop_rx_malformed"),
-    (bad_csum(GOOD), "192.168.0.2", "drop_rx_bad_checksum"),
-], ids=["ok", "ok-other-peer", "other-peer-wrong-port", "wrong-port", "foreign", "ipv6", "empty", "short", "truncated", "trailing",
-        "ihl-4", "bad-checksum"])
+@pytest.mark.parametrize(
+    "pkt,src,reason",
+    [
+        (GOOD, "192.168.0.2", "deliver"),
+        (GOOD, "192.168.0.3:9000", "deliver"),
+        (GOOD, "192.168.0.3", "drop_rx_source_port"),
+        (GOOD, "192.168.0.2:9000", "drop_rx_source_port"),
+        (GOOD, "192.168.0.99", "drop_rx_foreign_source"),
+        (b"\x60" + GOOD[1:], "192.168.0.2", "drop_rx_not_ipv4"),
+        (b"", "192.168.0.2", "drop_rx_malformed"),
+        (GOOD[:19], "192.168.0.2", "drop_rx_malformed"),
+        (GOOD[:-1], "192.168.0.2", "drop_rx_malformed"),
+        (GOOD + b"\0", "192.168.0.2", "drop_rx_malformed"),
+        (b"\x44" + GOOD[1:], "192.168.0.2", "drop_rx_malformed"),
+        (bad_csum(GOOD), "192.168.0.2", "drop_rx_bad_checksum"),
+    ],
+    ids=[
+        "ok",
+        "ok-other-peer",
+        "other-peer-wrong-port",
+        "wrong-port",
+        "foreign",
+        "ipv6",
+        "empty",
+        "short",
+        "truncated",
+        "trailing",
+        "ihl-4",
+        "bad-checksum",
+    ],
+)
 def test_decap_checks(engine: ProbeEngine, pkt: bytes, src: str, reason: str) -> None:
     addr, _, port = src.partition(":")
     assert engine.decap_verdict(pkt, IP(addr), int(port or 8285)) == reason
@@ -301,15 +378,23 @@ def test_decap_inner_source_must_belong_to_the_sending_peer() -> None:
     """A peer may only send inner sources from its own subnets (or from outside the Network):
     never another peer's pods, never ours, never an unleased part of the Network."""
     e = ProbeEngine([], -1, MTU, TUN_ADDR, network=NET("10.1.0.0/16"))
-    e.set_routes([Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285),
-                  Route(NET("10.1.4.0/24"), IP("192.168.0.2"), 8285),
-                  Route(NET("10.1.3.0/24"), IP("192.168.0.3"), 8285)])
+    e.set_routes(
+        [
+            Route(NET("10.1.2.0/24"), IP("192.168.0.2"), 8285),
+            Route(NET("10.1.4.0/24"), IP("192.168.0.2"), 8285),
+            Route(NET("10.1.3.0/24"), IP("192.168.0.3"), 8285),
+        ]
+    )
     peer = IP("192.168.0.2")
-    for src, verdict in (("10.1.2.9", "deliver"), ("10.1.4.1", "deliver"),
-                         ("10.1.3.9", "drop_rx_inner_source"),   # the other peer's pod
-                         ("10.1.1.5", "drop_rx_inner_source"),   # one of ours
-                         ("10.1.200.1", "drop_rx_inner_source"),  # unleased
-                         ("192.0.2.1", "deliver"), ("10.2.0.1", "deliver")):  # outside
+    for src, verdict in (
+        ("10.1.2.9", "deliver"),
+        ("10.1.4.1", "deliver"),
+        ("10.1.3.9", "drop_rx_inner_source"),  # the other peer's pod
+        ("10.1.1.5", "drop_rx_inner_source"),  # one of ours
+        ("10.1.200.1", "drop_rx_inner_source"),  # unleased
+        ("192.0.2.1", "deliver"),
+        ("10.2.0.1", "deliver"),
+    ):  # outside
         assert e.decap_verdict(udp_packet(src, "10.1.1.5"), peer) == verdict, src
     assert e.counters()["drop_rx_inner_source"] == 3
     # with no Network known (a test engine) only the outer checks apply
@@ -319,8 +404,11 @@ def test_decap_inner_source_must_belong_to_the_sending_peer() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(routes=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 3)), max_size=12),
-       inner=st.integers(0, 2**32 - 1), sender=st.integers(1, 3))
+@given(
+    routes=st.lists(st.tuples(st.integers(0, 255), st.integers(1, 3)), max_size=12),
+    inner=st.integers(0, 2**32 - 1),
+    sender=st.integers(1, 3),
+)
 def test_decap_inner_source_matches_model(routes, inner, sender) -> None:
     """Property: delivered iff the inner source is outside the Network or its longest-prefix
     route leads to the sending peer."""
@@ -359,23 +447,35 @@ def test_drop_counters_exact(engine: ProbeEngine) -> None:
 
 # ---------------------------------------------------------------- hostile bytes
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.binary(max_size=2000))
 def test_hostile_bytes_never_crash(engine: ProbeEngine, data: bytes) -> None:
     engine.encap_verdict(data)
     assert engine.decap_verdict(data, IP("192.168.0.2")) in (
-        "deliver", "drop_rx_not_ipv4", "drop_rx_malformed", "drop_rx_bad_checksum")
+        "deliver",
+        "drop_rx_not_ipv4",
+        "drop_rx_malformed",
+        "drop_rx_bad_checksum",
+    )
     engine.split(data)
     coalesce([data, data])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(pos=st.lists(st.integers(0, 2000), max_size=6), vals=st.lists(st.integers(0, 255), min_size=6,
-       max_size=6), cut=st.integers(0, 2100))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pos=st.lists(st.integers(0, 2000), max_size=6),
+    vals=st.lists(st.integers(0, 255), min_size=6, max_size=6),
+    cut=st.integers(0, 2100),
+)
 def test_mutated_frames_never_crash(engine: ProbeEngine, pos, vals, cut) -> None:
     """Valid-looking vnet/TCP frames with a few bytes changed: split and coalesce survive."""
     mutable = bytearray(tso_frame(bytes(1500), 500))
-    for p, v in zip(pos, vals):
+    for p, v in zip(pos, vals, strict=False):
         if p < len(mutable):
             mutable[p] = v
     frame = bytes(mutable[:cut])
@@ -388,10 +488,17 @@ def test_mutated_frames_never_crash(engine: ProbeEngine, pos, vals, cut) -> None
 
 # ---------------------------------------------------------------- TSO split
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(size=st.integers(1, 65000), mss=st.integers(100, MTU - 40), flags=st.sampled_from(
-    [0x10, 0x18, 0x19, 0x98]), seed=st.integers(0, 1000),
-    ts=st.booleans())
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    size=st.integers(1, 65000),
+    mss=st.integers(100, MTU - 40),
+    flags=st.sampled_from([0x10, 0x18, 0x19, 0x98]),
+    seed=st.integers(0, 1000),
+    ts=st.booleans(),
+)
 def test_tso_split_gives_valid_mtu_packets(engine: ProbeEngine, size, mss, flags, seed, ts) -> None:
     options = b"\x01\x01\x08\x0a" + struct.pack("!II", 111, 222) if ts else b""
     if 40 + len(options) + size > 65535:
@@ -442,7 +549,7 @@ def test_split_refuses_unknown_gso_types(engine: ProbeEngine) -> None:
 
 def test_split_of_frame_without_route_drops(engine: ProbeEngine) -> None:
     frame = bytearray(tso_frame(bytes(3000), 1000))
-    frame[10 + 16:10 + 20] = IP("10.200.0.1").packed
+    frame[10 + 16 : 10 + 20] = IP("10.200.0.1").packed
     assert engine.split(bytes(frame)) == "drop_tx_no_route"
 
 
@@ -452,12 +559,24 @@ def test_split_with_oversized_segments_and_df_says_too_big(engine: ProbeEngine) 
 
 # ---------------------------------------------------------------- RX coalescing
 
-def stream(n: int, mss: int = 1000, seq: int = 100, last_psh: bool = True, **kw: Any) -> list[bytes]:
+
+def stream(
+    n: int, mss: int = 1000, seq: int = 100, last_psh: bool = True, **kw: Any
+) -> list[bytes]:
     out = []
     for i in range(n):
         flags = 0x18 if (last_psh and i == n - 1) else 0x10
-        out.append(tcp_segment("10.1.2.7", "10.1.1.5", seq + i * mss,
-                               bytes([i % 256]) * mss, flags=flags, ident=i, **kw))
+        out.append(
+            tcp_segment(
+                "10.1.2.7",
+                "10.1.1.5",
+                seq + i * mss,
+                bytes([i % 256]) * mss,
+                flags=flags,
+                ident=i,
+                **kw,
+            )
+        )
     return out
 
 
@@ -491,8 +610,7 @@ def test_coalesce_respects_flow_and_sequence_boundaries() -> None:
 
 def test_coalesce_never_merges_bad_checksums_or_after_psh_or_short() -> None:
     segs = stream(4, last_psh=False)
-    segs[2] = tcp_segment("10.1.2.7", "10.1.1.5", 2100, bytes([2]) * 1000, ident=2,
-                          good_csum=False)
+    segs[2] = tcp_segment("10.1.2.7", "10.1.1.5", 2100, bytes([2]) * 1000, ident=2, good_csum=False)
     frames = coalesce(segs)
     assert [len(parse_frame(f)[1]) for f in frames] == [2040, 1040, 1040]
     assert parse_frame(frames[1])[1] == segs[2]  # passed through untouched, the kernel drops it
@@ -525,7 +643,10 @@ def test_engine_changes_become_log_lines() -> None:
         e.decap_verdict(udp_packet("10.1.9.9", "10.1.1.5"), IP("192.168.0.77"))
     e.encap_verdict(udp_packet("10.1.1.5", "10.9.9.9"))
     lines = describe_changes(before, e.counters(), feats, {"gso": False, "tso": True})
-    assert lines == ["udp engine: gso off",
-                     "udp engine: drop_rx_foreign_source=+3 drop_tx_no_route=+1"]
-    assert describe_changes(e.counters(), e.counters(), {"gso": False}, {"gso": True}) == \
-        ["udp engine: gso on again"]
+    assert lines == [
+        "udp engine: gso off",
+        "udp engine: drop_rx_foreign_source=+3 drop_tx_no_route=+1",
+    ]
+    assert describe_changes(e.counters(), e.counters(), {"gso": False}, {"gso": True}) == [
+        "udp engine: gso on again"
+    ]

@@ -36,14 +36,16 @@ async def test_acquire_writes_flannels_key_and_value(store, prefix, etcd_server)
 
 async def test_fifty_concurrent_acquires_get_distinct_subnets(store, prefix):
     reg = Registry(store, prefix)
-    leases = await asyncio.gather(*(reg.acquire(CONFIG, attrs(f"192.168.7.{i}")) for i in range(1, 51)))
-    subnets = [l.subnet for l in leases]
+    leases = await asyncio.gather(
+        *(reg.acquire(CONFIG, attrs(f"192.168.7.{i}")) for i in range(1, 51))
+    )
+    subnets = [held.subnet for held in leases]
     assert len(set(subnets)) == 50
     for i, a in enumerate(subnets):
         assert CONFIG.fits(a)
-        assert not any(a.overlaps(b) for b in subnets[i + 1:])
+        assert not any(a.overlaps(b) for b in subnets[i + 1 :])
     listed, _, warnings = await reg.snapshot()
-    assert sorted(l.subnet for l in listed) == sorted(subnets) and warnings == []
+    assert sorted(held.subnet for held in listed) == sorted(subnets) and warnings == []
 
 
 async def test_restart_reuses_lease_by_public_ip(store, prefix):
@@ -68,7 +70,9 @@ async def test_previous_subnet_file_is_reused_when_free(store, prefix):
 
 async def test_lease_outside_config_is_deleted_and_replaced(store, prefix):
     reg = Registry(store, prefix)
-    await store.put(f"{prefix}/subnets/10.1.0.0-24", attrs("10.9.9.13").encode())  # first subnet: outside SubnetMin
+    await store.put(
+        f"{prefix}/subnets/10.1.0.0-24", attrs("10.9.9.13").encode()
+    )  # first subnet: outside SubnetMin
     lease = await reg.acquire(CONFIG, attrs("10.9.9.13"))
     assert lease.subnet != N("10.1.0.0/24")
     assert await store.get(f"{prefix}/subnets/10.1.0.0-24") is None
@@ -123,7 +127,7 @@ async def test_snapshot_and_watch_are_decoded_with_warnings_naming_the_key(store
     await store.put(sub + "not-a-subnet", b"{}")
     await store.put(sub + "10.1.2.0-24", b"junk")
     leases, revision, warnings = await reg.snapshot()
-    assert [l.subnet for l in leases] == [N("10.1.1.0/24")]
+    assert [held.subnet for held in leases] == [N("10.1.1.0/24")]
     assert leases[0].key == sub + "10.1.1.0-24" and leases[0].is_reservation
     assert sorted(w.key for w in warnings) == [sub + "10.1.2.0-24", sub + "not-a-subnet"]
     assert all(w.key in str(w) and w.mod_revision <= revision for w in warnings)
@@ -147,8 +151,6 @@ async def test_snapshot_and_watch_are_decoded_with_warnings_naming_the_key(store
     assert "10.1.4.0-24" in str(unreadable.warning)
     assert bad_key.subnet is None and bad_key.lease is None and "bad" in str(bad_key.warning)
     assert deleted.subnet == N("10.1.1.0/24") and deleted.lease is None and deleted.warning is None
-
-
 
 
 async def _start_watcher(store, prefix, own=None):
@@ -176,7 +178,7 @@ async def test_watcher_sees_peers_within_a_second_and_skips_garbage(store, prefi
         assert table.get(lease.subnet).attrs.public_ip == A("10.7.0.1")
         # Garbage from someone else: a bad key and a bad value, each warned about by name.
         await store.put(f"{prefix}/subnets/not-a-subnet", b"{}")
-        await store.put(f"{prefix}/subnets/10.1.99.0-24", b"{\"PublicIP\": 12}")
+        await store.put(f"{prefix}/subnets/10.1.99.0-24", b'{"PublicIP": 12}')
         await store.delete(lease.key)
         assert await wait_until_async(lambda: lease.subnet not in table, 1.0)
         assert N("10.1.99.0/24") not in table
@@ -212,16 +214,30 @@ async def test_watch_survives_etcd_restart_and_compaction(etcd, prefix):
         await asyncio.sleep(0.5)
         etcd.start()
         etcd.etcdctl("del", a.key)
-        etcd.etcdctl("put", f"{prefix}/subnets/10.1.50.0-24", json.dumps({"PublicIP": "10.6.0.2", "PublicIPv6": None}))
-        assert await wait_until_async(lambda: a.subnet not in table and N("10.1.50.0/24") in table, 15)
+        etcd.etcdctl(
+            "put",
+            f"{prefix}/subnets/10.1.50.0-24",
+            json.dumps({"PublicIP": "10.6.0.2", "PublicIPv6": None}),
+        )
+        assert await wait_until_async(
+            lambda: a.subnet not in table and N("10.1.50.0/24") in table, 15
+        )
         # Compaction while watching: put more, compact to head, the table still converges.
         for i in range(5):
-            etcd.etcdctl("put", f"{prefix}/subnets/10.1.{60 + i}.0-24", json.dumps({"PublicIP": f"10.6.1.{i}"}))
-        rev = json.loads(etcd.etcdctl("endpoint", "status", "-w", "json"))[0]["Status"]["header"]["revision"]
+            etcd.etcdctl(
+                "put",
+                f"{prefix}/subnets/10.1.{60 + i}.0-24",
+                json.dumps({"PublicIP": f"10.6.1.{i}"}),
+            )
+        rev = json.loads(etcd.etcdctl("endpoint", "status", "-w", "json"))[0]["Status"]["header"][
+            "revision"
+        ]
         etcd.etcdctl("compact", str(rev))
         etcd.etcdctl("del", f"{prefix}/subnets/10.1.60.0-24")
         want = {N(f"10.1.{60 + i}.0/24") for i in range(1, 5)} | {N("10.1.50.0/24")}
-        assert await wait_until_async(lambda: set(l.subnet for l in table.leases()) == want, 15)
+        assert await wait_until_async(
+            lambda: set(held.subnet for held in table.leases()) == want, 15
+        )
         assert not task.done()
         task.cancel()
     finally:
@@ -242,12 +258,16 @@ def attrs6(ip: str, ip6: str) -> LeaseAttrs:
     return LeaseAttrs(public_ip=A(ip), public_ipv6=A6(ip6))
 
 
-async def test_dual_stack_acquire_writes_one_flannel_key_with_both_subnets(store, prefix, etcd_server):
+async def test_dual_stack_acquire_writes_one_flannel_key_with_both_subnets(
+    store, prefix, etcd_server
+):
     reg = Registry(store, prefix)
     lease = await reg.acquire(DUAL, attrs6("172.31.14.97", "2001:db8::97"))
     assert DUAL.fits(lease.subnet) and DUAL.fits6(lease.ipv6_subnet)
-    key = (f"{prefix}/subnets/{lease.subnet.network_address}-24"
-           f"&{lease.ipv6_subnet.network_address.compressed}-64")
+    key = (
+        f"{prefix}/subnets/{lease.subnet.network_address}-24"
+        f"&{lease.ipv6_subnet.network_address.compressed}-64"
+    )
     assert lease.key == key
     keys = etcd_server.etcdctl("get", f"{prefix}/subnets/", "--prefix", "--keys-only").split()
     assert keys == [key]  # one key: both subnets were claimed in one transaction
@@ -271,23 +291,35 @@ async def test_ipv6_only_acquire_writes_flannels_empty_ipv4_part(store, prefix, 
 
 async def test_fifty_concurrent_dual_stack_acquires_get_distinct_pairs(store, prefix):
     reg = Registry(store, prefix)
-    leases = await asyncio.gather(*(reg.acquire(DUAL, attrs6(f"192.168.7.{i}", f"2001:db8::{i:x}"))
-                                    for i in range(1, 51)))
-    assert len({l.subnet for l in leases}) == 50 and len({l.ipv6_subnet for l in leases}) == 50
+    leases = await asyncio.gather(
+        *(reg.acquire(DUAL, attrs6(f"192.168.7.{i}", f"2001:db8::{i:x}")) for i in range(1, 51))
+    )
+    assert (
+        len({held.subnet for held in leases}) == 50
+        and len({held.ipv6_subnet for held in leases}) == 50
+    )
     listed, _, warnings = await reg.snapshot()
-    assert sorted(l.ident for l in listed) == sorted(l.ident for l in leases) and warnings == []
+    assert (
+        sorted(held.ident for held in listed) == sorted(held.ident for held in leases)
+        and warnings == []
+    )
 
 
 async def test_dual_stack_restart_reuses_both_by_public_ip_and_from_the_subnet_file(store, prefix):
     reg = Registry(store, prefix)
     first = await reg.acquire(DUAL, attrs6("10.9.9.9", "2001:db8::9"))
-    again = await reg.acquire(DUAL, attrs6("10.9.9.9", "2001:db8::9"), previous=N("10.1.200.0/24"),
-                              previous6=N6("fd00:1:0:200::/64"))
+    again = await reg.acquire(
+        DUAL,
+        attrs6("10.9.9.9", "2001:db8::9"),
+        previous=N("10.1.200.0/24"),
+        previous6=N6("fd00:1:0:200::/64"),
+    )
     assert again.ident == first.ident and again.etcd_lease != first.etcd_lease
     # the lease expired while the node was down: both subnets come back from subnet.env
     await store.delete(first.key)
-    back = await reg.acquire(DUAL, attrs6("10.9.9.9", "2001:db8::9"), previous=first.subnet,
-                             previous6=first.ipv6_subnet)
+    back = await reg.acquire(
+        DUAL, attrs6("10.9.9.9", "2001:db8::9"), previous=first.subnet, previous6=first.ipv6_subnet
+    )
     assert back.ident == first.ident and back.key == first.key
 
 
@@ -297,8 +329,9 @@ async def test_switching_ipv6_on_keeps_the_ipv4_subnet_and_off_drops_the_pair(st
     dual = await reg.acquire(DUAL, attrs6("10.9.9.20", "2001:db8::20"), previous=v4.subnet)
     assert dual.subnet == v4.subnet and DUAL.fits6(dual.ipv6_subnet)
     assert await store.get(v4.key) is None  # the IPv4-only key no longer fits: deleted
-    back = await reg.acquire(CONFIG, attrs("10.9.9.20"), previous=dual.subnet,
-                             previous6=dual.ipv6_subnet)
+    back = await reg.acquire(
+        CONFIG, attrs("10.9.9.20"), previous=dual.subnet, previous6=dual.ipv6_subnet
+    )
     assert back.subnet == v4.subnet and back.ipv6_subnet is None and back.key == v4.key
     assert await store.get(dual.key) is None
 
@@ -329,14 +362,21 @@ async def test_malformed_ipv6_leases_from_others_are_skipped_with_a_warning(stor
     sub = f"{prefix}/subnets/"
     good = attrs6("10.9.8.1", "2001:db8::81").encode()
     await store.put(sub + "10.1.1.0-24&fd00:1:0:1::-64", good)
-    await store.put(sub + "10.1.2.0-24&fd00:1:0:2::-64", b'{"PublicIP":"10.9.8.2","PublicIPv6":"nope"}')
+    await store.put(
+        sub + "10.1.2.0-24&fd00:1:0:2::-64", b'{"PublicIP":"10.9.8.2","PublicIPv6":"nope"}'
+    )
     await store.put(sub + "10.1.3.0-24&FD00:1:0:3::-64", good)  # flannel's regex: lower case only
     await store.put(sub + "10.1.4.0-24&fd00:1:0:4::1-64", good)  # host bits
     leases, revision, warnings = await reg.snapshot()
-    assert [l.ident for l in leases] == [(N("10.1.1.0/24"), N6("fd00:1:0:1::/64"))]
+    assert [held.ident for held in leases] == [(N("10.1.1.0/24"), N6("fd00:1:0:1::/64"))]
     assert sorted(w.key for w in warnings) == sorted(
-        sub + k for k in ("10.1.2.0-24&fd00:1:0:2::-64", "10.1.3.0-24&FD00:1:0:3::-64",
-                          "10.1.4.0-24&fd00:1:0:4::1-64"))
+        sub + k
+        for k in (
+            "10.1.2.0-24&fd00:1:0:2::-64",
+            "10.1.3.0-24&FD00:1:0:3::-64",
+            "10.1.4.0-24&fd00:1:0:4::1-64",
+        )
+    )
     assert all(w.key in str(w) and "\n" not in str(w) for w in warnings)
     # allocation steps around the readable pair and ignores the unreadable ones
     mine = await reg.acquire(DUAL, attrs6("10.9.8.9", "2001:db8::89"))
@@ -348,12 +388,16 @@ async def test_malformed_ipv6_leases_from_others_are_skipped_with_a_warning(stor
     events = []
     async with asyncio.timeout(5):
         async for batch in batches:
-            events += [e for e in batch if e.key.startswith(sub + "0.") or e.key.startswith(sub + "10.1.5")]
+            events += [
+                e for e in batch if e.key.startswith(sub + "0.") or e.key.startswith(sub + "10.1.5")
+            ]
             if len(events) >= 2:
                 break
     await batches.aclose()
     only6, bad = events
-    assert only6.ident == (None, N6("fd00:1:0:9::/64")) and only6.lease.attrs.public_ipv6 == A6("2001:db8::99")
+    assert only6.ident == (None, N6("fd00:1:0:9::/64")) and only6.lease.attrs.public_ipv6 == A6(
+        "2001:db8::99"
+    )
     assert bad.ident == (N("10.1.5.0/24"), N6("fd00:1:0:5::/64")) and bad.lease is None
     assert "PublicIPv6" in str(bad.warning)
 
@@ -368,7 +412,9 @@ async def test_watcher_keeps_a_dual_stack_lease_as_one_entry(store, prefix):
         assert len(table) == 1 and mine.ident not in table
         assert table.get(peer.ident).attrs.public_ipv6 == A6("2001:db8::41")
         # a v4-only key with the same IPv4 subnet is another lease, not an update of this one
-        await store.put(f"{prefix}/subnets/{peer.subnet.network_address}-24", attrs("10.7.0.42").encode())
+        await store.put(
+            f"{prefix}/subnets/{peer.subnet.network_address}-24", attrs("10.7.0.42").encode()
+        )
         assert await wait_until_async(lambda: len(table) == 2, 2.0)
         assert table.get(peer.ident).attrs.public_ip == A("10.7.0.41")
         await store.delete(peer.key)

@@ -3,7 +3,8 @@
 import ipaddress
 import os
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fastlane import subnetfile
 from fastlane.config import parse_config
@@ -12,8 +13,10 @@ from fastlane.config import parse_config
 def test_render_matches_flanneld(tmp_path):
     c = parse_config('{"Network":"10.5.0.0/16"}')
     text = subnetfile.render(c, ipaddress.IPv4Network("10.5.72.0/24"), 1472, False)
-    assert text == ("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n"
-                    "FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n")
+    assert text == (
+        "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n"
+        "FLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+    )
     path = tmp_path / "run" / "flannel" / "subnet.env"
     subnetfile.write(path, text)
     assert path.read_text() == text
@@ -25,8 +28,14 @@ def test_render_matches_flanneld(tmp_path):
 def test_previous_subnet_tolerates_garbage(tmp_path):
     p = tmp_path / "subnet.env"
     assert subnetfile.previous_subnet(p) is None
-    for junk in ["", "FLANNEL_SUBNET=", "FLANNEL_SUBNET=banana", "FLANNEL_SUBNET=10.1.2.3",
-                 "FLANNEL_SUBNET=fd00::1/64", "\x00\x01"]:
+    for junk in [
+        "",
+        "FLANNEL_SUBNET=",
+        "FLANNEL_SUBNET=banana",
+        "FLANNEL_SUBNET=10.1.2.3",
+        "FLANNEL_SUBNET=fd00::1/64",
+        "\x00\x01",
+    ]:
         p.write_text(junk)
         assert subnetfile.previous_subnet(p) is None
 
@@ -34,6 +43,7 @@ def test_previous_subnet_tolerates_garbage(tmp_path):
 @given(st.integers(0, 2**32 - 1), st.integers(8, 30), st.booleans())
 def test_previous_subnet_roundtrip(addr, plen, masq):
     import tempfile
+
     net = ipaddress.IPv4Network((addr, plen), strict=False)
     c = parse_config('{"Network":"10.0.0.0/8"}')
     with tempfile.TemporaryDirectory() as d:
@@ -54,12 +64,17 @@ N6 = ipaddress.IPv6Network
 
 
 def test_dual_stack_file_is_flannels_byte_for_byte(tmp_path):
-    c = parse_config('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"2001:cafe:42::/56"}')
-    text = subnetfile.render(c, ipaddress.IPv4Network("10.5.72.0/24"), 1450, True,
-                             N6("2001:cafe:42::/64"))
-    assert text == ("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n"
-                    "FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\nFLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n"
-                    "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+    c = parse_config(
+        '{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"2001:cafe:42::/56"}'
+    )
+    text = subnetfile.render(
+        c, ipaddress.IPv4Network("10.5.72.0/24"), 1450, True, N6("2001:cafe:42::/64")
+    )
+    assert text == (
+        "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n"
+        "FLANNEL_IPV6_NETWORK=2001:cafe:42::/56\nFLANNEL_IPV6_SUBNET=2001:cafe:42::1/64\n"
+        "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
+    )
     path = tmp_path / "subnet.env"
     subnetfile.write(path, text)
     assert subnetfile.previous_subnet(path) == ipaddress.IPv4Network("10.5.72.0/24")
@@ -69,13 +84,17 @@ def test_dual_stack_file_is_flannels_byte_for_byte(tmp_path):
 def test_ipv6_only_file_has_no_ipv4_lines():
     c = parse_config('{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}')
     text = subnetfile.render(c, None, 1280, False, N6("fd00:10:244:7::/64"))
-    assert text == ("FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n"
-                    "FLANNEL_MTU=1280\nFLANNEL_IPMASQ=false\n")
+    assert text == (
+        "FLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:7::1/64\n"
+        "FLANNEL_MTU=1280\nFLANNEL_IPMASQ=false\n"
+    )
 
 
 def test_ipv6_lines_only_when_the_config_enables_ipv6():
     c = parse_config('{"Network":"10.5.0.0/16","IPv6Network":"fd00::/48"}')  # EnableIPv6 false
-    text = subnetfile.render(c, ipaddress.IPv4Network("10.5.72.0/24"), 1450, False, N6("fd00:0:0:1::/64"))
+    text = subnetfile.render(
+        c, ipaddress.IPv4Network("10.5.72.0/24"), 1450, False, N6("fd00:0:0:1::/64")
+    )
     assert "IPV6" not in text
 
 
@@ -103,6 +122,7 @@ def test_previous_ipv6_subnet_as_flanneld_reads_it(tmp_path):
 @given(st.integers(0, 2**128 - 1), st.integers(1, 126), st.integers(0, 2**32 - 1), st.booleans())
 def test_dual_stack_previous_subnets_roundtrip(addr6, plen6, addr4, masq):
     import tempfile
+
     net6 = N6((addr6, plen6), strict=False)
     net4 = ipaddress.IPv4Network((addr4, 24), strict=False)
     c = parse_config('{"Network":"10.0.0.0/8","EnableIPv6":true,"IPv6Network":"fd00::/8"}')

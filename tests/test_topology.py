@@ -23,7 +23,9 @@ from fastlane.config import parse_config
 
 
 def netns_names() -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ip", "netns", "list"], check=False, capture_output=True, text=True
+    ).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
@@ -44,12 +46,38 @@ def test_hosts_reach_each_other_over_the_underlay(topology) -> None:
     h0, h1, h2 = topo.hosts
     assert topo.ping(h0.netns, h1.ip) and topo.ping(h2.netns, h0.ip)
     # the configured MTU carries a full-size packet with DF set
-    res = topo.run(h1.netns, "ping", "-n", "-q", "-c", "1", "-M", "do", "-s", str(9000 - 28),
-                   str(h2.ip), check=False)
+    res = topo.run(
+        h1.netns,
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        "1",
+        "-M",
+        "do",
+        "-s",
+        str(9000 - 28),
+        str(h2.ip),
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     # ... and one byte more does not
-    res = topo.run(h1.netns, "ping", "-n", "-q", "-c", "1", "-W", "1", "-M", "do",
-                   "-s", str(9000 - 27), str(h2.ip), check=False)
+    res = topo.run(
+        h1.netns,
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        "-M",
+        "do",
+        "-s",
+        str(9000 - 27),
+        str(h2.ip),
+        check=False,
+    )
     assert res.returncode != 0
     assert topo.run(h0.netns, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
     assert "mtu 9000" in topo.ip(h0.netns, "link", "show", "eth0")
@@ -86,9 +114,17 @@ def test_teardown_leaves_nothing_and_kills_only_its_processes() -> None:
             out = topo.run(topo.hosts[0].netns, "sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!")
             grandchild = int(out.stdout)
             assert {ns for ns in netns_names() if ns.startswith(topo.prefix)} == {
-                topo.switch_netns, topo.hosts[0].netns, topo.hosts[1].netns}
+                topo.switch_netns,
+                topo.hosts[0].netns,
+                topo.hosts[1].netns,
+            }
         assert proc.poll() is not None
-        assert subprocess.run(["kill", "-0", str(grandchild)], check=False, capture_output=True).returncode != 0
+        assert (
+            subprocess.run(
+                ["kill", "-0", str(grandchild)], check=False, capture_output=True
+            ).returncode
+            != 0
+        )
         assert_gone(topo)
         assert outsider.poll() is None  # not ours: untouched
     finally:
@@ -166,9 +202,14 @@ def test_cleanup_stale_removes_a_killed_run_and_spares_live_ones(net_capable) ->
         assert {f"{prefix}sw", f"{prefix}h0", f"{prefix}h1"} <= set(removed)
         assert not any(ns.startswith(prefix) for ns in netns_names())
         time.sleep(0.1)
-        assert subprocess.run(["kill", "-0", str(sleeper)], check=False, capture_output=True).returncode != 0
+        assert (
+            subprocess.run(
+                ["kill", "-0", str(sleeper)], check=False, capture_output=True
+            ).returncode
+            != 0
+        )
         # the live topology of this process was spared
-        assert live.ping(live.hosts[0].netns, live.switch_ip)
+        assert live.switch_ip is not None and live.ping(live.hosts[0].netns, live.switch_ip)
     finally:
         if child.poll() is None:
             child.kill()

@@ -12,7 +12,8 @@ import textwrap
 
 import pytest
 
-from tests.daemon_helpers import overlay as daemon_overlay, wait_until
+from tests.daemon_helpers import overlay as daemon_overlay
+from tests.daemon_helpers import wait_until
 
 UDP = '{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
 
@@ -77,16 +78,29 @@ def test_ping_both_ways_at_overlay_mtu(overlay):
     assert topo.wait_ping(a.netns, b.ip, 20), "no connectivity c0 -> c1"
     assert topo.ping(b.netns, a.ip, count=3)
     # The largest packet that fits the overlay MTU, with DF: must pass unfragmented.
-    res = topo.run(a.netns, "ping", "-n", "-c", "3", "-M", "do", "-s", str(1472 - 28), str(b.ip), check=False)
+    res = topo.run(
+        a.netns, "ping", "-n", "-c", "3", "-M", "do", "-s", str(1472 - 28), str(b.ip), check=False
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def _transfer(topo, src, dst, size, mss=0, port=5001):
-    sink = topo.popen(dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"sink{port}")
+    sink = topo.popen(
+        dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"sink{port}"
+    )
     try:
         assert wait_until(lambda: "listening" in topo.log_tail(f"sink{port}"), 10)
-        res = topo.run(src.netns, sys.executable, "-c", SOURCE, str(dst.ip), str(port), str(size), str(mss),
-                       timeout=180)
+        res = topo.run(
+            src.netns,
+            sys.executable,
+            "-c",
+            SOURCE,
+            str(dst.ip),
+            str(port),
+            str(size),
+            str(mss),
+            timeout=180,
+        )
         assert wait_until(lambda: len(topo.log_tail(f"sink{port}").split()) >= 3, 30)
         return res.stdout.split(), topo.log_tail(f"sink{port}").split()[-2:]
     finally:
@@ -119,7 +133,9 @@ def test_third_host_joins_and_leaves(overlay):
         key = f"/coreos.com/network/subnets/{n2.wait_subnet_file()['FLANNEL_SUBNET'][:-5]}.0-24"
         etcd.etcdctl("del", key)
         assert wait_until(lambda: "removed" in nodes[0].log(), 5)
-        res = topo.run(_c(topo, 0).netns, "ping", "-n", "-c", "1", "-W", "2", str(c2.ip), check=False)
+        res = topo.run(
+            _c(topo, 0).netns, "ping", "-n", "-c", "1", "-W", "2", str(c2.ip), check=False
+        )
         assert res.returncode != 0
         assert "Unreachable" in res.stdout, res.stdout
     finally:

@@ -12,7 +12,7 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastlane.lease import Lease, LeaseAttrs
+from fastlane.lease import Lease, LeaseAttrs, LeaseId
 from fastlane.registry import LeaseEvent, LeaseWarning
 from fastlane.watcher import OwnChange, plan_batch, plan_snapshot
 
@@ -66,8 +66,12 @@ def test_own_change_is_a_string_for_older_callers() -> None:
     assert OwnChange.DELETED == "deleted" and OwnChange.CHANGED == "changed"
 
 
-events = st.lists(st.tuples(st.sampled_from(["put", "delete", "unreadable"]),
-                            st.integers(1, 6), st.integers(1, 4)), max_size=30)
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "delete", "unreadable"]), st.integers(1, 6), st.integers(1, 4)
+    ),
+    max_size=30,
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -75,9 +79,13 @@ events = st.lists(st.tuples(st.sampled_from(["put", "delete", "unreadable"]),
 def test_applying_a_batch_equals_replaying_it_one_event_at_a_time(start, batch) -> None:
     """Property: the table after plan_batch's puts/deletes is what replaying every event in
     order would give, minus our own subnet, whose fate is the last differing event."""
-    table = {(N(f"10.1.{t}.0/24"), None): lease(t, h) for t, h in start.items()}
-    evs = [put(t, h) if kind == "put" else delete(t) if kind == "delete" else unreadable(t)
-           for kind, t, h in batch]
+    table: dict[LeaseId, Lease] = {
+        (N(f"10.1.{t}.0/24"), None): lease(t, h) for t, h in start.items()
+    }
+    evs = [
+        put(t, h) if kind == "put" else delete(t) if kind == "delete" else unreadable(t)
+        for kind, t, h in batch
+    ]
     plan = plan_batch(evs, OWN)
     got = dict(table)
     for subnet in plan.deletes:
@@ -110,9 +118,15 @@ def test_a_dual_stack_lease_is_one_entry_keyed_by_both_subnets() -> None:
     attrs = LeaseAttrs(public_ip=A("192.168.0.7"), public_ipv6=ipaddress.IPv6Address("fd00::7"))
     dual = Lease(N("10.1.7.0/24"), attrs, ipv6_subnet=N6("fd00:1:0:7::/64"))
     only4 = Lease(N("10.1.7.0/24"), attrs)
-    only6 = Lease(None, LeaseAttrs(public_ip=A("0.0.0.0"), public_ipv6=ipaddress.IPv6Address("fd00::8")),
-                  ipv6_subnet=N6("fd00:1:0:8::/64"))
-    evs = [LeaseEvent("/k/a", 1, l.subnet, l, ipv6_subnet=l.ipv6_subnet) for l in (dual, only4, only6)]
+    only6 = Lease(
+        None,
+        LeaseAttrs(public_ip=A("0.0.0.0"), public_ipv6=ipaddress.IPv6Address("fd00::8")),
+        ipv6_subnet=N6("fd00:1:0:8::/64"),
+    )
+    evs = [
+        LeaseEvent("/k/a", 1, held.subnet, held, ipv6_subnet=held.ipv6_subnet)
+        for held in (dual, only4, only6)
+    ]
     plan = plan_batch(evs, OWN)
     assert plan.puts == {dual.ident: dual, only4.ident: only4, only6.ident: only6}
     gone = plan_batch([LeaseEvent("/k/a", 2, dual.subnet, None, ipv6_subnet=dual.ipv6_subnet)], OWN)

@@ -25,8 +25,9 @@ def wait_until(pred: Callable[[], object], timeout: float = 15.0, interval: floa
     return bool(pred())
 
 
-async def wait_until_async(pred: Callable[[], object], timeout: float = 3.0,
-                           interval: float = 0.02) -> bool:
+async def wait_until_async(
+    pred: Callable[[], object], timeout: float = 3.0, interval: float = 0.02
+) -> bool:
     """wait_until for coroutines: sleeps on the event loop between polls; pred may be a
     coroutine function (e.g. an etcd read)."""
 
@@ -45,8 +46,9 @@ async def wait_until_async(pred: Callable[[], object], timeout: float = 3.0,
     return await verdict()
 
 
-def poll_value(read: Callable[[], T], done: Callable[[T], bool], timeout: float = 15.0,
-               interval: float = 0.05) -> T:
+def poll_value(
+    read: Callable[[], T], done: Callable[[T], bool], timeout: float = 15.0, interval: float = 0.05
+) -> T:
     """Read a value until done(value) holds or timeout passes; the last value read (so the
     caller's assert shows what it was)."""
     end = time.monotonic() + timeout

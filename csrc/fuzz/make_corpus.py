@@ -6,6 +6,7 @@ input in the layout the harness's header comment describes: well-formed packets 
 checksums, each drop reason, TSO frames and TCP runs that split or merge, and event streams for
 whole TX/RX rounds, so the fuzzer starts past the checks a random input never gets through.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,10 +15,10 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "corpus"
 
-ROUTED = "10.1.2.3"      # fuzz harnesses: 10.1.2/24 -> 192.0.2.3 (packet) / 127.0.0.4 (rounds)
+ROUTED = "10.1.2.3"  # fuzz harnesses: 10.1.2/24 -> 192.0.2.3 (packet) / 127.0.0.4 (rounds)
 UNROUTED = "192.168.7.7"
-SRC = "10.1.0.5"         # inside the flannel Network 10/8
-PEER_SRC = "10.7.0.9"    # an inner source the fuzz_rounds peer 127.0.0.2 (10/8) may send from
+SRC = "10.1.0.5"  # inside the flannel Network 10/8
+PEER_SRC = "10.7.0.9"  # an inner source the fuzz_rounds peer 127.0.0.2 (10/8) may send from
 
 
 def ip(a: str) -> bytes:
@@ -33,14 +34,29 @@ def csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def ipv4(src: str, dst: str, payload: bytes, *, proto: int = 17, ttl: int = 64, ident: int = 1,
-         df: bool = False, frag: int = 0, options: bytes = b"", tos: int = 0,
-         total: int | None = None) -> bytes:
+def ipv4(
+    src: str,
+    dst: str,
+    payload: bytes,
+    *,
+    proto: int = 17,
+    ttl: int = 64,
+    ident: int = 1,
+    df: bool = False,
+    frag: int = 0,
+    options: bytes = b"",
+    tos: int = 0,
+    total: int | None = None,
+) -> bytes:
     ihl = 5 + len(options) // 4
     flags = (0x4000 if df else 0) | frag
     tot = ihl * 4 + len(payload) if total is None else total
-    h = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, tos, tot, ident, flags, ttl, proto, 0, ip(src),
-                    ip(dst)) + options
+    h = (
+        struct.pack(
+            "!BBHHHBBH4s4s", 0x40 | ihl, tos, tot, ident, flags, ttl, proto, 0, ip(src), ip(dst)
+        )
+        + options
+    )
     h = h[:10] + struct.pack("!H", csum(h)) + h[12:]
     return h + payload
 
@@ -50,13 +66,25 @@ def udp(src: str, dst: str, size: int = 32, **kw) -> bytes:
     return ipv4(src, dst, struct.pack("!HHHH", 1234, 5678, 8 + size, 0) + body, **kw)
 
 
-def tcp(src: str, dst: str, seq: int, payload: bytes, *, flags: int = 0x10, options: bytes = b"",
-        good: bool = True, partial: bool = False, **kw) -> bytes:
+def tcp(
+    src: str,
+    dst: str,
+    seq: int,
+    payload: bytes,
+    *,
+    flags: int = 0x10,
+    options: bytes = b"",
+    good: bool = True,
+    partial: bool = False,
+    **kw,
+) -> bytes:
     """A TCP segment; partial=True leaves only the pseudo-header sum in the checksum field,
     as a NEEDS_CSUM frame from a TUN has it."""
     doff = (20 + len(options)) // 4
-    t = struct.pack("!HHIIBBHHH", 40000, 5201, seq & 0xFFFFFFFF, 1000, doff << 4, flags, 512, 0,
-                    0) + options
+    t = (
+        struct.pack("!HHIIBBHHH", 40000, 5201, seq & 0xFFFFFFFF, 1000, doff << 4, flags, 512, 0, 0)
+        + options
+    )
     pseudo = ip(src) + ip(dst) + struct.pack("!BBH", 0, 6, len(t) + len(payload))
     if partial:
         c = ~csum(pseudo) & 0xFFFF
@@ -66,10 +94,24 @@ def tcp(src: str, dst: str, seq: int, payload: bytes, *, flags: int = 0x10, opti
     return ipv4(src, dst, t + payload, proto=6, df=True, **kw)
 
 
-def vnet(flags: int = 0, gso_type: int = 0, hdr_len: int = 0, gso_size: int = 0,
-         csum_start: int = 0, csum_offset: int = 0, little: bool = True) -> bytes:
-    return struct.pack("<BBHHHH" if little else "!BBHHHH", flags, gso_type, hdr_len, gso_size,
-                       csum_start, csum_offset)
+def vnet(
+    flags: int = 0,
+    gso_type: int = 0,
+    hdr_len: int = 0,
+    gso_size: int = 0,
+    csum_start: int = 0,
+    csum_offset: int = 0,
+    little: bool = True,
+) -> bytes:
+    return struct.pack(
+        "<BBHHHH" if little else "!BBHHHH",
+        flags,
+        gso_type,
+        hdr_len,
+        gso_size,
+        csum_start,
+        csum_offset,
+    )
 
 
 def payload(n: int, seed: int = 0) -> bytes:
@@ -79,8 +121,17 @@ def payload(n: int, seed: int = 0) -> bytes:
 TS = b"\x01\x01\x08\x0a" + b"\x00\x00\x00\x01\x00\x00\x00\x02"  # NOP NOP timestamps
 
 
-def tso(size: int, mss: int, *, flags: int = 0x18, dst: str = ROUTED, options: bytes = b"",
-        gso_type: int = 1, df: bool = True, ttl: int = 64) -> tuple[bytes, bytes]:
+def tso(
+    size: int,
+    mss: int,
+    *,
+    flags: int = 0x18,
+    dst: str = ROUTED,
+    options: bytes = b"",
+    gso_type: int = 1,
+    df: bool = True,
+    ttl: int = 64,
+) -> tuple[bytes, bytes]:
     """(vnet header, packet) of a TSO frame as a TUN with TSO hands it over."""
     p = tcp(SRC, dst, 5000, payload(size), flags=flags, options=options, partial=True, ttl=ttl)
     if not df:
@@ -92,11 +143,21 @@ def tso(size: int, mss: int, *, flags: int = 0x18, dst: str = ROUTED, options: b
 
 
 def stream(n: int, mss: int = 1000, seq: int = 100, last_psh: bool = True, **kw) -> list[bytes]:
-    return [tcp(PEER_SRC, "10.0.0.1", seq + i * mss, payload(mss, i),
-                flags=0x18 if (last_psh and i == n - 1) else 0x10, **kw) for i in range(n)]
+    return [
+        tcp(
+            PEER_SRC,
+            "10.0.0.1",
+            seq + i * mss,
+            payload(mss, i),
+            flags=0x18 if (last_psh and i == n - 1) else 0x10,
+            **kw,
+        )
+        for i in range(n)
+    ]
 
 
 # ------------------------------------------------------------------ fuzz_packet
+
 
 def packet_seeds() -> dict[str, bytes]:
     s: dict[str, bytes] = {}
@@ -107,10 +168,16 @@ def packet_seeds() -> dict[str, bytes]:
     s["csum-ones"] = bytes([0, 0]) + b"\xff" * 600
     # 1 ip_check
     good = udp(SRC, ROUTED)
-    for name, p in [("ok", good), ("ipv6", b"\x60" + good[1:]), ("short", good[:19]),
-                    ("ihl4", b"\x44" + good[1:]), ("ihl15", b"\x4f" + good[1:]),
-                    ("tot-long", good + b"xx"), ("tot-short", good[:-1]),
-                    ("options", ipv4(SRC, ROUTED, b"abcd", options=b"\x01\x01\x01\x00"))]:
+    for name, p in [
+        ("ok", good),
+        ("ipv6", b"\x60" + good[1:]),
+        ("short", good[:19]),
+        ("ihl4", b"\x44" + good[1:]),
+        ("ihl15", b"\x4f" + good[1:]),
+        ("tot-long", good + b"xx"),
+        ("tot-short", good[:-1]),
+        ("options", ipv4(SRC, ROUTED, b"abcd", options=b"\x01\x01\x01\x00")),
+    ]:
         s[f"ipcheck-{name}"] = bytes([1, 1]) + p
         if name.startswith("tot"):
             s[f"ipcheck-{name}-loose"] = bytes([1, 0]) + p
@@ -151,12 +218,14 @@ def packet_seeds() -> dict[str, bytes]:
     # 4 vnet_csum: the packet carries only the pseudo-header sum where NEEDS_CSUM points
     u = udp(SRC, ROUTED, 40)
     t = tcp(SRC, ROUTED, 1, payload(300), partial=True)
-    for name, v, p in [("udp", vnet(1, 0, 0, 0, 20, 6, False), u),
-                       ("tcp", vnet(1, 0, 0, 0, 20, 16, False), t),
-                       ("past-end", vnet(1, 0, 0, 0, 20, 400, False), u),
-                       ("start-past-end", vnet(1, 0, 0, 0, 9000, 0, False), u),
-                       ("odd", vnet(1, 0, 0, 0, 21, 5, False), u),
-                       ("no-flag", vnet(0, 0, 0, 0, 20, 6, False), u)]:
+    for name, v, p in [
+        ("udp", vnet(1, 0, 0, 0, 20, 6, False), u),
+        ("tcp", vnet(1, 0, 0, 0, 20, 16, False), t),
+        ("past-end", vnet(1, 0, 0, 0, 20, 400, False), u),
+        ("start-past-end", vnet(1, 0, 0, 0, 9000, 0, False), u),
+        ("odd", vnet(1, 0, 0, 0, 21, 5, False), u),
+        ("no-flag", vnet(0, 0, 0, 0, 20, 6, False), u),
+    ]:
         s[f"vnet-{name}"] = bytes([4]) + v + p
     # 5 split: frames as the TUN gives them (vnet header little endian, as the engine reads it)
     frames = {
@@ -191,20 +260,25 @@ def packet_seeds() -> dict[str, bytes]:
     s["coalesce-ts"] = coalesce(stream(6, 1000, options=TS))
     s["coalesce-psh-middle"] = coalesce(stream(3, last_psh=True) + stream(3, seq=3100))
     s["coalesce-gap"] = coalesce(stream(3) + stream(3, seq=9000))
-    s["coalesce-short-last"] = coalesce(stream(4, last_psh=False) +
-                                        [tcp(PEER_SRC, "10.0.0.1", 4100, payload(10))])
-    s["coalesce-bad-csum"] = coalesce(stream(2, last_psh=False) +
-                                      [tcp(PEER_SRC, "10.0.0.1", 2100, payload(1000), good=False)])
-    s["coalesce-two-flows"] = coalesce([x for pair in zip(stream(4), stream(4, seq=7)) for x in pair])
+    s["coalesce-short-last"] = coalesce(
+        stream(4, last_psh=False) + [tcp(PEER_SRC, "10.0.0.1", 4100, payload(10))]
+    )
+    s["coalesce-bad-csum"] = coalesce(
+        stream(2, last_psh=False) + [tcp(PEER_SRC, "10.0.0.1", 2100, payload(1000), good=False)]
+    )
+    s["coalesce-two-flows"] = coalesce(
+        [x for pair in zip(stream(4), stream(4, seq=7), strict=False) for x in pair]
+    )
     s["coalesce-mixed"] = coalesce([udp(SRC, "10.0.0.1"), *stream(3, last_psh=False), b"", b"\x45"])
     s["coalesce-64k"] = coalesce(stream(50, 1400, last_psh=False))
     # 7 icmp: type, code, mtu, then the packet it is about
-    for name, hdr, p in [("unreach", b"\x03\x00\x00\x00", udp(SRC, UNROUTED)),
-                         ("ttl", b"\x0b\x00\x00\x00", udp(SRC, ROUTED, ttl=1)),
-                         ("frag", b"\x03\x04" + b(">H", 1400), udp(SRC, ROUTED, 1400, df=True)),
-                         ("options", b"\x03\x00\x00\x00",
-                          ipv4(SRC, UNROUTED, b"12345678", options=b"\x01" * 40)),
-                         ("header-only", b"\x03\x00\x00\x00", ipv4(SRC, UNROUTED, b""))]:
+    for name, hdr, p in [
+        ("unreach", b"\x03\x00\x00\x00", udp(SRC, UNROUTED)),
+        ("ttl", b"\x0b\x00\x00\x00", udp(SRC, ROUTED, ttl=1)),
+        ("frag", b"\x03\x04" + b(">H", 1400), udp(SRC, ROUTED, 1400, df=True)),
+        ("options", b"\x03\x00\x00\x00", ipv4(SRC, UNROUTED, b"12345678", options=b"\x01" * 40)),
+        ("header-only", b"\x03\x00\x00\x00", ipv4(SRC, UNROUTED, b"")),
+    ]:
         s[f"icmp-{name}"] = bytes([7]) + hdr + p
 
     def routes(rs: list[tuple[str, int, str, int]], probes: list[str]) -> bytes:
@@ -213,19 +287,35 @@ def packet_seeds() -> dict[str, bytes]:
             out += ip(net) + bytes([ln]) + ip(hop) + b(">H", port)
         return out + b"".join(ip(p) for p in probes)
 
-    s["routes-flannel"] = routes([(f"10.5.{i}.0", 24, f"192.0.2.{i + 1}", 8285) for i in range(8)],
-                                 ["10.5.3.9", "10.5.9.1"])
-    s["routes-nested"] = routes([("0.0.0.0", 0, "192.0.2.9", 1), ("10.0.0.0", 8, "192.0.2.1", 2),
-                                 ("10.1.0.0", 16, "192.0.2.2", 3), ("10.1.2.3", 32, "192.0.2.3", 4)],
-                                ["10.1.2.3", "10.1.2.4", "10.9.9.9", "8.8.8.8"])
-    s["routes-duplicates"] = routes([("10.1.0.0", 16, "192.0.2.1", 1), ("10.1.255.0", 16, "192.0.2.2", 2),
-                                     ("10.1.0.0", 16, "192.0.2.3", 3)], ["10.1.0.1"])
-    s["routes-bad-len"] = routes([("10.1.0.0", 16, "192.0.2.1", 1), ("10.2.0.0", 0xa1, "192.0.2.2", 2)], [])
+    s["routes-flannel"] = routes(
+        [(f"10.5.{i}.0", 24, f"192.0.2.{i + 1}", 8285) for i in range(8)], ["10.5.3.9", "10.5.9.1"]
+    )
+    s["routes-nested"] = routes(
+        [
+            ("0.0.0.0", 0, "192.0.2.9", 1),
+            ("10.0.0.0", 8, "192.0.2.1", 2),
+            ("10.1.0.0", 16, "192.0.2.2", 3),
+            ("10.1.2.3", 32, "192.0.2.3", 4),
+        ],
+        ["10.1.2.3", "10.1.2.4", "10.9.9.9", "8.8.8.8"],
+    )
+    s["routes-duplicates"] = routes(
+        [
+            ("10.1.0.0", 16, "192.0.2.1", 1),
+            ("10.1.255.0", 16, "192.0.2.2", 2),
+            ("10.1.0.0", 16, "192.0.2.3", 3),
+        ],
+        ["10.1.0.1"],
+    )
+    s["routes-bad-len"] = routes(
+        [("10.1.0.0", 16, "192.0.2.1", 1), ("10.2.0.0", 0xA1, "192.0.2.2", 2)], []
+    )
     s["routes-empty"] = routes([], ["10.1.0.1"])
     return s
 
 
 # ------------------------------------------------------------------ fuzz_rounds
+
 
 class Ev:
     """An event stream for fuzz_rounds (see its header comment)."""
@@ -233,18 +323,18 @@ class Ev:
     def __init__(self, config: int, mtu_index: int = 0) -> None:
         self.b = bytearray([config, mtu_index])
 
-    def poll(self, ev: int) -> "Ev":
+    def poll(self, ev: int) -> Ev:
         self.b.append(ev)
         return self
 
-    def read(self, frame: bytes | None = None, kind: int = 3) -> "Ev":
+    def read(self, frame: bytes | None = None, kind: int = 3) -> Ev:
         if frame is None:
             self.b.append(kind if kind < 3 else 0)
         else:
             self.b += bytes([kind]) + struct.pack(">H", len(frame)) + frame
         return self
 
-    def recv(self, msgs: list[tuple[bytes, str, int, int, int]] | None = None, k: int = 0) -> "Ev":
+    def recv(self, msgs: list[tuple[bytes, str, int, int, int]] | None = None, k: int = 0) -> Ev:
         """msgs: (data, src, port, flags, gro segment size); None = EAGAIN (k=0) or EIO (k=1)."""
         if msgs is None:
             self.b.append(k)
@@ -257,11 +347,11 @@ class Ev:
             self.b += ip(src) + struct.pack(">H", port)
         return self
 
-    def send(self, r: int = 255) -> "Ev":
+    def send(self, r: int = 255) -> Ev:
         self.b.append(r)
         return self
 
-    def write(self, r: int = 255) -> "Ev":
+    def write(self, r: int = 255) -> Ev:
         self.b.append(r)
         return self
 
@@ -270,7 +360,7 @@ class Ev:
 
 
 VNET_ALL = 0x1F | 0x40  # vnet_hdr, TSO, GSO, GRO, offload, check_source
-PEER, PORT = "127.0.0.2", 8285   # the fuzz_rounds routes: 10/8 -> 127.0.0.2:8285
+PEER, PORT = "127.0.0.2", 8285  # the fuzz_rounds routes: 10/8 -> 127.0.0.2:8285
 
 
 def rounds_seeds() -> dict[str, bytes]:
@@ -281,7 +371,9 @@ def rounds_seeds() -> dict[str, bytes]:
     e = Ev(0x40).poll(0x07)
     for p in pkts:
         e.read(p)
-    e.read().send().recv([(udp(PEER_SRC, "10.0.0.1"), PEER, PORT, 0, 0)] * 3).write().write().write()
+    e.read().send().recv(
+        [(udp(PEER_SRC, "10.0.0.1"), PEER, PORT, 0, 0)] * 3
+    ).write().write().write()
     s["plain-both"] = e.read().recv().bytes()
     # the same with vnet headers
     e = Ev(VNET_ALL).poll(0x07)
@@ -310,14 +402,26 @@ def rounds_seeds() -> dict[str, bytes]:
     e = Ev(VNET_ALL).poll(0x02).read().recv([(run, PEER, PORT, 2, 1040)]).write()
     s["gro-coalesce"] = e.recv().bytes()
     run_ts = b"".join(stream(8, 1000, options=TS))
-    s["gro-coalesce-ts"] = Ev(VNET_ALL).poll(0x02).read().recv([(run_ts, PEER, PORT, 2, 1052)]).write().bytes()
+    s["gro-coalesce-ts"] = (
+        Ev(VNET_ALL).poll(0x02).read().recv([(run_ts, PEER, PORT, 2, 1052)]).write().bytes()
+    )
     # GRO of tiny segments, a truncated datagram, an empty one, foreign and wrong-port senders
     tiny = b"".join(udp(PEER_SRC, "10.0.0.1", 0) for _ in range(40))
-    e = Ev(VNET_ALL).poll(0x02).read().recv([
-        (tiny, PEER, PORT, 2, 28), (udp(PEER_SRC, "10.0.0.1"), PEER, PORT, 1, 0),
-        (b"", PEER, PORT, 0, 0), (udp(PEER_SRC, "10.0.0.1"), "198.51.100.7", PORT, 0, 0),
-        (udp(PEER_SRC, "10.0.0.1"), PEER, 1234, 0, 0),
-        (udp(PEER_SRC, "10.0.0.1")[:-1], PEER, PORT, 2, 7)])
+    e = (
+        Ev(VNET_ALL)
+        .poll(0x02)
+        .read()
+        .recv(
+            [
+                (tiny, PEER, PORT, 2, 28),
+                (udp(PEER_SRC, "10.0.0.1"), PEER, PORT, 1, 0),
+                (b"", PEER, PORT, 0, 0),
+                (udp(PEER_SRC, "10.0.0.1"), "198.51.100.7", PORT, 0, 0),
+                (udp(PEER_SRC, "10.0.0.1"), PEER, 1234, 0, 0),
+                (udp(PEER_SRC, "10.0.0.1")[:-1], PEER, PORT, 2, 7),
+            ]
+        )
+    )
     s["rx-hostile"] = e.write(0).write(1).write().bytes()
     # ICMP errors written back into the TUN
     e = Ev(VNET_ALL).poll(0x01)
@@ -326,10 +430,14 @@ def rounds_seeds() -> dict[str, bytes]:
     s["icmp-back"] = e.read().bytes()
     # bad vnet headers and read errors: EINTR, EIO (back-off), POLLNVAL
     e = Ev(VNET_ALL).poll(0x01).read(b"\x01\x02").read(vnet(0, 3) + udp(SRC, ROUTED))
-    e.read(vnet(1, 0, 0, 0, 20, 400) + udp(SRC, ROUTED)).read(kind=1).read(kind=2).poll(0).poll(0xfd)
+    e.read(vnet(1, 0, 0, 0, 20, 400) + udp(SRC, ROUTED)).read(kind=1).read(kind=2).poll(0).poll(
+        0xFD
+    )
     s["tx-errors"] = e.bytes()
     # recvmmsg errors with and without a pending SO_ERROR
-    s["rx-errors"] = Ev(0x40).poll(0x02).read().recv(k=1).send(1).poll(0x02).read().recv(k=1).send(0).bytes()
+    s["rx-errors"] = (
+        Ev(0x40).poll(0x02).read().recv(k=1).send(1).poll(0x02).read().recv(k=1).send(0).bytes()
+    )
     # separate RX thread and two queues: the loops run one after the other on slices
     e = Ev(VNET_ALL | 0x20 | 0x80).poll(0x01)
     for p in pkts:
@@ -339,11 +447,14 @@ def rounds_seeds() -> dict[str, bytes]:
     rx = Ev(0).poll(0x02).recv([(run, PEER, PORT, 2, 1040)]).write().recv().bytes()[2:]
     n = max(len(tx), len(rx))  # the harness gives each worker loop an equal slice
     s["rx-thread-2q"] = bytes([VNET_ALL | 0x20 | 0x80, 0]) + b"".join(
-        x + bytes(n - len(x)) for x in (tx, tx, rx))
+        x + bytes(n - len(x)) for x in (tx, tx, rx)
+    )
     # small MTU: 576 (mtu index 1)
     e = Ev(VNET_ALL, 1).poll(0x01)
     v, p = tso(3000, 536)
-    s["mtu576-tso"] = e.read(v + p).read(nv + udp(SRC, ROUTED, 600, df=True)).write().read().send().bytes()
+    s["mtu576-tso"] = (
+        e.read(v + p).read(nv + udp(SRC, ROUTED, 600, df=True)).write().read().send().bytes()
+    )
     return s
 
 

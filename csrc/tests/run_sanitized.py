@@ -8,6 +8,7 @@ from there while every other module is the source tree's. Python must run with t
 Before pytest runs, the module that got imported is checked: it must be the one in BUILD_DIR and
 it must carry ASan instrumentation, so the run can never test the plain in-place build instead.
 """
+
 from __future__ import annotations
 
 import sys

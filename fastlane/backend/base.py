@@ -83,7 +83,8 @@ class Backend(ABC):
         if (lease.subnet, lease.attrs.public_ip) not in self._misfits:
             self._misfits.add((lease.subnet, lease.attrs.public_ip))
             logging.getLogger(type(self).__module__).warning(
-                "ignoring lease %s -> %s: %s", lease.subnet, lease.attrs.public_ip, why)
+                "ignoring lease %s -> %s: %s", lease.subnet, lease.attrs.public_ip, why
+            )
         return False
 
     @property
@@ -100,7 +101,8 @@ class Backend(ABC):
         """Configure the host for `lease` and begin forwarding for the peers in `table`."""
 
     async def stop(self) -> None:
-        """Stop forwarding; keep the lease."""
+        """Stop forwarding; keep the lease. A backend with nothing to stop keeps this no-op."""
+        return None
 
     def counters(self) -> dict[str, int]:
         return {}

@@ -10,7 +10,12 @@ from pyroute2 import IPRoute
 
 from fastlane.backend.base import BackendError
 from fastlane.backend.kernel import (
-    MAIN_TABLE, RTPROT_BOOT, KernelBackend, netlink_call, overlay_routes, owned_routes,
+    MAIN_TABLE,
+    RTPROT_BOOT,
+    KernelBackend,
+    netlink_call,
+    overlay_routes,
+    owned_routes,
 )
 from fastlane.lease import Lease
 
@@ -27,8 +32,12 @@ class HostGwBackend(KernelBackend):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        if ctx.config.enable_ipv6:  # the data model is there (leases, subnet.env); v6 routes are not yet
-            raise BackendError("host-gw backend: IPv6 (EnableIPv6) is not supported yet by fastlane")
+        if (
+            ctx.config.enable_ipv6
+        ):  # the data model is there (leases, subnet.env); v6 routes are not yet
+            raise BackendError(
+                "host-gw backend: IPv6 (EnableIPv6) is not supported yet by fastlane"
+            )
         if ctx.public_ip != ctx.iface.address:
             raise BackendError(
                 f"your PublicIP ({ctx.public_ip}) differs from interface IP ({ctx.iface.address}), "
@@ -42,31 +51,42 @@ class HostGwBackend(KernelBackend):
         return self.ctx.iface.mtu
 
     def _route(self, subnet: IPv4Network, gw: IPv4Address) -> dict[str, Any]:
-        return dict(dst=str(subnet.network_address), dst_len=subnet.prefixlen, gateway=str(gw),
-                    oif=self.ctx.iface.index, table=MAIN_TABLE, proto=RTPROT_BOOT)
+        return dict(
+            dst=str(subnet.network_address),
+            dst_len=subnet.prefixlen,
+            gateway=str(gw),
+            oif=self.ctx.iface.index,
+            table=MAIN_TABLE,
+            proto=RTPROT_BOOT,
+        )
 
     def _program(self, ipr: IPRoute, lease: Lease) -> None:
         if not self._accepts(lease):
-            if lease.subnet in self._routes:  # it switched backend type: drop our route
+            if lease.subnet4 in self._routes:  # it switched backend type: drop our route
                 self._unprogram(ipr, lease)
             return
         gw = lease.attrs.public_ip
-        netlink_call(f"host-gw: cannot add route {lease.subnet} via {gw} dev {self.ctx.iface.name}",
-                     lambda: ipr.route("replace", **self._route(lease.subnet, gw)))
-        self._routes[lease.subnet] = gw
+        netlink_call(
+            f"host-gw: cannot add route {lease.subnet4} via {gw} dev {self.ctx.iface.name}",
+            lambda: ipr.route("replace", **self._route(lease.subnet4, gw)),
+        )
+        self._routes[lease.subnet4] = gw
         self._counts["peers"] = len(self._routes)
-        log.info("subnet added: %s via %s", lease.subnet, gw)
+        log.info("subnet added: %s via %s", lease.subnet4, gw)
 
     def _unprogram(self, ipr: IPRoute, lease: Lease) -> None:
-        gw = self._routes.pop(lease.subnet, None)
+        gw = self._routes.pop(lease.subnet4, None)
         self._counts["peers"] = len(self._routes)
         if gw is None:
             if lease.attrs.backend_type != self.lease_type:
                 return
             gw = lease.attrs.public_ip
-        netlink_call(f"host-gw: cannot delete route {lease.subnet} via {gw}",
-                     lambda: ipr.route("del", **self._route(lease.subnet, gw)), missing_ok=True)
-        log.info("subnet removed: %s", lease.subnet)
+        netlink_call(
+            f"host-gw: cannot delete route {lease.subnet4} via {gw}",
+            lambda: ipr.route("del", **self._route(lease.subnet4, gw)),
+            missing_ok=True,
+        )
+        log.info("subnet removed: %s", lease.subnet4)
 
     def _our_routes(self, ipr: IPRoute) -> dict[IPv4Network, IPv4Address]:
         return overlay_routes(ipr, self.ctx.iface.index, self.ctx.config)
@@ -77,8 +97,10 @@ class HostGwBackend(KernelBackend):
             if present.get(subnet) != gw:
                 log.warning("route %s via %s went missing; re-adding it", subnet, gw)
                 self._counts["repairs"] += 1
-                netlink_call(f"host-gw: cannot re-add route {subnet} via {gw}",
-                             lambda: ipr.route("replace", **self._route(subnet, gw)))
+                netlink_call(
+                    f"host-gw: cannot re-add route {subnet} via {gw}",
+                    lambda: ipr.route("replace", **self._route(subnet, gw)),
+                )
 
     def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
         """Routes of the host-gw shape to subnets no lease of ours explains (owned_routes:
@@ -89,5 +111,8 @@ class HostGwBackend(KernelBackend):
                 continue
             log.info("removing stale route %s via %s (no lease holds it)", subnet, gw)
             self._counts["swept"] += 1
-            netlink_call(f"host-gw: cannot delete stale route {subnet}",
-                         lambda: ipr.route("del", **self._route(subnet, gw)), missing_ok=True)
+            netlink_call(
+                f"host-gw: cannot delete stale route {subnet}",
+                lambda: ipr.route("del", **self._route(subnet, gw)),
+                missing_ok=True,
+            )

@@ -16,7 +16,6 @@ of those VTEPs; on the underlay interface, routes of exactly the host-gw shape (
 `owned_routes`). Anything else an operator added stays, as it does with flanneld.
 """
 
-
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +24,9 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -70,7 +70,9 @@ def netlink_call(what: str, fn: Callable[[], Any], *, missing_ok: bool = False) 
 
 def _strerror(exc: NetlinkError) -> str:
     try:
-        return exc.args[1] if len(exc.args) > 1 else (str(exc) or errno.errorcode.get(exc.code, "?"))
+        return (
+            exc.args[1] if len(exc.args) > 1 else (str(exc) or errno.errorcode.get(exc.code, "?"))
+        )
     except Exception:  # pragma: no cover - defensive
         return str(exc)
 
@@ -99,9 +101,14 @@ def owned_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
     if cfg.network is None:
         return found
     for r in ipr.get_routes(family=socket.AF_INET, oif=oif, table=MAIN_TABLE):
-        if (r["proto"] != RTPROT_BOOT or r["type"] != RTN_UNICAST or r["dst_len"] != cfg.subnet_len
-                or (r.get_attr("RTA_TABLE") or r["table"]) != MAIN_TABLE or r.get_attr("RTA_PRIORITY")
-                or r.get_attr("RTA_MULTIPATH") is not None):
+        if (
+            r["proto"] != RTPROT_BOOT
+            or r["type"] != RTN_UNICAST
+            or r["dst_len"] != cfg.subnet_len
+            or (r.get_attr("RTA_TABLE") or r["table"]) != MAIN_TABLE
+            or r.get_attr("RTA_PRIORITY")
+            or r.get_attr("RTA_MULTIPATH") is not None
+        ):
             continue
         dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
         if dst is None or gw is None:
@@ -129,7 +136,7 @@ class KernelBackend(Backend):
         self._worker: ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._swept = False
-        self._ignored: set[tuple[IPv4Network, str]] = set()
+        self._ignored: set[tuple[IPv4Network | None, str]] = set()
         self._counts = {"peers": 0, "netlink_errors": 0, "repairs": 0, "swept": 0}
         self.log = logging.getLogger(type(self).__module__)  # log lines name the backend
 
@@ -161,7 +168,9 @@ class KernelBackend(Backend):
             self.log.error("%s", exc)
         except Exception:  # a bug here must not stop later updates
             self._counts["netlink_errors"] += 1
-            self.log.exception("%s backend: unexpected error applying lease changes", self.lease_type)
+            self.log.exception(
+                "%s backend: unexpected error applying lease changes", self.lease_type
+            )
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
         if self._worker is None:
@@ -178,7 +187,9 @@ class KernelBackend(Backend):
             return self.routable(lease)
         if (lease.subnet, btype) not in self._ignored:
             self._ignored.add((lease.subnet, btype))
-            self.log.warning("ignoring non-%s subnet %s: type=%s", self.lease_type, lease.subnet, btype or '""')
+            self.log.warning(
+                "ignoring non-%s subnet %s: type=%s", self.lease_type, lease.subnet, btype or '""'
+            )
         return False
 
     def _apply(self, ipr: IPRoute, change: TableChange, full: list[Lease] | None) -> None:
@@ -214,6 +225,7 @@ class KernelBackend(Backend):
 
     async def _call(self, fn: Callable[..., None], *args: Any) -> None:
         """Run a job on the worker and wait for it, letting KernelError out."""
+
         def job() -> None:
             with IPRoute() as ipr:
                 fn(ipr, *args)

@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import time
-
 from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
@@ -44,8 +43,12 @@ class UdpBackend(Backend):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        if cfg.enable_ipv6:  # flanneld's udp is IPv4-only too (dual-stack: vxlan, wireguard, host-gw)
-            raise BackendError("the udp backend is IPv4 only (as flanneld's); set EnableIPv6 to false or use another backend")
+        if (
+            cfg.enable_ipv6
+        ):  # flanneld's udp is IPv4-only too (dual-stack: vxlan, wireguard, host-gw)
+            raise BackendError(
+                "the udp backend is IPv4 only (as flanneld's); set EnableIPv6 to false or use another backend"
+            )
         self.port = int_option(cfg, "Port", DEFAULT_PORT, 1, 65535)
         self.check_source = bool_option(cfg, "CheckSource", True)
         from fastlane.engine import MAX_QUEUES  # the C extension: only once udp is chosen
@@ -68,10 +71,11 @@ class UdpBackend(Backend):
     def _configure(self, ifname: str, lease: Lease) -> None:
         """Address, MTU, up, and the overlay route, as flanneld's configureIface does."""
         net = self.ctx.config.network
+        assert net is not None  # an IPv6-only config is refused in __init__
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=ifname)[0]
             ipr.link("set", index=idx, mtu=self.mtu)
-            ipr.addr("replace", index=idx, address=str(lease.subnet.network_address), prefixlen=32)
+            ipr.addr("replace", index=idx, address=str(lease.subnet4.network_address), prefixlen=32)
             ipr.link("set", index=idx, state="up")
             ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx)
         # The engine answers ICMP errors (net unreachable, frag needed, time exceeded) from
@@ -81,7 +85,9 @@ class UdpBackend(Backend):
             with open(f"/proc/sys/net/ipv4/conf/{ifname}/accept_local", "w") as f:
                 f.write("1")
         except OSError as exc:
-            log.warning("cannot set accept_local on %s (%s): ICMP errors may be dropped", ifname, exc)
+            log.warning(
+                "cannot set accept_local on %s (%s): ICMP errors may be dropped", ifname, exc
+            )
 
     async def start(self, lease: Lease, table: LeaseTable) -> None:
         from fastlane.engine import Engine, EngineError, Route  # loads the C extension
@@ -89,7 +95,9 @@ class UdpBackend(Backend):
 
         self._Route = Route
         try:
-            self.ifname, self._fds = open_tun("flannel%d", queues=self.queues, vnet_hdr=self.offload)
+            self.ifname, self._fds = open_tun(
+                "flannel%d", queues=self.queues, vnet_hdr=self.offload
+            )
         except OSError as exc:
             raise BackendError(f"cannot create TUN device: {exc.strerror or exc}") from None
         try:
@@ -106,7 +114,7 @@ class UdpBackend(Backend):
                 self._fds,
                 self._sock.fileno(),
                 self.mtu,
-                lease.subnet.network_address,
+                lease.subnet4.network_address,
                 check_source=self.check_source,
                 offload=self.offload,
                 network=self.ctx.config.network,
@@ -120,7 +128,10 @@ class UdpBackend(Backend):
         self._watch = spawn("udp engine watch", self._watch_engine)
         log.info(
             "udp backend: %s mtu %d, udp %s:%d, engine features %s",
-            self.ifname, self.mtu, self.ctx.iface.address, self.port,
+            self.ifname,
+            self.mtu,
+            self.ctx.iface.address,
+            self.port,
             ",".join(k for k, v in self.engine.features.items() if v) or "none",
         )
 
@@ -132,11 +143,11 @@ class UdpBackend(Backend):
         if self._swap_handle is None:
             loop = asyncio.get_running_loop()
             self._swap_handle = loop.call_at(max(loop.time(), self._next_swap), self._swap)
-        for l in change.added:
-            if self.routable(l):
-                log.info("route %s -> %s:%d", l.subnet, l.attrs.public_ip, self.port)
-        for l in change.removed:
-            log.info("route %s removed", l.subnet)
+        for lease in change.added:
+            if self.routable(lease):
+                log.info("route %s -> %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
+        for lease in change.removed:
+            log.info("route %s removed", lease.subnet)
 
     def _swap(self) -> None:
         """Install the table as it is now; the next swap waits as long as this one took."""
@@ -145,8 +156,11 @@ class UdpBackend(Backend):
         if table is None or self.engine is None:
             return
         start = time.monotonic()
-        routes = [self._Route(l.subnet, l.attrs.public_ip, self.port) for l in table.leases()
-                  if self.routable(l)]
+        routes = [
+            self._Route(lease.subnet4, lease.attrs.public_ip, self.port)
+            for lease in table.leases()
+            if self.routable(lease)
+        ]
         try:
             self.engine.set_routes(routes)
         except Exception:  # the next change retries with the whole table
@@ -193,8 +207,10 @@ class UdpBackend(Backend):
             self._watch = None
         if self.engine is not None:
             self.engine.stop()
-            log.info("udp engine counters at exit: %s",
-                     " ".join(f"{k}={v}" for k, v in sorted(self.engine.counters().items()) if v))
+            log.info(
+                "udp engine counters at exit: %s",
+                " ".join(f"{k}={v}" for k, v in sorted(self.engine.counters().items()) if v),
+            )
         self._close()
 
     def counters(self) -> dict[str, int]:

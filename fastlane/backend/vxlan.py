@@ -32,7 +32,13 @@ from pyroute2 import IPRoute
 
 from fastlane.backend.base import BackendError, bool_option, int_option
 from fastlane.backend.kernel import (
-    MAIN_TABLE, RTPROT_BOOT, KernelBackend, KernelError, netlink_call, overlay_routes, owned_routes,
+    MAIN_TABLE,
+    RTPROT_BOOT,
+    KernelBackend,
+    KernelError,
+    netlink_call,
+    overlay_routes,
+    owned_routes,
 )
 from fastlane.lease import Lease
 
@@ -64,7 +70,7 @@ def parse_mac(text: Any) -> str | None:
         return t.replace("-", ":")
     if _MAC_DOTTED.match(t):
         h = t.replace(".", "")
-        return ":".join(h[i:i + 2] for i in range(0, 12, 2))
+        return ":".join(h[i : i + 2] for i in range(0, 12, 2))
     return None
 
 
@@ -81,6 +87,7 @@ def vtep_mac(backend_data: Any) -> str | None:
 @dataclass(frozen=True)
 class Peer:
     """What we installed for one remote subnet."""
+
     mac: str
     public_ip: IPv4Address
     direct: bool
@@ -92,7 +99,9 @@ class VxlanBackend(KernelBackend):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        if cfg.enable_ipv6:  # the data model is there (leases, subnet.env); the v6 device is not yet
+        if (
+            cfg.enable_ipv6
+        ):  # the data model is there (leases, subnet.env); the v6 device is not yet
             raise BackendError("vxlan backend: IPv6 (EnableIPv6) is not supported yet by fastlane")
         self.vni = int_option(cfg, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
         #: Backend.Port as configured; 0 = the kernel's default, and any dstport is accepted
@@ -105,7 +114,9 @@ class VxlanBackend(KernelBackend):
         self.direct_routing = bool_option(cfg, "DirectRouting")
         self.ifname = f"flannel.{self.vni}"
         if len(self.ifname) > 15:
-            raise BackendError(f"Backend.VNI {self.vni} is too large: device name {self.ifname} exceeds 15 characters")
+            raise BackendError(
+                f"Backend.VNI {self.vni} is too large: device name {self.ifname} exceeds 15 characters"
+            )
         self.index = 0
         self.mac = ""
         self._peers: dict[IPv4Network, Peer] = {}
@@ -161,18 +172,28 @@ class VxlanBackend(KernelBackend):
         self.mac = mac
         d = link.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
         if link.get_attr("IFLA_ADDRESS") != mac:
-            netlink_call(f"cannot set the MAC of {self.ifname}",
-                         lambda: ipr.link("set", index=self.index, address=mac))
+            netlink_call(
+                f"cannot set the MAC of {self.ifname}",
+                lambda: ipr.link("set", index=self.index, address=mac),
+            )
         if link.get_attr("IFLA_MTU") != self.mtu:
             log.info("%s: mtu %s -> %d", self.ifname, link.get_attr("IFLA_MTU"), self.mtu)
-            netlink_call(f"cannot set the MTU of {self.ifname}",
-                         lambda: ipr.link("set", index=self.index, mtu=self.mtu))
+            netlink_call(
+                f"cannot set the MTU of {self.ifname}",
+                lambda: ipr.link("set", index=self.index, mtu=self.mtu),
+            )
         learning = bool(d.get_attr("IFLA_VXLAN_LEARNING"))
         if learning != self.learning:
             try:
-                netlink_call(f"cannot set learning on {self.ifname}",
-                             lambda: ipr.link("set", index=self.index, kind="vxlan",
-                                              vxlan_learning=1 if self.learning else 0))
+                netlink_call(
+                    f"cannot set learning on {self.ifname}",
+                    lambda: ipr.link(
+                        "set",
+                        index=self.index,
+                        kind="vxlan",
+                        vxlan_learning=1 if self.learning else 0,
+                    ),
+                )
                 log.info("%s: learning %s -> %s", self.ifname, learning, self.learning)
             except KernelError as exc:  # an old kernel without changelink: keep the device
                 log.warning("%s; keeping the device with learning %s", exc, learning)
@@ -202,13 +223,24 @@ class VxlanBackend(KernelBackend):
             if why is None:
                 self._adopt(ipr, link, mac)
                 return
-            log.warning("%s already exists with incompatible configuration: %s; recreating device",
-                        self.ifname, why)
-            netlink_call(f"failed to delete interface {self.ifname}",
-                         lambda: ipr.link("del", index=link["index"]), missing_ok=True)
+            log.warning(
+                "%s already exists with incompatible configuration: %s; recreating device",
+                self.ifname,
+                why,
+            )
+            netlink_call(
+                f"failed to delete interface {self.ifname}",
+                lambda: ipr.link("del", index=link["index"]),
+                missing_ok=True,
+            )
         spec: dict[str, Any] = dict(
-            ifname=self.ifname, kind="vxlan", vxlan_id=self.vni, vxlan_link=self.ctx.iface.index,
-            vxlan_local=str(self.local), vxlan_learning=1 if self.learning else 0, mtu=self.mtu,
+            ifname=self.ifname,
+            kind="vxlan",
+            vxlan_id=self.vni,
+            vxlan_link=self.ctx.iface.index,
+            vxlan_local=str(self.local),
+            vxlan_learning=1 if self.learning else 0,
+            mtu=self.mtu,
         )
         if self.port_option:  # as flanneld: no port attribute means the kernel's 8472
             spec["vxlan_port"] = self.port_option
@@ -216,13 +248,22 @@ class VxlanBackend(KernelBackend):
             spec["vxlan_gbp"] = True
         if mac:
             spec["address"] = mac
-        netlink_call(f"failed to create vxlan interface {self.ifname}", lambda: ipr.link("add", **spec))
+        netlink_call(
+            f"failed to create vxlan interface {self.ifname}", lambda: ipr.link("add", **spec)
+        )
         link = ipr.get_links(ifname=self.ifname)[0]
         self.index = link["index"]
         self.mac = link.get_attr("IFLA_ADDRESS")
-        log.info("created %s: vni %d, local %s dev %s, port %d, mtu %d, VtepMAC %s",
-                 self.ifname, self.vni, self.local, self.ctx.iface.name, self.port,
-                 self.mtu, self.mac)
+        log.info(
+            "created %s: vni %d, local %s dev %s, port %d, mtu %d, VtepMAC %s",
+            self.ifname,
+            self.vni,
+            self.local,
+            self.ctx.iface.name,
+            self.port,
+            self.mtu,
+            self.mac,
+        )
         try:  # as flanneld: no IPv6 autoconfiguration on the overlay device
             with open(f"/proc/sys/net/ipv6/conf/{self.ifname}/accept_ra", "w") as f:
                 f.write("0")
@@ -232,18 +273,24 @@ class VxlanBackend(KernelBackend):
     def _configure(self, ipr: IPRoute, lease: Lease) -> None:
         """The lease's .0 as a /32 (no broadcast routes), and up. Like flanneld's
         EnsureV4AddressOnLink, other addresses are removed only if they lie in the Network."""
-        own = str(lease.subnet.network_address)
+        own = str(lease.subnet4.network_address)
         network = self.ctx.config.network
         for a in ipr.get_addr(family=socket.AF_INET, index=self.index):
             addr, plen = a.get_attr("IFA_ADDRESS"), a["prefixlen"]
             if (addr, plen) != (own, 32) and network is not None and IPv4Address(addr) in network:
-                netlink_call(f"cannot remove {addr}/{plen} from {self.ifname}",
-                             lambda: ipr.addr("del", index=self.index, address=addr, prefixlen=plen),
-                             missing_ok=True)
-        netlink_call(f"failed to ensure address of interface {self.ifname}",
-                     lambda: ipr.addr("replace", index=self.index, address=own, prefixlen=32))
-        netlink_call(f"failed to set interface {self.ifname} to UP state",
-                     lambda: ipr.link("set", index=self.index, state="up"))
+                netlink_call(
+                    f"cannot remove {addr}/{plen} from {self.ifname}",
+                    lambda: ipr.addr("del", index=self.index, address=addr, prefixlen=plen),
+                    missing_ok=True,
+                )
+        netlink_call(
+            f"failed to ensure address of interface {self.ifname}",
+            lambda: ipr.addr("replace", index=self.index, address=own, prefixlen=32),
+        )
+        netlink_call(
+            f"failed to set interface {self.ifname} to UP state",
+            lambda: ipr.link("set", index=self.index, state="up"),
+        )
 
     async def prepare(self) -> dict[str, Any]:
         def job() -> None:
@@ -261,19 +308,36 @@ class VxlanBackend(KernelBackend):
         if not ipr.link_lookup(ifname=self.ifname):
             self._ensure_device(ipr)  # deleted between prepare and start
         self._configure(ipr, lease)
-        log.info("vxlan backend: %s mtu %d, VtepMAC %s, port %d%s", self.ifname, self.mtu, self.mac,
-                 self.port, ", direct routing" if self.direct_routing else "")
+        log.info(
+            "vxlan backend: %s mtu %d, VtepMAC %s, port %d%s",
+            self.ifname,
+            self.mtu,
+            self.mac,
+            self.port,
+            ", direct routing" if self.direct_routing else "",
+        )
 
     # ---- peers ------------------------------------------------------------------------
 
     def _vxlan_route(self, subnet: IPv4Network) -> dict[str, Any]:
-        return dict(dst=str(subnet.network_address), dst_len=subnet.prefixlen,
-                    gateway=str(subnet.network_address), oif=self.index, flags=RTNH_F_ONLINK,
-                    table=MAIN_TABLE, proto=RTPROT_BOOT)
+        return dict(
+            dst=str(subnet.network_address),
+            dst_len=subnet.prefixlen,
+            gateway=str(subnet.network_address),
+            oif=self.index,
+            flags=RTNH_F_ONLINK,
+            table=MAIN_TABLE,
+            proto=RTPROT_BOOT,
+        )
 
     def _direct_route(self, subnet: IPv4Network, gw: IPv4Address) -> dict[str, Any]:
-        return dict(dst=str(subnet.network_address), dst_len=subnet.prefixlen, gateway=str(gw),
-                    table=MAIN_TABLE, proto=RTPROT_BOOT)
+        return dict(
+            dst=str(subnet.network_address),
+            dst_len=subnet.prefixlen,
+            gateway=str(gw),
+            table=MAIN_TABLE,
+            proto=RTPROT_BOOT,
+        )
 
     def _on_link(self, ipr: IPRoute, ip: IPv4Address) -> bool:
         """flanneld's ip.DirectRouting: the kernel reaches ip without a gateway."""
@@ -286,33 +350,52 @@ class VxlanBackend(KernelBackend):
     def _neigh(self, ipr: IPRoute, op: str, subnet: IPv4Network, mac: str) -> None:
         dst = str(subnet.network_address)
         if op == "replace":
-            netlink_call(f"AddARP failed for {dst} -> {mac}",
-                         lambda: ipr.neigh("replace", dst=dst, lladdr=mac, ifindex=self.index,
-                                           state=NUD_PERMANENT))
+            netlink_call(
+                f"AddARP failed for {dst} -> {mac}",
+                lambda: ipr.neigh(
+                    "replace", dst=dst, lladdr=mac, ifindex=self.index, state=NUD_PERMANENT
+                ),
+            )
         else:
-            netlink_call(f"DelARP failed for {dst}",
-                         lambda: ipr.neigh("del", dst=dst, ifindex=self.index), missing_ok=True)
+            netlink_call(
+                f"DelARP failed for {dst}",
+                lambda: ipr.neigh("del", dst=dst, ifindex=self.index),
+                missing_ok=True,
+            )
 
     def _fdb(self, ipr: IPRoute, op: str, mac: str, ip: IPv4Address) -> None:
         if op == "replace":
-            netlink_call(f"AddFDB failed for {mac} -> {ip}",
-                         lambda: ipr.fdb("replace", ifindex=self.index, lladdr=mac, dst=str(ip),
-                                         state=NUD_PERMANENT, flags=NTF_SELF))
+            netlink_call(
+                f"AddFDB failed for {mac} -> {ip}",
+                lambda: ipr.fdb(
+                    "replace",
+                    ifindex=self.index,
+                    lladdr=mac,
+                    dst=str(ip),
+                    state=NUD_PERMANENT,
+                    flags=NTF_SELF,
+                ),
+            )
         else:
-            netlink_call(f"DelFDB failed for {mac} -> {ip}",
-                         lambda: ipr.fdb("del", ifindex=self.index, lladdr=mac, dst=str(ip)),
-                         missing_ok=True)
+            netlink_call(
+                f"DelFDB failed for {mac} -> {ip}",
+                lambda: ipr.fdb("del", ifindex=self.index, lladdr=mac, dst=str(ip)),
+                missing_ok=True,
+            )
 
     def _program(self, ipr: IPRoute, lease: Lease) -> None:
-        subnet, ip = lease.subnet, lease.attrs.public_ip
+        subnet, ip = lease.subnet4, lease.attrs.public_ip
         if not self._accepts(lease):
             if subnet in self._peers:  # it switched backend type: drop what we installed
                 self._unprogram(ipr, lease)
             return
         mac = vtep_mac(lease.attrs.backend_data)
         if mac is None:
-            log.error("error decoding subnet lease JSON for %s: no valid VtepMAC in BackendData %r",
-                      subnet, lease.attrs.backend_data)
+            log.error(
+                "error decoding subnet lease JSON for %s: no valid VtepMAC in BackendData %r",
+                subnet,
+                lease.attrs.backend_data,
+            )
             if subnet in self._peers:
                 self._unprogram(ipr, lease)
             return
@@ -326,8 +409,10 @@ class VxlanBackend(KernelBackend):
             if want.direct:
                 self._neigh(ipr, "del", subnet, old.mac)
         if want.direct:
-            netlink_call(f"Error adding route to {subnet} via {ip}",
-                         lambda: ipr.route("replace", **self._direct_route(subnet, ip)))
+            netlink_call(
+                f"Error adding route to {subnet} via {ip}",
+                lambda: ipr.route("replace", **self._direct_route(subnet, ip)),
+            )
             log.info("adding direct route to subnet: %s PublicIP: %s", subnet, ip)
         else:
             self._neigh(ipr, "replace", subnet, mac)
@@ -338,8 +423,10 @@ class VxlanBackend(KernelBackend):
                 self._peers.pop(subnet, None)
                 raise
             try:
-                netlink_call(f"failed to add vxlanRoute ({subnet} -> {subnet.network_address})",
-                             lambda: ipr.route("replace", **self._vxlan_route(subnet)))
+                netlink_call(
+                    f"failed to add vxlanRoute ({subnet} -> {subnet.network_address})",
+                    lambda: ipr.route("replace", **self._vxlan_route(subnet)),
+                )
             except KernelError:
                 self._neigh(ipr, "del", subnet, mac)
                 self._fdb(ipr, "del", mac, ip)
@@ -350,7 +437,7 @@ class VxlanBackend(KernelBackend):
         self._counts["peers"] = len(self._peers)
 
     def _unprogram(self, ipr: IPRoute, lease: Lease) -> None:
-        subnet = lease.subnet
+        subnet = lease.subnet4
         peer = self._peers.pop(subnet, None)
         self._counts["peers"] = len(self._peers)
         if peer is None:
@@ -362,14 +449,25 @@ class VxlanBackend(KernelBackend):
             peer = Peer(mac, lease.attrs.public_ip, False)
         # Try to remove every entry; one failing does not stop the others.
         errors = []
-        steps = [lambda: netlink_call(
-            f"failed to delete route {subnet}",
-            lambda: ipr.route("del", **(self._direct_route(subnet, peer.public_ip) if peer.direct
-                                        else self._vxlan_route(subnet))),
-            missing_ok=True)]
+        steps = [
+            lambda: netlink_call(
+                f"failed to delete route {subnet}",
+                lambda: ipr.route(
+                    "del",
+                    **(
+                        self._direct_route(subnet, peer.public_ip)
+                        if peer.direct
+                        else self._vxlan_route(subnet)
+                    ),
+                ),
+                missing_ok=True,
+            )
+        ]
         if not peer.direct:
-            steps = [lambda: self._neigh(ipr, "del", subnet, peer.mac),
-                     lambda: self._fdb(ipr, "del", peer.mac, peer.public_ip)] + steps
+            steps = [
+                lambda: self._neigh(ipr, "del", subnet, peer.mac),
+                lambda: self._fdb(ipr, "del", peer.mac, peer.public_ip),
+            ] + steps
         for step in steps:
             try:
                 step()
@@ -391,11 +489,17 @@ class VxlanBackend(KernelBackend):
         if link["index"] != self.index or self._incompatible(link) is not None:
             return False
         if link.get_attr("IFLA_ADDRESS") != self.mac:
-            log.warning("%s: MAC changed to %s; setting VtepMAC %s back", self.ifname,
-                        link.get_attr("IFLA_ADDRESS"), self.mac)
+            log.warning(
+                "%s: MAC changed to %s; setting VtepMAC %s back",
+                self.ifname,
+                link.get_attr("IFLA_ADDRESS"),
+                self.mac,
+            )
             self._counts["repairs"] += 1
-            netlink_call(f"cannot set the MAC of {self.ifname}",
-                         lambda: ipr.link("set", index=self.index, address=self.mac))
+            netlink_call(
+                f"cannot set the MAC of {self.ifname}",
+                lambda: ipr.link("set", index=self.index, address=self.mac),
+            )
         return True
 
     def _reconcile(self, ipr: IPRoute, leases: list[Lease]) -> None:
@@ -403,7 +507,9 @@ class VxlanBackend(KernelBackend):
             return
         if not self._device_ok(ipr):
             # flanneld re-creates a deleted device too; everything on it went with it.
-            log.warning("%s is missing or was changed; re-creating it (VtepMAC %s)", self.ifname, self.mac)
+            log.warning(
+                "%s is missing or was changed; re-creating it (VtepMAC %s)", self.ifname, self.mac
+            )
             self._counts["repairs"] += 1
             self._ensure_device(ipr)
             self._configure(ipr, self.lease)
@@ -416,21 +522,35 @@ class VxlanBackend(KernelBackend):
                     log.error("%s", exc)
             return
         up = ipr.get_links(self.index)[0]
-        own = (str(self.lease.subnet.network_address), 32)
-        addrs = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
-                 for a in ipr.get_addr(family=socket.AF_INET, index=self.index)}
+        own = (str(self.lease.subnet4.network_address), 32)
+        addrs = {
+            (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+            for a in ipr.get_addr(family=socket.AF_INET, index=self.index)
+        }
         if own not in addrs or not up["flags"] & 1:  # IFF_UP
             log.warning("%s lost its address or is down; fixing", self.ifname)
             self._counts["repairs"] += 1
             self._configure(ipr, self.lease)
         # Entries someone deleted by hand: re-program those peers.
-        neigh = {n.get_attr("NDA_DST") for n in ipr.get_neighbours(ifindex=self.index, family=socket.AF_INET)
-                 if n["state"] & NUD_PERMANENT}
-        fdb = {(f.get_attr("NDA_LLADDR"), f.get_attr("NDA_DST")) for f in ipr.fdb("dump", ifindex=self.index)}
-        routes = {r.get_attr("RTA_DST") for r in
-                  ipr.get_routes(family=socket.AF_INET, oif=self.index, table=MAIN_TABLE)}
-        direct = overlay_routes(ipr, self.ctx.iface.index, self.ctx.config) if self.direct_routing else {}
-        by_subnet = {l.subnet: l for l in leases}
+        neigh = {
+            n.get_attr("NDA_DST")
+            for n in ipr.get_neighbours(ifindex=self.index, family=socket.AF_INET)
+            if n["state"] & NUD_PERMANENT
+        }
+        fdb = {
+            (f.get_attr("NDA_LLADDR"), f.get_attr("NDA_DST"))
+            for f in ipr.fdb("dump", ifindex=self.index)
+        }
+        routes = {
+            r.get_attr("RTA_DST")
+            for r in ipr.get_routes(family=socket.AF_INET, oif=self.index, table=MAIN_TABLE)
+        }
+        direct = (
+            overlay_routes(ipr, self.ctx.iface.index, self.ctx.config)
+            if self.direct_routing
+            else {}
+        )
+        by_subnet = {held.subnet: held for held in leases}
         for subnet, peer in list(self._peers.items()):
             dst = str(subnet.network_address)
             if peer.direct:
@@ -438,13 +558,13 @@ class VxlanBackend(KernelBackend):
                     continue
             elif dst in neigh and (peer.mac, str(peer.public_ip)) in fdb and dst in routes:
                 continue
-            lease = by_subnet.get(subnet)
-            if lease is None:
+            missing = by_subnet.get(subnet)
+            if missing is None:
                 continue
             log.warning("entries for %s went missing; re-adding them", subnet)
             self._counts["repairs"] += 1
             self._peers.pop(subnet, None)
-            self._program(ipr, lease)
+            self._program(ipr, missing)
 
     def _vtep_neighbour(self, dst: str | None) -> bool:
         """A neighbour address flanneld writes: the network address of a subnet of the Network."""
@@ -475,10 +595,19 @@ class VxlanBackend(KernelBackend):
                 continue
             self._counts["swept"] += 1
             log.info("removing stale route %s via %s on %s", net, gw, self.ifname)
-            netlink_call(f"cannot delete stale route {net}",
-                         lambda: ipr.route("del", dst=dst, dst_len=net.prefixlen, gateway=str(gw),
-                                           oif=self.index, table=MAIN_TABLE, proto=RTPROT_BOOT),
-                         missing_ok=True)
+            netlink_call(
+                f"cannot delete stale route {net}",
+                lambda: ipr.route(
+                    "del",
+                    dst=dst,
+                    dst_len=net.prefixlen,
+                    gateway=str(gw),
+                    oif=self.index,
+                    table=MAIN_TABLE,
+                    proto=RTPROT_BOOT,
+                ),
+                missing_ok=True,
+            )
         if self.direct_routing:
             for net, gw in owned_routes(ipr, self.ctx.iface.index, cfg).items():
                 peer = self._peers.get(net)
@@ -486,11 +615,19 @@ class VxlanBackend(KernelBackend):
                     continue
                 self._counts["swept"] += 1
                 log.info("removing stale route %s via %s on %s", net, gw, self.ctx.iface.name)
-                netlink_call(f"cannot delete stale route {net}",
-                             lambda: ipr.route("del", dst=str(net.network_address), dst_len=net.prefixlen,
-                                               gateway=str(gw), oif=self.ctx.iface.index,
-                                               table=MAIN_TABLE, proto=RTPROT_BOOT),
-                             missing_ok=True)
+                netlink_call(
+                    f"cannot delete stale route {net}",
+                    lambda: ipr.route(
+                        "del",
+                        dst=str(net.network_address),
+                        dst_len=net.prefixlen,
+                        gateway=str(gw),
+                        oif=self.ctx.iface.index,
+                        table=MAIN_TABLE,
+                        proto=RTPROT_BOOT,
+                    ),
+                    missing_ok=True,
+                )
         vteps = {p.mac for p in encap.values()}
         for n in ipr.get_neighbours(ifindex=self.index, family=socket.AF_INET):
             dst = n.get_attr("NDA_DST")
@@ -502,9 +639,16 @@ class VxlanBackend(KernelBackend):
                 continue
             self._counts["swept"] += 1
             log.info("removing stale neighbour %s on %s", dst, self.ifname)
-            netlink_call(f"cannot delete stale neighbour {dst}",
-                         lambda: ipr.neigh("del", dst=dst, ifindex=self.index), missing_ok=True)
-        peer_ips = {str(l.attrs.public_ip) for l in leases if l.attrs.backend_type == self.lease_type}
+            netlink_call(
+                f"cannot delete stale neighbour {dst}",
+                lambda: ipr.neigh("del", dst=dst, ifindex=self.index),
+                missing_ok=True,
+            )
+        peer_ips = {
+            str(held.attrs.public_ip)
+            for held in leases
+            if held.attrs.backend_type == self.lease_type
+        }
         for f in ipr.fdb("dump", ifindex=self.index):
             mac, dst = f.get_attr("NDA_LLADDR"), f.get_attr("NDA_DST")
             if f["ifindex"] != self.index or dst is None or mac is None or (mac, dst) in want_fdb:
@@ -515,5 +659,8 @@ class VxlanBackend(KernelBackend):
                 continue
             self._counts["swept"] += 1
             log.info("removing stale fdb entry %s -> %s on %s", mac, dst, self.ifname)
-            netlink_call(f"cannot delete stale fdb entry {mac}",
-                         lambda: ipr.fdb("del", ifindex=self.index, lladdr=mac, dst=dst), missing_ok=True)
+            netlink_call(
+                f"cannot delete stale fdb entry {mac}",
+                lambda: ipr.fdb("del", ifindex=self.index, lladdr=mac, dst=dst),
+                missing_ok=True,
+            )

@@ -44,8 +44,10 @@ def credentials(tls: TLSFiles | None) -> Any:
     """
     if tls is None or not tls.certfile or not tls.keyfile:
         if tls is not None and (tls.certfile or tls.keyfile or tls.cafile):
-            _log.warning("etcd: client certificate or key missing: not using TLS client "
-                         "credentials (the CA file is ignored too), like flanneld")
+            _log.warning(
+                "etcd: client certificate or key missing: not using TLS client "
+                "credentials (the CA file is ignored too), like flanneld"
+            )
         return grpc.ssl_channel_credentials()
     ca = _read_pem(tls.cafile, "cafile") if tls.cafile else None
     cert = _read_pem(tls.certfile, "certfile")
@@ -56,16 +58,21 @@ def credentials(tls: TLSFiles | None) -> Any:
     try:
         ctx.load_cert_chain(tls.certfile, tls.keyfile)
     except (ssl.SSLError, OSError) as exc:
-        raise EtcdError(f"etcd certfile {tls.certfile!r} and keyfile {tls.keyfile!r} are not a "
-                        f"valid certificate/key pair ({one_line(str(exc), 120)})") from None
+        raise EtcdError(
+            f"etcd certfile {tls.certfile!r} and keyfile {tls.keyfile!r} are not a "
+            f"valid certificate/key pair ({one_line(str(exc), 120)})"
+        ) from None
     if tls.cafile:
         try:
             ctx.load_verify_locations(cafile=tls.cafile)
         except (ssl.SSLError, OSError) as exc:
-            raise EtcdError(f"etcd cafile {tls.cafile!r} holds no usable CA certificate "
-                            f"({one_line(str(exc), 120)})") from None
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                        certificate_chain=cert)
+            raise EtcdError(
+                f"etcd cafile {tls.cafile!r} holds no usable CA certificate "
+                f"({one_line(str(exc), 120)})"
+            ) from None
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
 
 
 def key_bytes(key: str) -> bytes:

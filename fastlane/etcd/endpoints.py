@@ -36,8 +36,10 @@ class Endpoint:
         return f"{'https' if self.tls else 'http'}://{self.server_name or self.host}:{self.port}"
 
 
-_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
-                          r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
 
 
 def _resolve_ipv4(host: str) -> str:
@@ -73,7 +75,9 @@ def _parse_one(item: str, resolve: Callable[[str], str]) -> Endpoint:
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError("a path, query or fragment is not allowed")
     if parts.username is not None or parts.password is not None:
-        raise ValueError("credentials in the URL are not supported (use -etcd-username/-etcd-password)")
+        raise ValueError(
+            "credentials in the URL are not supported (use -etcd-username/-etcd-password)"
+        )
     host = parts.hostname
     if not host:
         raise ValueError("missing host")
@@ -125,7 +129,9 @@ def parse_endpoints(spec: str, *, resolve: Callable[[str], str] | None = None) -
         try:
             ep = _parse_one(item, resolver)
         except ValueError as exc:
-            raise ValueError(f"bad etcd endpoint {one_line(item, 120)!r}: {one_line(str(exc))}") from None
+            raise ValueError(
+                f"bad etcd endpoint {one_line(item, 120)!r}: {one_line(str(exc))}"
+            ) from None
         if ep not in out:
             out.append(ep)
     return out

@@ -45,8 +45,15 @@ def one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-_AUTH_DETAILS = ("authentication failed", "invalid auth token", "permission denied",
-                 "user name", "auth: ", "revision of auth store is old", "invalid password")
+_AUTH_DETAILS = (
+    "authentication failed",
+    "invalid auth token",
+    "permission denied",
+    "user name",
+    "auth: ",
+    "revision of auth store is old",
+    "invalid password",
+)
 
 
 def rpc_error(exc: BaseException) -> grpc.aio.AioRpcError | None:

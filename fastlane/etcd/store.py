@@ -54,9 +54,13 @@ class KeyValue:
 
 
 def _kv(pb: Any) -> KeyValue:
-    return KeyValue(key=key_str(pb.key), value=bytes(pb.value),
-                    create_revision=pb.create_revision, mod_revision=pb.mod_revision,
-                    lease=pb.lease)
+    return KeyValue(
+        key=key_str(pb.key),
+        value=bytes(pb.value),
+        create_revision=pb.create_revision,
+        mod_revision=pb.mod_revision,
+        lease=pb.lease,
+    )
 
 
 class Store:
@@ -67,9 +71,16 @@ class Store:
     once if that moved us to another endpoint). Every call has a deadline of ``timeout``.
     """
 
-    def __init__(self, endpoints: list[Endpoint], *, tls: TLSFiles | None, username: str | None,
-                 password: str | None, timeout: float,
-                 progress_interval: float = PROGRESS_INTERVAL) -> None:
+    def __init__(
+        self,
+        endpoints: list[Endpoint],
+        *,
+        tls: TLSFiles | None,
+        username: str | None,
+        password: str | None,
+        timeout: float,
+        progress_interval: float = PROGRESS_INTERVAL,
+    ) -> None:
         if not endpoints:
             raise ValueError("no etcd endpoints given")
         self._endpoints = list(endpoints)
@@ -95,18 +106,30 @@ class Store:
         return self._conn.endpoint if self._conn else None
 
     @classmethod
-    async def connect(cls, endpoints: list[Endpoint], *, tls: TLSFiles | None = None,
-                      username: str | None = None, password: str | None = None,
-                      timeout: float = 5.0,
-                      progress_interval: float = PROGRESS_INTERVAL) -> Store:
+    async def connect(
+        cls,
+        endpoints: list[Endpoint],
+        *,
+        tls: TLSFiles | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 5.0,
+        progress_interval: float = PROGRESS_INTERVAL,
+    ) -> Store:
         """Connect to the first endpoint that answers within ``timeout`` (EtcdUnavailable if none,
         EtcdAuthError if the credentials are refused).
 
         ``progress_interval``: how often an idle watch asks etcd for a progress notification;
         a watch that hears nothing for that plus ``timeout`` raises WatchInterrupted.
         """
-        store = cls(endpoints, tls=tls, username=username, password=password, timeout=timeout,
-                    progress_interval=progress_interval)
+        store = cls(
+            endpoints,
+            tls=tls,
+            username=username,
+            password=password,
+            timeout=timeout,
+            progress_interval=progress_interval,
+        )
         await store._current()
         return store
 
@@ -117,18 +140,23 @@ class Store:
             return
         conn.set_token(None)  # a stale token on the Authenticate call itself makes it fail
         try:
-            resp = await conn.auth.authenticate(self._username, self._password,
-                                                timeout=self._timeout)
+            resp = await conn.auth.authenticate(
+                self._username, self._password, timeout=self._timeout
+            )
         except Exception as exc:  # noqa: BLE001 - mapped below
             rpc = rpc_error(exc)
             if rpc is not None and "authentication is not enabled" in (rpc.details() or ""):
                 if not self._auth_disabled_warned:
-                    _log.warning("etcd at %s: authentication is not enabled; ignoring the "
-                                 "username and password", conn.endpoint)
+                    _log.warning(
+                        "etcd at %s: authentication is not enabled; ignoring the "
+                        "username and password",
+                        conn.endpoint,
+                    )
                     self._auth_disabled_warned = True
                 return
-            raise map_error(exc, f"authenticate as {self._username!r}", str(conn.endpoint),
-                             self._timeout) from None
+            raise map_error(
+                exc, f"authenticate as {self._username!r}", str(conn.endpoint), self._timeout
+            ) from None
         conn.set_token(resp.token)
 
     async def _probe(self, endpoint: Endpoint) -> Conn:
@@ -171,8 +199,12 @@ class Store:
             if leftovers:
                 await asyncio.gather(*leftovers, return_exceptions=True)
             for task in tasks:
-                if (task.done() and not task.cancelled() and task.exception() is None
-                        and task.result() is not winner):
+                if (
+                    task.done()
+                    and not task.cancelled()
+                    and task.exception() is None
+                    and task.result() is not winner
+                ):
                     await task.result().close()
         if winner is not None:
             if len(self._endpoints) > 1:
@@ -190,7 +222,8 @@ class Store:
                 reasons.append(f"{ep} ({short_reason(err)})")
         raise EtcdUnavailable(
             f"cannot reach any etcd endpoint (waited up to {self._timeout:g}s): "
-            f"{'; '.join(reasons)}")
+            f"{'; '.join(reasons)}"
+        )
 
     async def _current(self) -> Conn:
         if self._closed:
@@ -217,8 +250,7 @@ class Store:
         async with self._auth_lock:
             if conn.token_generation != generation:
                 return  # someone else refreshed it meanwhile
-            _log.info("etcd at %s: auth token no longer valid, authenticating again",
-                      conn.endpoint)
+            _log.info("etcd at %s: auth token no longer valid, authenticating again", conn.endpoint)
             await self._authenticate(conn)
 
     async def _call(self, what: str, fn: Callable[[Conn], Awaitable[T]]) -> T:
@@ -233,10 +265,12 @@ class Store:
                     raise
                 # grpc.aio raises CancelledError when the channel under the call is closed.
                 if self._closed:
-                    raise EtcdError(f"etcd {what} at {conn.endpoint}: the store is closed") \
-                        from None
-                raise EtcdUnavailable(f"etcd {what} at {conn.endpoint}: call cancelled "
-                                      "(connection closed)") from None
+                    raise EtcdError(
+                        f"etcd {what} at {conn.endpoint}: the store is closed"
+                    ) from None
+                raise EtcdUnavailable(
+                    f"etcd {what} at {conn.endpoint}: call cancelled (connection closed)"
+                ) from None
             except Exception as exc:  # noqa: BLE001 - everything is mapped
                 if attempt == 1 and self._username is not None and token_expired(exc):
                     await self._reauth(conn, generation)
@@ -258,25 +292,37 @@ class Store:
     # -- KV ---------------------------------------------------------------------------------
 
     async def get(self, key: str) -> KeyValue | None:
-        resp = await self._call(f"get {key}", lambda c: c.kv.get(key_bytes(key),
-                                                                 timeout=self._timeout))
+        resp = await self._call(
+            f"get {key}", lambda c: c.kv.get(key_bytes(key), timeout=self._timeout)
+        )
         return _kv(resp.kvs[0]) if resp.kvs else None
 
     async def list_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
         """Every key under ``prefix`` (sorted by key) and the revision they were read at."""
         raw = key_bytes(prefix)
-        resp = await self._call(f"list {prefix}", lambda c: c.kv.get(
-            raw, range_end=prefix_range_end(raw), timeout=self._timeout))
+        resp = await self._call(
+            f"list {prefix}",
+            lambda c: c.kv.get(raw, range_end=prefix_range_end(raw), timeout=self._timeout),
+        )
         return [_kv(kv) for kv in resp.kvs], resp.header.revision
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        resp = await self._call(f"put {key}", lambda c: c.kv.put(
-            key_bytes(key), bytes(value), lease=lease, timeout=self._timeout))
+        resp = await self._call(
+            f"put {key}",
+            lambda c: c.kv.put(key_bytes(key), bytes(value), lease=lease, timeout=self._timeout),
+        )
         return resp.header.revision
 
-    async def create(self, key: str, value: bytes, lease: int = 0, *,
-                     absent: tuple[str, ...] = (), absent_prefixes: tuple[str, ...] = (),
-                     none_created_after: tuple[str, int] | None = None) -> bool:
+    async def create(
+        self,
+        key: str,
+        value: bytes,
+        lease: int = 0,
+        *,
+        absent: tuple[str, ...] = (),
+        absent_prefixes: tuple[str, ...] = (),
+        none_created_after: tuple[str, int] | None = None,
+    ) -> bool:
         """Put only if the key does not exist, in one transaction; False if it exists.
 
         The same transaction can also require that the keys in ``absent`` and every key under
@@ -289,17 +335,34 @@ class Store:
         compare += [KVService.txn_compare_create_revision(key_bytes(k), 0) for k in absent]
         for prefix in absent_prefixes:  # etcd compares every key of a range (none: a zero KV)
             p = key_bytes(prefix)
-            compare.append(Compare(result=Compare.EQUAL, target=Compare.CREATE, key=p,
-                                   create_revision=0, range_end=prefix_range_end(p)))
+            compare.append(
+                Compare(
+                    result=Compare.EQUAL,
+                    target=Compare.CREATE,
+                    key=p,
+                    create_revision=0,
+                    range_end=prefix_range_end(p),
+                )
+            )
         if none_created_after is not None:
             p = key_bytes(none_created_after[0])
-            compare.append(Compare(result=Compare.LESS, target=Compare.CREATE, key=p,
-                                   create_revision=int(none_created_after[1]) + 1,
-                                   range_end=prefix_range_end(p)))
-        resp = await self._call(f"create {key}", lambda c: c.kv.txn(
-            compare=compare,
-            success=[KVService.txn_op_put(raw, bytes(value), lease=lease)],
-            timeout=self._timeout))
+            compare.append(
+                Compare(
+                    result=Compare.LESS,
+                    target=Compare.CREATE,
+                    key=p,
+                    create_revision=int(none_created_after[1]) + 1,
+                    range_end=prefix_range_end(p),
+                )
+            )
+        resp = await self._call(
+            f"create {key}",
+            lambda c: c.kv.txn(
+                compare=compare,
+                success=[KVService.txn_op_put(raw, bytes(value), lease=lease)],
+                timeout=self._timeout,
+            ),
+        )
         return bool(resp.succeeded)
 
     async def replace(self, key: str, value: bytes, mod_revision: int, lease: int = 0) -> bool:
@@ -308,31 +371,41 @@ class Store:
         ``mod_revision=0`` is etcd's "the key does not exist", so it behaves like create().
         """
         raw = key_bytes(key)
-        compare = Compare(result=Compare.EQUAL, target=Compare.MOD, key=raw,
-                          mod_revision=int(mod_revision))
-        resp = await self._call(f"replace {key}", lambda c: c.kv.txn(
-            compare=[compare],
-            success=[KVService.txn_op_put(raw, bytes(value), lease=lease)],
-            timeout=self._timeout))
+        compare = Compare(
+            result=Compare.EQUAL, target=Compare.MOD, key=raw, mod_revision=int(mod_revision)
+        )
+        resp = await self._call(
+            f"replace {key}",
+            lambda c: c.kv.txn(
+                compare=[compare],
+                success=[KVService.txn_op_put(raw, bytes(value), lease=lease)],
+                timeout=self._timeout,
+            ),
+        )
         return bool(resp.succeeded)
 
     async def delete(self, key: str) -> bool:
-        resp = await self._call(f"delete {key}", lambda c: c.kv.delete(
-            key_bytes(key), timeout=self._timeout))
+        resp = await self._call(
+            f"delete {key}", lambda c: c.kv.delete(key_bytes(key), timeout=self._timeout)
+        )
         return resp.deleted > 0
 
     async def delete_prefix(self, prefix: str) -> int:
         """Delete every key under ``prefix`` (test clean-up, `fastlane` maintenance)."""
         raw = key_bytes(prefix)
-        resp = await self._call(f"delete prefix {prefix}", lambda c: c.kv.delete(
-            raw, range_end=prefix_range_end(raw), timeout=self._timeout))
+        resp = await self._call(
+            f"delete prefix {prefix}",
+            lambda c: c.kv.delete(raw, range_end=prefix_range_end(raw), timeout=self._timeout),
+        )
         return int(resp.deleted)
 
     async def compact(self, revision: int) -> None:
         """Drop history up to ``revision``; already compacted that far is not an error."""
         try:
-            await self._call(f"compact to revision {revision}", lambda c: c.kv.compact(
-                revision, physical=True, timeout=self._timeout))
+            await self._call(
+                f"compact to revision {revision}",
+                lambda c: c.kv.compact(revision, physical=True, timeout=self._timeout),
+            )
         except EtcdError as exc:
             if "required revision has been compacted" in str(exc):
                 return
@@ -341,11 +414,13 @@ class Store:
     # -- leases -------------------------------------------------------------------------------
 
     async def grant(self, ttl: int) -> int:
-        resp = await self._call(f"grant lease ttl={ttl}", lambda c: c.lease.grant(
-            int(ttl), timeout=self._timeout))
+        resp = await self._call(
+            f"grant lease ttl={ttl}", lambda c: c.lease.grant(int(ttl), timeout=self._timeout)
+        )
         if resp.error:
-            raise EtcdError(f"etcd grant lease ttl={ttl} at {self.endpoint}: "
-                            f"{one_line(resp.error)}")
+            raise EtcdError(
+                f"etcd grant lease ttl={ttl} at {self.endpoint}: {one_line(resp.error)}"
+            )
         return int(resp.ID)
 
     async def lease_ttl(self, lease_id: int) -> int:
@@ -353,8 +428,10 @@ class Store:
         if lease_id == 0:
             return -1
         try:
-            resp = await self._call(f"lease ttl {lease_id:x}", lambda c: c.lease.time_to_live(
-                lease_id, timeout=self._timeout))
+            resp = await self._call(
+                f"lease ttl {lease_id:x}",
+                lambda c: c.lease.time_to_live(lease_id, timeout=self._timeout),
+            )
         except EtcdError as exc:
             if "lease not found" in str(exc):
                 return -1
@@ -363,8 +440,10 @@ class Store:
 
     async def revoke(self, lease_id: int) -> None:
         try:
-            await self._call(f"revoke lease {lease_id:x}", lambda c: c.lease.revoke(
-                lease_id, timeout=self._timeout))
+            await self._call(
+                f"revoke lease {lease_id:x}",
+                lambda c: c.lease.revoke(lease_id, timeout=self._timeout),
+            )
         except EtcdError as exc:
             if "lease not found" not in str(exc):
                 raise

@@ -41,7 +41,9 @@ class Event:
     mod_revision: int
 
 
-async def watch_prefix(store: Store, prefix: str, start_revision: int) -> AsyncIterator[list[Event]]:
+async def watch_prefix(
+    store: Store, prefix: str, start_revision: int
+) -> AsyncIterator[list[Event]]:
     """Store.watch: batches of events under ``prefix`` from ``start_revision``, or
     WatchInterrupted as soon as continuity is in doubt (see that method).
 
@@ -52,16 +54,20 @@ async def watch_prefix(store: Store, prefix: str, start_revision: int) -> AsyncI
     try:
         conn = await store._current()
     except EtcdError as exc:
-        raise WatchInterrupted(f"etcd watch {prefix} from revision {start_revision}: "
-                               f"cannot connect: {exc}") from None
+        raise WatchInterrupted(
+            f"etcd watch {prefix} from revision {start_revision}: cannot connect: {exc}"
+        ) from None
     where = str(conn.endpoint)
     what = f"etcd watch {prefix} at {where} from revision {start_revision}"
     raw = key_bytes(prefix)
     stop = asyncio.Event()
 
     async def requests() -> AsyncIterator[Any]:
-        yield WatchRequest(create_request=WatchCreateRequest(
-            key=raw, range_end=prefix_range_end(raw), start_revision=start_revision))
+        yield WatchRequest(
+            create_request=WatchCreateRequest(
+                key=raw, range_end=prefix_range_end(raw), start_revision=start_revision
+            )
+        )
         # Keep the request side open (closing it ends the watch) and ask for progress now
         # and then, so that a hung server is noticed (see the read timeout below).
         while not stop.is_set():
@@ -79,15 +85,16 @@ async def watch_prefix(store: Store, prefix: str, start_revision: int) -> AsyncI
                 resp = await call.read()
         except TimeoutError:
             await store._drop(conn)
-            raise WatchInterrupted(f"{what}: not established within {store._timeout:g}s") \
-                from None
+            raise WatchInterrupted(f"{what}: not established within {store._timeout:g}s") from None
         while True:
             if resp is grpc.aio.EOF:
                 raise WatchInterrupted(f"{what}: the server ended the stream")
             if resp.compact_revision > 0:
                 raise WatchInterrupted(
                     f"{what}: history compacted up to revision {resp.compact_revision}",
-                    compacted=True, compact_revision=int(resp.compact_revision))
+                    compacted=True,
+                    compact_revision=int(resp.compact_revision),
+                )
             if resp.canceled:
                 reason = one_line(resp.cancel_reason) or "no reason given"
                 if store._username is not None and "invalid auth token" in reason:
@@ -100,12 +107,18 @@ async def watch_prefix(store: Store, prefix: str, start_revision: int) -> AsyncI
                 for ev in resp.events:
                     rev = int(ev.kv.mod_revision)
                     if rev < expected:
-                        raise WatchInterrupted(f"{what}: event at revision {rev} arrived "
-                                               f"after revision {expected}")
+                        raise WatchInterrupted(
+                            f"{what}: event at revision {rev} arrived after revision {expected}"
+                        )
                     expected = rev
-                    batch.append(Event(type="delete" if ev.type == 1 else "put",
-                                       key=key_str(ev.kv.key), value=bytes(ev.kv.value),
-                                       mod_revision=rev))
+                    batch.append(
+                        Event(
+                            type="delete" if ev.type == 1 else "put",
+                            key=key_str(ev.kv.key),
+                            value=bytes(ev.kv.value),
+                            mod_revision=rev,
+                        )
+                    )
                 yield batch
             # We ask for progress every progress_interval s; silence beyond that plus the
             # deadline means the server (or the path to it) is gone even if TCP is not.
@@ -115,8 +128,7 @@ async def watch_prefix(store: Store, prefix: str, start_revision: int) -> AsyncI
                     resp = await call.read()
             except TimeoutError:
                 await store._drop(conn)
-                raise WatchInterrupted(f"{what}: no answer from etcd for {silence:g}s") \
-                    from None
+                raise WatchInterrupted(f"{what}: no answer from etcd for {silence:g}s") from None
     except WatchInterrupted:
         raise
     except asyncio.CancelledError:
@@ -126,8 +138,9 @@ async def watch_prefix(store: Store, prefix: str, start_revision: int) -> AsyncI
         reason = "the store is closed" if store._closed else "connection closed"
         raise WatchInterrupted(f"{what}: {reason}") from None
     except Exception as exc:  # noqa: BLE001 - every stream failure means "re-list"
-        err = map_error(exc, f"watch {prefix} from revision {start_revision}", where,
-                         store._timeout)
+        err = map_error(
+            exc, f"watch {prefix} from revision {start_revision}", where, store._timeout
+        )
         if isinstance(err, EtcdUnavailable):
             await store._drop(conn)
         if store._username is not None and token_expired(exc):
