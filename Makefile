@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_PKGS := etcd-server etcd-client iperf3 iptables nftables iproute2 iputils-ping gcc systemd ethtool
 ENGINE_SO = $(wildcard fastlane/_engine*.so)
 
-.PHONY: install apt venv build test bench clean clang sanitize asan asan-engine asan-stress tsan fuzz
+.PHONY: install apt venv build test lint bench clean clang sanitize asan asan-engine asan-stress tsan fuzz
 
 install: apt venv build
 
@@ -30,9 +30,16 @@ build: venv
 	rm -f fastlane/_engine*.so tests/_engine_test*.so
 	$(PY) build.py
 
-test: install
+test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory sanitize FUZZ_SECS=$(TEST_FUZZ_SECS)
+
+# Static checks (configured in pyproject.toml): lint, formatting, types.
+LINT_PATHS := fastlane tests csrc build.py setup.py
+lint: venv
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
 
 bench: install
 	$(VENV)/bin/fastlane bench --quick

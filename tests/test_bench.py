@@ -28,6 +28,8 @@ from fastlane.bench.lab.wire import WireStats
 pytestmark = pytest.mark.usefixtures("net_capable")
 
 METRICS = {"tcp_1", "tcp_4", "udp_pps", "rtt_us", "rtt_p99_us", "cpu_s_per_gbit"}
+
+
 # fastlane's own udp/vxlan/host-gw paths join the run as soon as their code exists; until then
 # a daemon with that backend cannot carry traffic at all.
 def _have(module: str) -> bool:
@@ -56,7 +58,10 @@ class BenchRun:
         self.stderr_lines: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastlane.bench", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
             env=env,
         )
         self.manifests: dict[str, dict] = {}
@@ -115,8 +120,12 @@ class BenchRun:
 
     def assert_nothing_left(self) -> None:
         assert self.manifests, "the bench never wrote a topology manifest"
-        netns = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
-        links = subprocess.run(["ip", "-o", "link"], check=False, capture_output=True, text=True).stdout
+        netns = subprocess.run(
+            ["ip", "netns", "list"], check=False, capture_output=True, text=True
+        ).stdout
+        links = subprocess.run(
+            ["ip", "-o", "link"], check=False, capture_output=True, text=True
+        ).stdout
         for prefix, data in self.manifests.items():
             assert prefix not in netns, f"namespaces of {prefix} left behind:\n{netns}"
             assert prefix not in links
@@ -153,8 +162,23 @@ def _processes_mentioning(text: str) -> list[int]:
 
 
 def test_short_run_produces_table_json_and_plot(tmp_path: Path) -> None:
-    run = BenchRun(["--mtu", "1500", "--paths", ",".join(WORKING_PATHS), "--duration", "1",
-                    "--repeat", "1", "--json", "out.json", "--plot", "out.png"], tmp_path)
+    run = BenchRun(
+        [
+            "--mtu",
+            "1500",
+            "--paths",
+            ",".join(WORKING_PATHS),
+            "--duration",
+            "1",
+            "--repeat",
+            "1",
+            "--json",
+            "out.json",
+            "--plot",
+            "out.png",
+        ],
+        tmp_path,
+    )
     rc = run.wait(timeout=480)
     assert rc == 0, run.stderr + run.stdout
     doc = json.loads((tmp_path / "out.json").read_text())
@@ -166,7 +190,8 @@ def test_short_run_produces_table_json_and_plot(tmp_path: Path) -> None:
     assert list(env["underlays"]) == ["veth", "nic"]
     assert env["underlays"]["nic"]["host_device"] == (
         "ethtool -K <dev> tx off tso off gso off tx-udp-segmentation off "
-        "tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off gro on")
+        "tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off gro on"
+    )
     assert env["underlays"]["nic"]["switch_port"] == "ethtool -K <port> tso off gso off"
     assert doc["config"]["mtus"] == [1500] and doc["config"]["paths"] == WORKING_PATHS
     assert doc["config"]["underlays"] == ["veth", "nic"]
@@ -174,18 +199,32 @@ def test_short_run_produces_table_json_and_plot(tmp_path: Path) -> None:
     seen = {(r["underlay"], r["path"], r["metric"]) for r in rows}
     userspace = {"baseline", "udp"}
     assert seen == {(u, p, m) for u in ("veth", "nic") for p in WORKING_PATHS for m in METRICS} | {
-        (u, p, "fwd_cpu_s_per_gbit") for u in ("veth", "nic") for p in WORKING_PATHS
-        if p in userspace}
+        (u, p, "fwd_cpu_s_per_gbit")
+        for u in ("veth", "nic")
+        for p in WORKING_PATHS
+        if p in userspace
+    }
     for r in rows:
-        assert set(r) >= {"path", "underlay", "underlay_mtu", "metric", "median", "min", "max",
-                          "unit", "samples"}
+        assert set(r) >= {
+            "path",
+            "underlay",
+            "underlay_mtu",
+            "metric",
+            "median",
+            "min",
+            "max",
+            "unit",
+            "samples",
+        }
         assert r["underlay_mtu"] == 1500 and len(r["samples"]) == 1
         assert r["min"] <= r["median"] <= r["max"]
         assert r["unit"] == report.METRICS[r["metric"]][0]
         assert math.isfinite(r["median"]) and r["median"] > 0, r  # every path carried traffic
     if "udp" in WORKING_PATHS:
         assert {(x["underlay"], x["denominator"]) for x in doc["ratios"]} >= {
-            ("veth", "vxlan"), ("nic", "vxlan")}
+            ("veth", "vxlan"),
+            ("nic", "vxlan"),
+        }
     # the terminal table lists every path on each underlay
     for u in ("veth", "nic"):
         for p in WORKING_PATHS:
@@ -201,9 +240,24 @@ def _wire_during_tcp(topo: Topology, ep: measure.Endpoints, seconds: float) -> W
     """Capture every frame on the switch's ports while one TCP stream runs for `seconds`."""
     ports = [f"p{h.index}" for h in topo.hosts]
     cap = subprocess.Popen(
-        ["ip", "netns", "exec", topo.switch_netns, sys.executable, "-m",
-         "fastlane.bench.lab.wire", "--seconds", f"{seconds + 1:g}", "--mtu", str(topo.mtu),
-         *ports], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            "ip",
+            "netns",
+            "exec",
+            topo.switch_netns,
+            sys.executable,
+            "-m",
+            "fastlane.bench.lab.wire",
+            "--seconds",
+            f"{seconds + 1:g}",
+            "--mtu",
+            str(topo.mtu),
+            *ports,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert cap.stderr is not None
         assert cap.stderr.readline().strip() == "capturing"
@@ -228,8 +282,7 @@ def test_nic_underlay_wire_carries_single_packets_of_at_most_the_mtu(path: str) 
     seen = {}
     for kind in ("veth", "nic"):
         ctx = Context(fastlane_cmd=fastlane_command())
-        with Topology(hosts=2, mtu=1500, underlay_kind=kind) as topo, \
-                up(topo, path, ctx) as ep:
+        with Topology(hosts=2, mtu=1500, underlay_kind=kind) as topo, up(topo, path, ctx) as ep:
             server = measure.IperfServer(topo, ep)
             server.start()
             seen[kind] = _wire_during_tcp(topo, ep, 1.0)
@@ -244,8 +297,23 @@ def test_nic_underlay_wire_carries_single_packets_of_at_most_the_mtu(path: str) 
 
 
 def test_sigint_halfway_cleans_up_everything(tmp_path: Path) -> None:
-    run = BenchRun(["--mtu", "1500", "--paths", "baseline,vxlan", "--duration", "3",
-                    "--repeat", "2", "--json", "out.json", "--plot", ""], tmp_path)
+    run = BenchRun(
+        [
+            "--mtu",
+            "1500",
+            "--paths",
+            "baseline,vxlan",
+            "--duration",
+            "3",
+            "--repeat",
+            "2",
+            "--json",
+            "out.json",
+            "--plot",
+            "",
+        ],
+        tmp_path,
+    )
     # rtt is first: once it is printed, iperf3 and the forwarders are running
     run.wait_for_line("baseline  rtt_us", timeout=60)
     time.sleep(1.0)
@@ -259,15 +327,19 @@ def test_sigint_halfway_cleans_up_everything(tmp_path: Path) -> None:
 
 
 def test_killed_run_is_cleaned_up_by_the_next_one(tmp_path: Path) -> None:
-    run = BenchRun(["--mtu", "1500", "--paths", "baseline", "--duration", "5",
-                    "--json", "", "--plot", ""], tmp_path)
+    run = BenchRun(
+        ["--mtu", "1500", "--paths", "baseline", "--duration", "5", "--json", "", "--plot", ""],
+        tmp_path,
+    )
     run.wait_for_line("baseline  rtt_us", timeout=60)
     time.sleep(0.5)
     run.proc.kill()  # SIGKILL: the run gets no chance to clean up
     run.wait(timeout=30)
     prefixes = set(run.manifests)
     assert prefixes
-    netns = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
+    netns = subprocess.run(
+        ["ip", "netns", "list"], check=False, capture_output=True, text=True
+    ).stdout
     assert any(p in netns for p in prefixes)  # the leftovers exist ...
     cleanup_stale()  # ... and what the next `fastlane bench` does first removes them
     run.assert_nothing_left()
@@ -275,11 +347,30 @@ def test_killed_run_is_cleaned_up_by_the_next_one(tmp_path: Path) -> None:
 
 def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
     fake = tmp_path / "flanneld"
-    fake.write_text("#!/bin/sh\necho 'I1125 fake flanneld starting'\n"
-                    "echo 'E1125 failed to pick interface: none'\nexit 3\n")
+    fake.write_text(
+        "#!/bin/sh\necho 'I1125 fake flanneld starting'\n"
+        "echo 'E1125 failed to pick interface: none'\nexit 3\n"
+    )
     fake.chmod(0o755)
-    run = BenchRun(["--mtu", "1500", "--underlay", "veth", "--paths", "flanneld",
-                    "--flanneld", str(fake), "--duration", "1", "--json", "", "--plot", ""], tmp_path)
+    run = BenchRun(
+        [
+            "--mtu",
+            "1500",
+            "--underlay",
+            "veth",
+            "--paths",
+            "flanneld",
+            "--flanneld",
+            str(fake),
+            "--duration",
+            "1",
+            "--json",
+            "",
+            "--plot",
+            "",
+        ],
+        tmp_path,
+    )
     assert run.wait(timeout=60) == 1
     assert "flanneld on h0 exited with status 3 before it was ready" in run.stderr
     assert "failed to pick interface: none" in run.stderr
@@ -289,9 +380,27 @@ def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
     hang = tmp_path / "hang"
     hang.write_text("#!/bin/sh\necho 'waiting for network config'\nexec sleep 60\n")
     hang.chmod(0o755)
-    run = BenchRun(["--mtu", "1500", "--underlay", "nic", "--paths", "flanneld",
-                    "--flanneld", str(hang), "--duration", "1", "--json", "", "--plot", "", "--ready-timeout", "2"],
-                   tmp_path)
+    run = BenchRun(
+        [
+            "--mtu",
+            "1500",
+            "--underlay",
+            "nic",
+            "--paths",
+            "flanneld",
+            "--flanneld",
+            str(hang),
+            "--duration",
+            "1",
+            "--json",
+            "",
+            "--plot",
+            "",
+            "--ready-timeout",
+            "2",
+        ],
+        tmp_path,
+    )
     assert run.wait(timeout=60) == 1
     assert "never became ready" in run.stderr and "waiting for network config" in run.stderr
     run.assert_nothing_left()
@@ -313,8 +422,13 @@ def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments_are_one_line_usage_errors(args: list[str], message: str) -> None:
-    res = subprocess.run([sys.executable, "-m", "fastlane.bench", *args], check=False,
-                         capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlane.bench", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 2
     errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
     assert len(errors) == 1 and message in errors[0], res.stderr
@@ -327,21 +441,47 @@ def test_missing_tools_and_not_root_are_one_line_errors(tmp_path: Path) -> None:
     for tool in ("ip", "ss", "ping", "bridge", "ethtool"):
         (bindir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
     env = dict(os.environ, PATH=str(bindir))
-    res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--paths", "underlay,vxlan"],
-                         check=False, capture_output=True, text=True, timeout=30, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlane.bench", "--paths", "underlay,vxlan"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert res.returncode == 1
     assert res.stderr.strip() == "fastlane bench: iperf3 not found: apt-get install -y iperf3"
 
-    res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--paths", "udp"],
-                         check=False, capture_output=True, text=True, timeout=30, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlane.bench", "--paths", "udp"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert "apt-get install -y etcd-client etcd-server iperf3" in res.stderr
 
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("setpriv (util-linux) missing")
-    res = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-                          sys.executable, "-m", "fastlane.bench", "--quick"],
-                         check=False, capture_output=True, text=True, timeout=30, cwd="/")
+    res = subprocess.run(
+        [
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-m",
+            "fastlane.bench",
+            "--quick",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
     assert res.returncode == 1, res.stderr
     assert res.stderr.strip().startswith("fastlane bench: must run as root"), res.stderr
 
@@ -351,10 +491,12 @@ def test_missing_tools_and_not_root_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_ping_parsing_and_percentiles() -> None:
-    out = ("PING 10.5.2.2 (10.5.2.2) 56(84) bytes of data.\n"
-           "64 bytes from 10.5.2.2: icmp_seq=1 ttl=62 time=0.045 ms\n"
-           "64 bytes from 10.5.2.2: icmp_seq=2 ttl=62 time=1.20 ms\n"
-           "64 bytes from 10.5.2.2: icmp_seq=3 ttl=62 time=0.050 ms\n")
+    out = (
+        "PING 10.5.2.2 (10.5.2.2) 56(84) bytes of data.\n"
+        "64 bytes from 10.5.2.2: icmp_seq=1 ttl=62 time=0.045 ms\n"
+        "64 bytes from 10.5.2.2: icmp_seq=2 ttl=62 time=1.20 ms\n"
+        "64 bytes from 10.5.2.2: icmp_seq=3 ttl=62 time=0.050 ms\n"
+    )
     assert measure.parse_ping(out) == pytest.approx([45.0, 1200.0, 50.0])
     vals = list(range(1, 101))
     assert measure.percentile(vals, 99) == 99 and measure.percentile(vals, 50) == 50
@@ -387,9 +529,13 @@ def test_results_rows_ratios_and_table() -> None:
     r.add("udp", 1500, "tcp_1", 1.0, "nic")
     r.add("vxlan", 1500, "tcp_1", 4.0, "nic")
     assert {(x["underlay"], x["denominator"]): x["ratio"] for x in r.ratios([1500])}[
-        ("nic", "vxlan")] == pytest.approx(0.25)
+        ("nic", "vxlan")
+    ] == pytest.approx(0.25)
     assert {(x["underlay"], x["path"]) for x in r.rows() if x["metric"] == "tcp_1"} >= {
-        ("veth", "udp"), ("nic", "udp"), ("nic", "vxlan")}
+        ("veth", "udp"),
+        ("nic", "udp"),
+        ("nic", "vxlan"),
+    }
     text = report.table(r, [1500], ["udp", "vxlan"], ["veth", "nic"])
     assert ["nic", "1500", "vxlan", "4.00"] in [ln.split()[:4] for ln in text.splitlines()]
     assert "nic, MTU 1500: udp tcp_1 = 0.25x vxlan" in text

@@ -20,8 +20,16 @@ RESULTS = REPO / "bench" / "results"
 
 def _row(path: str, mtu: int, metric: str, samples: list[float]) -> dict:
     s = sorted(samples)
-    return {"path": path, "underlay_mtu": mtu, "metric": metric, "median": s[len(s) // 2],
-            "min": s[0], "max": s[-1], "unit": report.METRICS[metric][0], "samples": samples}
+    return {
+        "path": path,
+        "underlay_mtu": mtu,
+        "metric": metric,
+        "median": s[len(s) // 2],
+        "min": s[0],
+        "max": s[-1],
+        "unit": report.METRICS[metric][0],
+        "samples": samples,
+    }
 
 
 def _doc() -> dict:
@@ -38,21 +46,46 @@ def _doc() -> dict:
     ]
     return {
         "schema": report.SCHEMA,
-        "environment": {"date": "2026-01-02T03:04:05+00:00", "kernel": "6.1.0-test",
-                        "cpu_model": "Test CPU", "nproc": 4, "hostname": "box",
-                        "versions": {"fastlane": "0.1.0", "fastlane_git": "abc1234",
-                                     "iperf3": "iperf 3.12"}},
-        "config": {"hosts": 3, "mtus": [1500], "paths": ["underlay", "udp", "vxlan", "host-gw",
-                                                          "baseline"],
-                   "duration_s": 2.5, "repeat": 3, "quick": False, "flanneld": None},
+        "environment": {
+            "date": "2026-01-02T03:04:05+00:00",
+            "kernel": "6.1.0-test",
+            "cpu_model": "Test CPU",
+            "nproc": 4,
+            "hostname": "box",
+            "versions": {"fastlane": "0.1.0", "fastlane_git": "abc1234", "iperf3": "iperf 3.12"},
+        },
+        "config": {
+            "hosts": 3,
+            "mtus": [1500],
+            "paths": ["underlay", "udp", "vxlan", "host-gw", "baseline"],
+            "duration_s": 2.5,
+            "repeat": 3,
+            "quick": False,
+            "flanneld": None,
+        },
         "metrics": {k: {"unit": u, "description": d} for k, (u, d) in report.METRICS.items()},
         "results": rows,
-        "ratios": [{"underlay_mtu": 1500, "metric": "tcp_1", "numerator": "udp",
-                    "denominator": "vxlan", "ratio": 0.5, "target": 0.6},
-                   {"underlay_mtu": 1500, "metric": "tcp_1", "numerator": "udp",
-                    "denominator": "baseline", "ratio": 5.0, "target": 5.0}],
-        "errors": [{"path": "host-gw", "underlay_mtu": 1500,
-                    "error": "route add failed\n  log line"}],
+        "ratios": [
+            {
+                "underlay_mtu": 1500,
+                "metric": "tcp_1",
+                "numerator": "udp",
+                "denominator": "vxlan",
+                "ratio": 0.5,
+                "target": 0.6,
+            },
+            {
+                "underlay_mtu": 1500,
+                "metric": "tcp_1",
+                "numerator": "udp",
+                "denominator": "baseline",
+                "ratio": 5.0,
+                "target": 5.0,
+            },
+        ],
+        "errors": [
+            {"path": "host-gw", "underlay_mtu": 1500, "error": "route add failed\n  log line"}
+        ],
         "complete": False,
     }
 
@@ -73,10 +106,17 @@ def test_synthetic_run_renders_command_environment_table_and_ratios() -> None:
     assert text.startswith("# fastlane bench results: run\n")
     assert "`fastlane bench --report run.json > run.md`" in text
     assert "Plot: [run.png](run.png)." in text
-    assert ("    fastlane bench --hosts 3 --mtu 1500 --paths underlay,udp,vxlan,host-gw,baseline "
-            "--duration 2.5 --repeat 3") in text
-    for line in ("| date | 2026-01-02T03:04:05+00:00 |", "| kernel | 6.1.0-test |",
-                 "| CPU | Test CPU |", "| CPUs | 4 |", "| fastlane_git | abc1234 |"):
+    assert (
+        "    fastlane bench --hosts 3 --mtu 1500 --paths underlay,udp,vxlan,host-gw,baseline "
+        "--duration 2.5 --repeat 3"
+    ) in text
+    for line in (
+        "| date | 2026-01-02T03:04:05+00:00 |",
+        "| kernel | 6.1.0-test |",
+        "| CPU | Test CPU |",
+        "| CPUs | 4 |",
+        "| fastlane_git | abc1234 |",
+    ):
         assert line in text
     assert "Complete: no, 1 error(s)" in text
 
@@ -85,22 +125,36 @@ def test_synthetic_run_renders_command_environment_table_and_ratios() -> None:
     assert "## nic against veth" not in text
     table = [ln for ln in _section(text, "### Underlay veth, MTU 1500") if ln.startswith("|")]
     head = [c.strip() for c in table[0].strip("|").split("|")]
-    assert head == ["path", "tcp_1 (Gbit/s)", "udp_pps (packets/s)", "rtt_us (us)",
-                    "fwd_cpu_s_per_gbit (s/Gbit)"]  # only metrics the run has
-    body = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
-            for ln in table[2:]}
+    assert head == [
+        "path",
+        "tcp_1 (Gbit/s)",
+        "udp_pps (packets/s)",
+        "rtt_us (us)",
+        "fwd_cpu_s_per_gbit (s/Gbit)",
+    ]  # only metrics the run has
+    body = {
+        ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+        for ln in table[2:]
+    }
     assert list(body) == ["underlay", "udp", "vxlan", "host-gw", "baseline"]  # config order
-    assert body["udp"] == ["10.00 (9.00-11.00)", "150k (145k-160k)", "70 (60-80)",
-                           "0.10 (0.10-0.10)"]
+    assert body["udp"] == [
+        "10.00 (9.00-11.00)",
+        "150k (145k-160k)",
+        "70 (60-80)",
+        "0.10 (0.10-0.10)",
+    ]
     assert body["underlay"][1:] == ["-", "-", "-"]
     assert body["baseline"][0] == "2.50 (2.00-2.50) [n=2]"
     assert body["host-gw"][0] == "failed: route add failed"
 
-    ratios = [ln for ln in _section(text, "### Ratios, underlay veth, MTU 1500")
-              if ln.startswith("|")]
+    ratios = [
+        ln for ln in _section(text, "### Ratios, underlay veth, MTU 1500") if ln.startswith("|")
+    ]
     assert ratios[0] == "| metric | udp / vxlan | udp / underlay | udp / baseline |"
-    cells = {ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
-             for ln in ratios[2:]}
+    cells = {
+        ln.split("|")[1].strip(): [c.strip() for c in ln.strip("|").split("|")[1:]]
+        for ln in ratios[2:]
+    }
     assert cells["tcp_1"] == ["0.5x", "0.25x", "4x"]
     assert cells["rtt_us"] == ["7x", "-", "-"]
     assert cells["fwd_cpu_s_per_gbit"] == ["-", "-", "0.125x"]
@@ -113,8 +167,17 @@ def test_synthetic_run_renders_command_environment_table_and_ratios() -> None:
 def test_two_underlays_render_side_by_side_with_their_settings() -> None:
     doc = _doc()
     veth = [dict(r, underlay="veth") for r in doc["results"]]
-    nic = [dict(r, underlay="nic", median=r["median"] / 2, min=r["min"] / 2, max=r["max"] / 2,
-                samples=[v / 2 for v in r["samples"]]) for r in doc["results"]]
+    nic = [
+        dict(
+            r,
+            underlay="nic",
+            median=r["median"] / 2,
+            min=r["min"] / 2,
+            max=r["max"] / 2,
+            samples=[v / 2 for v in r["samples"]],
+        )
+        for r in doc["results"]
+    ]
     doc["results"] = veth + nic
     doc["config"]["underlays"] = ["veth", "nic"]
     doc["environment"]["underlays"] = {k: underlay_description(k) for k in ("veth", "nic")}
@@ -123,8 +186,10 @@ def test_two_underlays_render_side_by_side_with_their_settings() -> None:
     text = report.markdown(doc, "run.json")
     assert "--underlay veth,nic --mtu 1500" in text
     settings = "\n".join(_section(text, "## Underlays"))
-    assert ("host_device: `ethtool -K <dev> tx off tso off gso off tx-udp-segmentation off "
-            "tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off gro on`") in settings
+    assert (
+        "host_device: `ethtool -K <dev> tx off tso off gso off tx-udp-segmentation off "
+        "tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off gro on`"
+    ) in settings
     assert "switch_port: `ethtool -K <port> tso off gso off`" in settings
     for u, udp in (("veth", "10.00 (9.00-11.00)"), ("nic", "5.00 (4.50-5.50)")):
         table = [ln for ln in _section(text, f"### Underlay {u}, MTU 1500") if ln.startswith("|")]
@@ -133,7 +198,8 @@ def test_two_underlays_render_side_by_side_with_their_settings() -> None:
         assert f"- {u}, MTU 1500, tcp_1: udp / vxlan = 0.5x, target >= 0.6x: NOT met" in text
     # host-gw failed on nic only
     assert "| host-gw | failed: route add failed |" in "\n".join(
-        _section(text, "### Underlay nic, MTU 1500"))
+        _section(text, "### Underlay nic, MTU 1500")
+    )
     assert "| host-gw | failed" not in "\n".join(_section(text, "### Underlay veth, MTU 1500"))
     assert "- nic, MTU 1500, host-gw: route add failed" in _section(text, "## Errors")
     cross = [ln for ln in _section(text, "### nic / veth, MTU 1500") if ln.startswith("|")]
@@ -153,19 +219,30 @@ def test_every_figure_in_the_document_comes_from_the_json() -> None:
 
 def test_report_flag_prints_the_document_and_needs_no_root(tmp_path: Path) -> None:
     (tmp_path / "x.json").write_text(json.dumps(_doc()))
-    res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--report",
-                          str(tmp_path / "x.json")], capture_output=True, text=True, timeout=30,
-                         check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlane.bench", "--report", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout == report.markdown(_doc(), "x.json")
     assert report.write_markdown(tmp_path / "x.json") == tmp_path / "x.md"
     assert (tmp_path / "x.md").read_text() == res.stdout
 
     (tmp_path / "bad.json").write_text('{"schema": "other"}')
-    for arg, message in ((tmp_path / "missing.json", "cannot read"),
-                         (tmp_path / "bad.json", "is not a fastlane bench result")):
-        res = subprocess.run([sys.executable, "-m", "fastlane.bench", "--report", str(arg)],
-                             capture_output=True, text=True, timeout=30, check=False)
+    for arg, message in (
+        (tmp_path / "missing.json", "cannot read"),
+        (tmp_path / "bad.json", "is not a fastlane bench result"),
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "fastlane.bench", "--report", str(arg)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert res.returncode == 1
         assert res.stderr.startswith("fastlane bench: ") and message in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
@@ -180,7 +257,8 @@ def test_committed_results_document_is_what_its_json_renders_to() -> None:
         assert md.exists(), f"{md.name} missing: fastlane bench --report {path.name} > {md.name}"
         assert md.read_text() == report.markdown_for(path), (
             f"{md.name} differs from what {path.name} renders to; regenerate it with "
-            f"`fastlane bench --report {path.name} > {md.name}` in bench/results/")
+            f"`fastlane bench --report {path.name} > {md.name}` in bench/results/"
+        )
 
 
 def _markdown_section(path: Path, heading: str) -> str:
@@ -190,7 +268,7 @@ def _markdown_section(path: Path, heading: str) -> str:
     level = heading.split(" ", 1)[0]
     start = next(i for i, ln in enumerate(lines) if ln.startswith(heading))
     out = []
-    for ln in lines[start + 1:]:
+    for ln in lines[start + 1 :]:
         mark = ln.split(" ", 1)[0]
         if ln.startswith("#") and set(mark) == {"#"} and len(mark) <= len(level):
             break

@@ -77,42 +77,90 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastlane bench",
         description="Measure TCP/UDP throughput, latency and CPU cost of overlay data paths "
-                    "between network-namespace hosts (needs root).",
+        "between network-namespace hosts (needs root).",
     )
-    p.add_argument("--quick", action="store_true",
-                   help="short run: 2 s per measurement, 1 repetition (unless given)")
-    p.add_argument("--json", metavar="PATH", default="bench-results/fastlane-bench.json",
-                   help="write every sample and the environment here (default: %(default)s; "
-                        "'' for none)")
-    p.add_argument("--plot", metavar="PATH", default="bench-results/fastlane-bench.png",
-                   help="write a PNG plot here (default: %(default)s; '' for none)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="short run: 2 s per measurement, 1 repetition (unless given)",
+    )
+    p.add_argument(
+        "--json",
+        metavar="PATH",
+        default="bench-results/fastlane-bench.json",
+        help="write every sample and the environment here (default: %(default)s; '' for none)",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        default="bench-results/fastlane-bench.png",
+        help="write a PNG plot here (default: %(default)s; '' for none)",
+    )
     p.add_argument("--hosts", type=int, default=2, metavar="N", help="hosts (default: 2)")
-    p.add_argument("--mtu", default="1500,9000", metavar="LIST",
-                   help="underlay MTUs, comma-separated (default: %(default)s)")
-    p.add_argument("--underlay", metavar="LIST", default=",".join(UNDERLAY_KINDS),
-                   help="underlay links, comma-separated: veth (a plain veth pair: 64 KiB GSO "
-                        "frames cross whole) and/or nic (offloads off on the wire, GRO on "
-                        "receive, like a host's NIC) (default: %(default)s)")
-    p.add_argument("--paths", metavar="LIST", default=None,
-                   help=f"data paths, comma-separated, from {','.join(ALL_PATHS)} "
-                        f"(default: {','.join(DEFAULT_PATHS)}, plus flanneld with --flanneld)")
-    p.add_argument("--duration", type=float, default=None, metavar="S",
-                   help="seconds per measurement (default: 5, --quick: 2)")
-    p.add_argument("--repeat", type=int, default=None, metavar="N",
-                   help="repetitions per measurement (default: 3, --quick: 1)")
-    p.add_argument("--flanneld", metavar="PATH", default=None,
-                   help="also measure this flanneld binary (udp backend) on the same topology")
-    p.add_argument("--report", metavar="JSON", default=None,
-                   help="print the Markdown results document of an earlier run's JSON and "
-                        "exit (measures nothing, needs no root); every run also writes it "
-                        "next to its --json as <name>.md")
-    p.add_argument("--control-plane", action="store_true",
-                   help="measure the control plane instead: N leases in etcd, table sync, "
-                        "memory, route swaps, new-peer latency and 100 lease changes/s for "
-                        "--duration seconds (default 30); writes --json (default "
-                        "bench-results/control-plane.json)")
-    p.add_argument("--leases", type=int, default=10_000, metavar="N",
-                   help="--control-plane: leases written into etcd (default: %(default)s)")
+    p.add_argument(
+        "--mtu",
+        default="1500,9000",
+        metavar="LIST",
+        help="underlay MTUs, comma-separated (default: %(default)s)",
+    )
+    p.add_argument(
+        "--underlay",
+        metavar="LIST",
+        default=",".join(UNDERLAY_KINDS),
+        help="underlay links, comma-separated: veth (a plain veth pair: 64 KiB GSO "
+        "frames cross whole) and/or nic (offloads off on the wire, GRO on "
+        "receive, like a host's NIC) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--paths",
+        metavar="LIST",
+        default=None,
+        help=f"data paths, comma-separated, from {','.join(ALL_PATHS)} "
+        f"(default: {','.join(DEFAULT_PATHS)}, plus flanneld with --flanneld)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds per measurement (default: 5, --quick: 2)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        metavar="N",
+        help="repetitions per measurement (default: 3, --quick: 1)",
+    )
+    p.add_argument(
+        "--flanneld",
+        metavar="PATH",
+        default=None,
+        help="also measure this flanneld binary (udp backend) on the same topology",
+    )
+    p.add_argument(
+        "--report",
+        metavar="JSON",
+        default=None,
+        help="print the Markdown results document of an earlier run's JSON and "
+        "exit (measures nothing, needs no root); every run also writes it "
+        "next to its --json as <name>.md",
+    )
+    p.add_argument(
+        "--control-plane",
+        action="store_true",
+        help="measure the control plane instead: N leases in etcd, table sync, "
+        "memory, route swaps, new-peer latency and 100 lease changes/s for "
+        "--duration seconds (default 30); writes --json (default "
+        "bench-results/control-plane.json)",
+    )
+    p.add_argument(
+        "--leases",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="--control-plane: leases written into etcd (default: %(default)s)",
+    )
     p.add_argument("--ready-timeout", type=float, default=30.0, help=argparse.SUPPRESS)
     return p
 
@@ -137,9 +185,18 @@ def _control_plane_options(parser: argparse.ArgumentParser, a: argparse.Namespac
     if json_path == parser.get_default("json"):
         json_path = "bench-results/control-plane.json"
     return Options(
-        hosts=3, mtus=[], paths=[], duration=duration, repeat=repeat,
-        json=Path(json_path) if json_path else None, plot=None, flanneld=None, quick=False,
-        ready_timeout=a.ready_timeout, control_plane=True, leases=a.leases,
+        hosts=3,
+        mtus=[],
+        paths=[],
+        duration=duration,
+        repeat=repeat,
+        json=Path(json_path) if json_path else None,
+        plot=None,
+        flanneld=None,
+        quick=False,
+        ready_timeout=a.ready_timeout,
+        control_plane=True,
+        leases=a.leases,
     )
 
 
@@ -159,8 +216,10 @@ def parse_args(argv: list[str]) -> Options:
     underlays: list[str] = []
     for part in (x.strip() for x in a.underlay.split(",")):
         if part not in UNDERLAY_KINDS:
-            _usage_error(parser, f"--underlay: unknown underlay {part!r} "
-                                 f"(known: {', '.join(UNDERLAY_KINDS)})")
+            _usage_error(
+                parser,
+                f"--underlay: unknown underlay {part!r} (known: {', '.join(UNDERLAY_KINDS)})",
+            )
         if part not in underlays:
             underlays.append(part)
     if a.paths is None:
@@ -169,7 +228,9 @@ def parse_args(argv: list[str]) -> Options:
         paths = []
         for name in (x.strip() for x in a.paths.split(",")):
             if name not in ALL_PATHS:
-                _usage_error(parser, f"--paths: unknown path {name!r} (known: {', '.join(ALL_PATHS)})")
+                _usage_error(
+                    parser, f"--paths: unknown path {name!r} (known: {', '.join(ALL_PATHS)})"
+                )
             if name not in paths:
                 paths.append(name)
     if "flanneld" in paths and not a.flanneld:
@@ -190,10 +251,18 @@ def parse_args(argv: list[str]) -> Options:
     if not 1 <= repeat <= 100:
         _usage_error(parser, f"--repeat: {repeat} is outside 1..100")
     return Options(
-        hosts=a.hosts, mtus=mtus, paths=paths, duration=duration, repeat=repeat,
-        json=Path(a.json) if a.json else None, plot=Path(a.plot) if a.plot else None,
-        flanneld=flanneld, quick=a.quick, ready_timeout=a.ready_timeout,
-        report=Path(a.report) if a.report else None, underlays=underlays,
+        hosts=a.hosts,
+        mtus=mtus,
+        paths=paths,
+        duration=duration,
+        repeat=repeat,
+        json=Path(a.json) if a.json else None,
+        plot=Path(a.plot) if a.plot else None,
+        flanneld=flanneld,
+        quick=a.quick,
+        ready_timeout=a.ready_timeout,
+        report=Path(a.report) if a.report else None,
+        underlays=underlays,
     )
 
 
@@ -206,10 +275,11 @@ def preflight(opts: Options) -> None:
         raise BenchError("must run as root (it builds network namespaces): sudo fastlane bench")
     need_tun = any(p in opts.paths for p in ("udp", "baseline", "flanneld"))
     if need_tun and not os.path.exists("/dev/net/tun"):
-        raise BenchError("/dev/net/tun is missing: load the tun module (modprobe tun) "
-                         "or give the container --device /dev/net/tun")
-    tools = [("ip", "iproute2"), ("ss", "iproute2"), ("iperf3", "iperf3"),
-             ("ping", "iputils-ping")]
+        raise BenchError(
+            "/dev/net/tun is missing: load the tun module (modprobe tun) "
+            "or give the container --device /dev/net/tun"
+        )
+    tools = [("ip", "iproute2"), ("ss", "iproute2"), ("iperf3", "iperf3"), ("ping", "iputils-ping")]
     if "vxlan" in opts.paths:
         tools.append(("bridge", "iproute2"))
     if ETCD_PATHS & set(opts.paths):
@@ -226,36 +296,49 @@ def preflight(opts: Options) -> None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise BenchError("matplotlib is missing (needed for --plot): "
-                             "pip install 'fastlane[bench]' or pass --plot ''") from None
+            raise BenchError(
+                "matplotlib is missing (needed for --plot): "
+                "pip install 'fastlane[bench]' or pass --plot ''"
+            ) from None
 
 
 def preflight_control_plane() -> None:
     if os.geteuid() != 0:
-        raise BenchError("must run as root (it builds network namespaces): "
-                         "sudo fastlane bench --control-plane")
+        raise BenchError(
+            "must run as root (it builds network namespaces): sudo fastlane bench --control-plane"
+        )
     if not os.path.exists("/dev/net/tun"):
-        raise BenchError("/dev/net/tun is missing: load the tun module (modprobe tun) "
-                         "or give the container --device /dev/net/tun")
+        raise BenchError(
+            "/dev/net/tun is missing: load the tun module (modprobe tun) "
+            "or give the container --device /dev/net/tun"
+        )
     tools = [("ip", "iproute2"), ("etcd", "etcd-server"), ("etcdctl", "etcd-client")]
     missing = [(t, p) for t, p in tools if shutil.which(t) is None]
     if missing:
-        raise BenchError(f"{', '.join(t for t, _ in missing)} not found: apt-get install -y "
-                         f"{' '.join(sorted({p for _, p in missing}))}")
+        raise BenchError(
+            f"{', '.join(t for t, _ in missing)} not found: apt-get install -y "
+            f"{' '.join(sorted({p for _, p in missing}))}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # running
 
 
-def _label(underlay: str, mtu: int, path: str, what: str, rep: int, repeat: int,
-           width: int) -> str:
+def _label(underlay: str, mtu: int, path: str, what: str, rep: int, repeat: int, width: int) -> str:
     r = f" rep {rep + 1}/{repeat}" if repeat > 1 else ""
     return f"{underlay:<4} MTU {mtu:<5} {path:<{width}} {what:<7}{r}"
 
 
-def _measure_path(opts: Options, underlay: str, mtu: int, path: str, ctx: Context,
-                  results: report.Results, progress: Progress) -> None:
+def _measure_path(
+    opts: Options,
+    underlay: str,
+    mtu: int,
+    path: str,
+    ctx: Context,
+    results: report.Results,
+    progress: Progress,
+) -> None:
     with Topology(hosts=opts.hosts, mtu=mtu, underlay_kind=underlay) as topo:
         width = max(9, *(len(p) for p in opts.paths))
         progress.start(_label(underlay, mtu, path, "setting up", 0, 1, width))
@@ -268,8 +351,15 @@ def _measure_path(opts: Options, underlay: str, mtu: int, path: str, ctx: Contex
                 for what in MEASUREMENTS:
                     progress.start(_label(underlay, mtu, path, what, rep, opts.repeat, width))
                     try:
-                        text = _one(topo, ep, what, opts.duration, count,
-                                    results.at(path, mtu, underlay), ctx.forwarder_pids)
+                        text = _one(
+                            topo,
+                            ep,
+                            what,
+                            opts.duration,
+                            count,
+                            results.at(path, mtu, underlay),
+                            ctx.forwarder_pids,
+                        )
                     except measure.MeasureError as exc:
                         results.error(path, mtu, f"{what}: {exc}", underlay)
                         progress.finish(f"failed: {exc}")
@@ -280,8 +370,15 @@ def _measure_path(opts: Options, underlay: str, mtu: int, path: str, ctx: Contex
                         time.sleep(0.5)  # let the flood's queues drain before the next RTT
 
 
-def _one(topo: Topology, ep: measure.Endpoints, what: str, duration: float, count: int,
-         add: Callable[[str, float], None], forwarders: list[int]) -> str:
+def _one(
+    topo: Topology,
+    ep: measure.Endpoints,
+    what: str,
+    duration: float,
+    count: int,
+    add: Callable[[str, float], None],
+    forwarders: list[int],
+) -> str:
     if what == "rtt_us":
         med, p99 = measure.rtt(topo, ep, count)
         add("rtt_us", med)
@@ -295,8 +392,10 @@ def _one(topo: Topology, ep: measure.Endpoints, what: str, duration: float, coun
             fwd = r.fwd_cpu_s_per_gbit
             if fwd is not None:
                 add("fwd_cpu_s_per_gbit", fwd)
-                return (f"{r.gbit_s:.2f} Gbit/s, {r.cpu_s_per_gbit:.2f} CPU s/Gbit "
-                        f"({fwd:.2f} in forwarders)")
+                return (
+                    f"{r.gbit_s:.2f} Gbit/s, {r.cpu_s_per_gbit:.2f} CPU s/Gbit "
+                    f"({fwd:.2f} in forwarders)"
+                )
             return f"{r.gbit_s:.2f} Gbit/s, {r.cpu_s_per_gbit:.2f} CPU s/Gbit"
         return f"{r.gbit_s:.2f} Gbit/s"
     pps = measure.udp_pps(topo, ep, duration)
@@ -310,12 +409,13 @@ def run(opts: Options) -> int:
     out = sys.stderr
     if stale:
         print(f"removed {len(stale)} namespaces left by an earlier, killed run", file=out)
-    total = (len(opts.underlays) * len(opts.mtus) * len(opts.paths) * opts.repeat
-             * len(MEASUREMENTS))
-    print(f"fastlane bench: {opts.hosts} hosts, underlay {','.join(opts.underlays)}, "
-          f"MTU {','.join(map(str, opts.mtus))}, paths "
-          f"{','.join(opts.paths)}, {opts.duration:g} s x {opts.repeat} per measurement",
-          file=out)
+    total = len(opts.underlays) * len(opts.mtus) * len(opts.paths) * opts.repeat * len(MEASUREMENTS)
+    print(
+        f"fastlane bench: {opts.hosts} hosts, underlay {','.join(opts.underlays)}, "
+        f"MTU {','.join(map(str, opts.mtus))}, paths "
+        f"{','.join(opts.paths)}, {opts.duration:g} s x {opts.repeat} per measurement",
+        file=out,
+    )
     env = report.environment(opts.flanneld, opts.underlays)
     results = report.Results()
     progress = Progress(total, out)
@@ -328,8 +428,12 @@ def run(opts: Options) -> int:
             except PathError as exc:
                 raise BenchError(str(exc)) from None
         for underlay, mtu, path in itertools.product(opts.underlays, opts.mtus, opts.paths):
-            ctx = Context(baseline_bin=baseline_bin, flanneld_bin=opts.flanneld,
-                          fastlane_cmd=fastlane_command(), ready_timeout=opts.ready_timeout)
+            ctx = Context(
+                baseline_bin=baseline_bin,
+                flanneld_bin=opts.flanneld,
+                fastlane_cmd=fastlane_command(),
+                ready_timeout=opts.ready_timeout,
+            )
             before = progress.done
             try:
                 _measure_path(opts, underlay, mtu, path, ctx, results, progress)
@@ -344,18 +448,26 @@ def run(opts: Options) -> int:
         progress.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    config = {"hosts": opts.hosts, "underlays": opts.underlays, "mtus": opts.mtus,
-              "paths": opts.paths,
-              "duration_s": opts.duration, "repeat": opts.repeat, "quick": opts.quick,
-              "flanneld": str(opts.flanneld) if opts.flanneld else None}
+    config = {
+        "hosts": opts.hosts,
+        "underlays": opts.underlays,
+        "mtus": opts.mtus,
+        "paths": opts.paths,
+        "duration_s": opts.duration,
+        "repeat": opts.repeat,
+        "quick": opts.quick,
+        "flanneld": str(opts.flanneld) if opts.flanneld else None,
+    }
     print(file=sys.stdout)
     print(report.table(results, opts.mtus, opts.paths, opts.underlays), file=sys.stdout)
     if opts.json is not None:
         report.write_json(opts.json, results, env, config)
         print(f"\nJSON: {opts.json}", file=sys.stdout)
     if opts.plot is not None:
-        title = (f"fastlane bench — {env.get('cpu_model') or 'unknown CPU'}, {env['nproc']} CPUs, "
-                 f"kernel {env['kernel']}, {env['date'][:10]}")
+        title = (
+            f"fastlane bench — {env.get('cpu_model') or 'unknown CPU'}, {env['nproc']} CPUs, "
+            f"kernel {env['kernel']}, {env['date'][:10]}"
+        )
         try:
             report.plot(opts.plot, results, opts.mtus, opts.paths, title, opts.underlays)
         except RuntimeError as exc:
@@ -368,8 +480,11 @@ def run(opts: Options) -> int:
         except report.ReportError as exc:
             raise BenchError(str(exc)) from None
     if results.errors:
-        print(f"\n{len(results.errors)} error(s); see above"
-              + (f" and 'errors' in {opts.json}" if opts.json else ""), file=sys.stdout)
+        print(
+            f"\n{len(results.errors)} error(s); see above"
+            + (f" and 'errors' in {opts.json}" if opts.json else ""),
+            file=sys.stdout,
+        )
         return 1
     return 0
 
@@ -404,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise BenchError(str(exc)) from None
         return run(opts)
     except KeyboardInterrupt:
-        print("\nfastlane bench: interrupted; namespaces, daemons and etcd were removed",
-              file=sys.stderr)
+        print(
+            "\nfastlane bench: interrupted; namespaces, daemons and etcd were removed",
+            file=sys.stderr,
+        )
         return 130
     except (BenchError, TopologyError) as exc:
         print(f"fastlane bench: {exc}", file=sys.stderr)

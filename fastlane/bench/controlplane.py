@@ -41,10 +41,13 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: the stack loads the engine only when asked
+    from fastlane.leasetable import LeaseTable
 
 IPv4Network = ipaddress.IPv4Network
 IPv4Address = ipaddress.IPv4Address
@@ -59,19 +62,19 @@ MTU = 1500 - 28
 # Subnet indices (10.0.0.0 + index * 256) of each kind of lease, so that no two kinds overlap and
 # the daemon's own lease (picked among the first free subnets above the initial ones) never
 # collides with one the bench writes.
-MAX_LEASES = 19_000          # initial leases: 1..N
-CHURN_ADD_BASE = 20_000      # churn adds of round r: + r * ROUND_SPAN + k
-PROBE_BASE = 40_000          # churn probes of round r: + r * ROUND_SPAN + k
-TRIAL_BASE = 60_000          # idle first-packet trials: + j
+MAX_LEASES = 19_000  # initial leases: 1..N
+CHURN_ADD_BASE = 20_000  # churn adds of round r: + r * ROUND_SPAN + k
+PROBE_BASE = 40_000  # churn probes of round r: + r * ROUND_SPAN + k
+TRIAL_BASE = 60_000  # idle first-packet trials: + j
 ROUND_SPAN = 10_000
 MAX_CHANGES = ROUND_SPAN - 1
 FAKE_PEERS = int(IPv4Address("198.18.0.0"))  # RFC 2544 benchmark range: never a real host
 CHURN_PEERS = int(IPv4Address("198.19.0.0"))
 
-RATE = 100.0                 # lease changes per second
-PROBE_EVERY = 10             # every 10th change is a probe (an add pointing at the peer)
-TRIALS = 10                  # idle first-packet trials
-SWAP_REPEAT = 20             # route swaps timed per engine
+RATE = 100.0  # lease changes per second
+PROBE_EVERY = 10  # every 10th change is a probe (an add pointing at the peer)
+TRIALS = 10  # idle first-packet trials
+SWAP_REPEAT = 20  # route swaps timed per engine
 
 GOALS = (  # (path, metric, goal, unit, text)
     ("stack", "sync_s", 2.0, "s", "sync < 2 s"),
@@ -96,14 +99,21 @@ METRICS: dict[str, tuple[str, str]] = {
     "backend_swap_ms": ("ms", "udp backend: a table change -> N routes in the engine (idle)"),
     "route_table_bytes": ("bytes", "C route table for N routes, measured (glibc mallinfo2)"),
     "route_table_bytes_est": ("bytes", "C route table for N routes, computed from route.c"),
-    "lag_ms": ("ms", ("put -> change in the engine (stack: swap returned; daemon: probes' "
-                      "first packet on the wire)")),
+    "lag_ms": (
+        "ms",
+        (
+            "put -> change in the engine (stack: swap returned; daemon: probes' "
+            "first packet on the wire)"
+        ),
+    ),
     "lag_p99_ms": ("ms", "99th percentile of lag_ms"),
     "drain_ms": ("ms", "lag_ms of the last change of the churn"),
     "churn_rate": ("changes/s", "lease changes/s the generator achieved"),
     "swaps_per_s": ("swaps/s", "engine route swaps per second of churn (changes coalesce)"),
-    "cpu_per_s": ("CPU s/s", ("CPU seconds per second of churn of the stack/daemon process "
-                              "(all its threads)")),
+    "cpu_per_s": (
+        "CPU s/s",
+        ("CPU seconds per second of churn of the stack/daemon process (all its threads)"),
+    ),
     "ready_s": ("s", "daemon start -> subnet file written"),
     "first_packet_ms": ("ms", "put of a new lease -> first datagram to its PublicIP"),
 }
@@ -171,8 +181,9 @@ def plan(n: int, total: int, rnd: int, peer: IPv4Address) -> list[Change]:
 
 def originals_needed(total: int) -> int:
     """How many initial leases one round of `total` changes deletes or updates (at most)."""
-    return sum(1 for k in range(total)
-               if not (k % PROBE_EVERY == 0 or k == total - 1) and k % 3 != 0)
+    return sum(
+        1 for k in range(total) if not (k % PROBE_EVERY == 0 or k == total - 1) and k % 3 != 0
+    )
 
 
 def check_sizes(n: int, duration: float) -> str | None:
@@ -181,12 +192,15 @@ def check_sizes(n: int, duration: float) -> str | None:
         return f"--leases: {n} is outside 10..{MAX_LEASES}"
     total = int(RATE * duration)
     if not 10 <= total <= MAX_CHANGES:
-        return (f"--duration: {duration:g} s at {RATE:g} changes/s is outside "
-                f"10..{MAX_CHANGES} changes")
+        return (
+            f"--duration: {duration:g} s at {RATE:g} changes/s is outside 10..{MAX_CHANGES} changes"
+        )
     if originals_needed(total) > (n - 1) // 2 - 1:
-        return (f"--duration {duration:g} changes more leases than --leases {n} has to spare "
-                f"(each round deletes or updates {originals_needed(total)}, at most "
-                f"{(n - 1) // 2 - 1}): give more leases or a shorter duration")
+        return (
+            f"--duration {duration:g} changes more leases than --leases {n} has to spare "
+            f"(each round deletes or updates {originals_needed(total)}, at most "
+            f"{(n - 1) // 2 - 1}): give more leases or a shorter duration"
+        )
     return None
 
 
@@ -207,9 +221,21 @@ def _cpu_of(pid: int) -> float:
 
 
 class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _malloc_in_use() -> int | None:
@@ -234,18 +260,31 @@ def route_table_estimate(n: int) -> int:
     """
 
     class Entry(ctypes.Structure):
-        _fields_ = [("net", ctypes.c_uint32), ("next_hop", ctypes.c_uint32),
-                    ("port", ctypes.c_uint16), ("used", ctypes.c_uint8)]
+        _fields_ = [
+            ("net", ctypes.c_uint32),
+            ("next_hop", ctypes.c_uint32),
+            ("port", ctypes.c_uint16),
+            ("used", ctypes.c_uint8),
+        ]
 
     class Level(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_uint8), ("mask", ctypes.c_uint32), ("cap", ctypes.c_uint32),
-                    ("slots", ctypes.c_void_p)]
+        _fields_ = [
+            ("len", ctypes.c_uint8),
+            ("mask", ctypes.c_uint32),
+            ("cap", ctypes.c_uint32),
+            ("slots", ctypes.c_void_p),
+        ]
 
     class Table(ctypes.Structure):
-        _fields_ = [("n_levels", ctypes.c_int), ("levels", Level * 33),
-                    ("hop_cap", ctypes.c_uint32), ("hops", ctypes.c_void_p),
-                    ("hop_port", ctypes.c_void_p), ("hop_used", ctypes.c_void_p),
-                    ("n_routes", ctypes.c_int)]
+        _fields_ = [
+            ("n_levels", ctypes.c_int),
+            ("levels", Level * 33),
+            ("hop_cap", ctypes.c_uint32),
+            ("hops", ctypes.c_void_p),
+            ("hop_port", ctypes.c_void_p),
+            ("hop_used", ctypes.c_void_p),
+            ("n_routes", ctypes.c_int),
+        ]
 
     def pow2(x: int) -> int:
         c = 4
@@ -305,8 +344,9 @@ async def populate(endpoint: str, n: int, peer: IPv4Address) -> dict[str, Any]:
 
         async def put(i: int) -> None:
             async with sem:
-                await store.put(key_of(subnet_at(i)), value_of(initial_peer(i, n, peer)),
-                                lease=lease)
+                await store.put(
+                    key_of(subnet_at(i)), value_of(initial_peer(i, n, peer)), lease=lease
+                )
 
         await asyncio.gather(*(put(i) for i in range(1, n + 1)))
         return {"populate_s": time.monotonic() - t0}
@@ -332,8 +372,8 @@ class Stack:
         self.full = asyncio.Event()
         self.store = None
         self.task: asyncio.Task[None] | None = None
-        self.backend = None
-        self.table = None
+        self.backend: Any = None  # the udp backend, when the stack carries an engine
+        self.table: LeaseTable | None = None
         self.swap_times: list[float] = []
         # observers: on_publish(table, change) before the backend hears of a change,
         # on_swapped(monotonic time) after each swap
@@ -390,7 +430,7 @@ class Stack:
             m["listed"] = time.monotonic()
             return out
 
-        store.list_prefix = timed_list  # type: ignore[method-assign]
+        store.list_prefix = timed_list
         snapshot = registry.snapshot
 
         async def timed_snapshot():
@@ -470,7 +510,6 @@ async def stack_worker(endpoint: str, n: int, repeat: int, tun_addr: IPv4Address
     # memory the table retains: tracemalloc from after the connection until synced, watcher
     # stopped, garbage collected (tracemalloc slows Python down: this run is not timed)
     stack = Stack(n, engine=False)
-    from fastlane.leasetable import LeaseTable
 
     table_holder: list[LeaseTable] = []
     try:
@@ -478,6 +517,7 @@ async def stack_worker(endpoint: str, n: int, repeat: int, tun_addr: IPv4Address
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
         await stack.start(endpoint)
+        assert stack.table is not None
         table_holder.append(stack.table)
         await stack.stop()
         stack.store = None
@@ -495,7 +535,7 @@ async def stack_worker(endpoint: str, n: int, repeat: int, tun_addr: IPv4Address
     from fastlane.engine import Engine, Route, _routes_array
     from fastlane.leasetable import TableChange
 
-    routes = [Route(l.subnet, l.attrs.public_ip, UDP_PORT) for l in leases]
+    routes = [Route(lease.subnet4, lease.attrs.public_ip, UDP_PORT) for lease in leases]
     engine = Engine([], -1, MTU, subnet_at(0).network_address)
     for _ in range(SWAP_REPEAT):
         t0 = time.perf_counter()
@@ -534,8 +574,9 @@ async def stack_worker(endpoint: str, n: int, repeat: int, tun_addr: IPv4Address
 
     _, fds = open_tun("flbench%d", queues=1, vnet_hdr=True)
     sock = open_udp_socket(str(tun_addr), UDP_PORT)
-    running = Engine(fds, sock.fileno(), MTU, subnet_at(0).network_address,
-                     network=IPv4Network(NETWORK))
+    running = Engine(
+        fds, sock.fileno(), MTU, subnet_at(0).network_address, network=IPv4Network(NETWORK)
+    )
     running.start()
     try:
         for _ in range(SWAP_REPEAT):
@@ -554,8 +595,9 @@ async def stack_worker(endpoint: str, n: int, repeat: int, tun_addr: IPv4Address
 # worker: observe the churn through the stack
 
 
-async def observe_worker(endpoint: str, n: int, total: int, rnd: int, peer: IPv4Address,
-                         ready: str, timeout: float) -> dict:
+async def observe_worker(
+    endpoint: str, n: int, total: int, rnd: int, peer: IPv4Address, ready: str, timeout: float
+) -> dict:
     """Sync the stack, then note when each change of the churn is in the engine: changes the
     table publishes wait in `pending` until the next route swap returns."""
     changes = plan(n, total, rnd, peer)
@@ -598,8 +640,12 @@ async def observe_worker(endpoint: str, n: int, total: int, rnd: int, peer: IPv4
         swap_times = stack.swap_times[swaps_before:]
     finally:
         await stack.stop()
-    return {"seen": {str(k): t for k, t in seen.items()}, "batches": batches,
-            "swap_s": swap_times, "cpu_s": cpu1 - cpu0}
+    return {
+        "seen": {str(k): t for k, t in seen.items()},
+        "batches": batches,
+        "swap_s": swap_times,
+        "cpu_s": cpu1 - cpu0,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -622,8 +668,10 @@ class Probe:
         self.futures: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[float]]] = {}
         self.sent = 0
         self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._recv, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._send, daemon=True),
+            threading.Thread(target=self._recv, daemon=True),
+        ]
         for t in self.threads:
             t.start()
 
@@ -672,7 +720,7 @@ class Probe:
                     self.first[net] = now
                     del self.pending[net]
                     loop, fut = self.futures[net]
-                    loop.call_soon_threadsafe(lambda f=fut, t=now: f.done() or f.set_result(t))
+                    loop.call_soon_threadsafe(_resolve, fut, now)
 
     def close(self) -> None:
         self.stopping.set()
@@ -754,11 +802,13 @@ async def peer_worker(args: argparse.Namespace) -> dict[str, Any]:
                 # one deadline for all probes: a daemon far behind must not cost a timeout each
                 probes = [c for c in changes if c.op == "probe"]
                 left = args.drain_timeout - (time.monotonic() - t_start)
-                got = await asyncio.gather(*(probe.wait(c.subnet, max(1.0, left))
-                                             for c in probes))
-                firsts = {str(c.k): t for c, t in zip(probes, got, strict=True) if t is not None}
+                got = await asyncio.gather(*(probe.wait(c.subnet, max(1.0, left)) for c in probes))
+                firsts: dict[str, float] = {
+                    str(c.k): t for c, t in zip(probes, got, strict=True) if t is not None
+                }
                 out["seen"] = firsts
                 t_end = max([t_start, *firsts.values()])
+                assert cpu0 is not None  # measured whenever there is a probe
                 out["cpu_s"] = _cpu_of(int(out["pid"])) - cpu0
                 out["cpu_window_s"] = t_end - t_start
                 out["probes_sent"] = probe.sent
@@ -799,8 +849,9 @@ def _worker_main(argv: list[str]) -> int:
     elif a.role == "stack":
         coro = stack_worker(a.endpoint, a.leases, a.repeat, IPv4Address(a.tun_addr))
     elif a.role == "observe":
-        coro = observe_worker(a.endpoint, a.leases, a.changes, a.round, IPv4Address(a.peer),
-                              a.ready, a.timeout)
+        coro = observe_worker(
+            a.endpoint, a.leases, a.changes, a.round, IPv4Address(a.peer), a.ready, a.timeout
+        )
     else:
         coro = peer_worker(a)
     result = uvloop.run(coro)
@@ -819,15 +870,28 @@ class ControlPlaneError(RuntimeError):
 def _row(path: str, metric: str, values: list[float], keep_samples: bool = True) -> dict:
     vals = [float(v) for v in values if not math.isnan(v)]
     unit = METRICS[metric.replace("running_", "")][0]
-    row: dict[str, Any] = {"path": path, "underlay_mtu": None, "metric": metric,
-                           "median": statistics.median(vals), "min": min(vals),
-                           "max": max(vals), "unit": unit, "n": len(vals)}
+    row: dict[str, Any] = {
+        "path": path,
+        "underlay_mtu": None,
+        "metric": metric,
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "unit": unit,
+        "n": len(vals),
+    }
     if keep_samples:
         row["samples"] = vals
     return row
 
 
-def percentile(values: list[float], q: float) -> float:
+def _resolve(fut: asyncio.Future[float], when: float) -> None:
+    """Settle a probe's future from the capture thread's callback (once)."""
+    if not fut.done():
+        fut.set_result(when)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[max(1, math.ceil(q / 100.0 * len(ordered))) - 1]
 
@@ -835,13 +899,27 @@ def percentile(values: list[float], q: float) -> float:
 def _lag_rows(path: str, lags: list[float], total: int) -> tuple[list[dict], dict[str, Any]]:
     rows = [_row(path, "lag_ms", lags, keep_samples=False)]
     p99 = percentile(lags, 99)
-    rows.append({"path": path, "underlay_mtu": None, "metric": "lag_p99_ms", "median": p99,
-                 "min": p99, "max": p99, "unit": "ms", "n": len(lags)})
+    rows.append(
+        {
+            "path": path,
+            "underlay_mtu": None,
+            "metric": "lag_p99_ms",
+            "median": p99,
+            "min": p99,
+            "max": p99,
+            "unit": "ms",
+            "n": len(lags),
+        }
+    )
     tenth = max(1, len(lags) // 10)
     first, last = statistics.median(lags[:tenth]), statistics.median(lags[-tenth:])
-    summary = {"changes": total, "reflected": len(lags),
-               "lag_first_tenth_ms": first, "lag_last_tenth_ms": last,
-               "keeps_up": len(lags) == total and last <= first + 100.0}
+    summary = {
+        "changes": total,
+        "reflected": len(lags),
+        "lag_first_tenth_ms": first,
+        "lag_last_tenth_ms": last,
+        "keeps_up": len(lags) == total and last <= first + 100.0,
+    }
     return rows, summary
 
 
@@ -874,11 +952,13 @@ def _popen_result(topo, proc, out: Path, name: str, timeout: float) -> dict:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         topo.stop(proc)
-        raise ControlPlaneError(f"{name} did not finish within {timeout:g} s\n"
-                                + topo.log_tail(name, 8)) from None
+        raise ControlPlaneError(
+            f"{name} did not finish within {timeout:g} s\n" + topo.log_tail(name, 8)
+        ) from None
     if proc.returncode != 0 or not out.exists():
-        raise ControlPlaneError(f"{name} failed (exit {proc.returncode}):\n"
-                                + topo.log_tail(name, 8))
+        raise ControlPlaneError(
+            f"{name} failed (exit {proc.returncode}):\n" + topo.log_tail(name, 8)
+        )
     return json.loads(out.read_text())
 
 
@@ -894,8 +974,12 @@ def measure(leases: int, duration: float, repeat: int, progress: Callable[[str],
     total = int(RATE * duration)
     got: dict[str, Any] = {"rows": [], "churn": {}, "errors": []}
     with Topology(hosts=3, mtu=1500) as topo:
-        etcd = EtcdServer(data_dir=str(topo.workdir / "etcd"), host=str(topo.switch_ip),
-                          netns=topo.switch_netns, name="fastlane-bench-cp")
+        etcd = EtcdServer(
+            data_dir=str(topo.workdir / "etcd"),
+            host=str(topo.switch_ip),
+            netns=topo.switch_netns,
+            name="fastlane-bench-cp",
+        )
         try:
             try:
                 etcd.start()
@@ -906,19 +990,24 @@ def measure(leases: int, duration: float, repeat: int, progress: Callable[[str],
             progress(f"writing {leases} leases into etcd")
             run.populate()
             for path, what, phase in (
-                    ("stack", f"{repeat} syncs, memory, {SWAP_REPEAT} swaps per engine",
-                     run.stack),
-                    ("stack", f"{total} lease changes at {RATE:g}/s", run.stack_churn),
-                    ("daemon", (f"start with {leases} leases, {TRIALS} new peers, {total} "
-                                f"changes at {RATE:g}/s"), run.daemon)):
+                ("stack", f"{repeat} syncs, memory, {SWAP_REPEAT} swaps per engine", run.stack),
+                ("stack", f"{total} lease changes at {RATE:g}/s", run.stack_churn),
+                (
+                    "daemon",
+                    (
+                        f"start with {leases} leases, {TRIALS} new peers, {total} "
+                        f"changes at {RATE:g}/s"
+                    ),
+                    run.daemon,
+                ),
+            ):
                 progress(f"{path}: {what}")
                 try:
                     phase()
                 except (ControlPlaneError, TopologyError) as exc:
                     first = str(exc).splitlines()[0]
                     progress(f"{path}: FAILED: {first}")
-                    got["errors"].append({"path": path, "underlay_mtu": None,
-                                          "error": str(exc)})
+                    got["errors"].append({"path": path, "underlay_mtu": None, "error": str(exc)})
         finally:
             etcd.stop()
     return got
@@ -927,8 +1016,16 @@ def measure(leases: int, duration: float, repeat: int, progress: Callable[[str],
 class _Run:
     """The phases of one run on one topology: h0 daemon, h1 peer and generator, h2 stack."""
 
-    def __init__(self, topo, endpoint: str, leases: int, total: int, duration: float,
-                 repeat: int, got: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        topo,
+        endpoint: str,
+        leases: int,
+        total: int,
+        duration: float,
+        repeat: int,
+        got: dict[str, Any],
+    ) -> None:
         self.topo, self.endpoint, self.leases, self.total = topo, endpoint, leases, total
         self.duration, self.repeat = duration, repeat
         self.rows: list[dict] = got["rows"]
@@ -939,24 +1036,63 @@ class _Run:
 
     def _worker(self, netns: str, role: str, name: str, *args: str):
         out = self.wd / f"{name}.json"
-        proc = self.topo.popen(netns, sys.executable, "-m", "fastlane.bench.controlplane", role,
-                               "--out", str(out), *self.common, *args, name=name)
+        proc = self.topo.popen(
+            netns,
+            sys.executable,
+            "-m",
+            "fastlane.bench.controlplane",
+            role,
+            "--out",
+            str(out),
+            *self.common,
+            *args,
+            name=name,
+        )
         return proc, out
 
     def populate(self) -> None:
-        r = _run_worker(self.topo, self.topo.switch_netns, "populate", self.wd / "populate.json",
-                        *self.common, timeout=600)
+        r = _run_worker(
+            self.topo,
+            self.topo.switch_netns,
+            "populate",
+            self.wd / "populate.json",
+            *self.common,
+            timeout=600,
+        )
         self.rows.append(_row("etcd", "populate_s", [r["populate_s"]]))
 
     def stack(self) -> None:
-        r = _run_worker(self.topo, self.h2.netns, "stack", self.wd / "stack.json", *self.common,
-                        "--repeat", str(self.repeat), "--tun-addr", str(self.h2.ip), timeout=900)
-        for metric in ("sync_s", "sync_engine_s", "sync_connect_ms", "sync_list_ms",
-                       "sync_decode_ms", "sync_table_ms", "sync_backend_ms", "table_bytes",
-                       "rss_delta_bytes"):
+        r = _run_worker(
+            self.topo,
+            self.h2.netns,
+            "stack",
+            self.wd / "stack.json",
+            *self.common,
+            "--repeat",
+            str(self.repeat),
+            "--tun-addr",
+            str(self.h2.ip),
+            timeout=900,
+        )
+        for metric in (
+            "sync_s",
+            "sync_engine_s",
+            "sync_connect_ms",
+            "sync_list_ms",
+            "sync_decode_ms",
+            "sync_table_ms",
+            "sync_backend_ms",
+            "table_bytes",
+            "rss_delta_bytes",
+        ):
             self.rows.append(_row("stack", metric, r[metric]))
-        for metric in ("swap_ms", "swap_c_ms", "backend_swap_ms", "route_table_bytes",
-                       "route_table_bytes_est"):
+        for metric in (
+            "swap_ms",
+            "swap_c_ms",
+            "backend_swap_ms",
+            "route_table_bytes",
+            "route_table_bytes_est",
+        ):
             if r.get(metric):
                 self.rows.append(_row("engine", metric, r[metric]))
         self.rows.append(_row("engine-running", "swap_ms", r["running_swap_ms"]))
@@ -964,34 +1100,64 @@ class _Run:
     def stack_churn(self) -> None:
         total, duration = self.total, self.duration
         ready = self.wd / "observe.ready"
-        obs, obs_out = self._worker(self.h2.netns, "observe", "observe", "--changes", str(total),
-                                    "--round", "0", "--ready", str(ready),
-                                    "--timeout", str(duration + 120))
+        obs, obs_out = self._worker(
+            self.h2.netns,
+            "observe",
+            "observe",
+            "--changes",
+            str(total),
+            "--round",
+            "0",
+            "--ready",
+            str(ready),
+            "--timeout",
+            str(duration + 120),
+        )
         _wait_file(ready, obs, "the stack observer", 300)
-        gen = _run_worker(self.topo, self.h1.netns, "peer", self.wd / "gen0.json", *self.common,
-                          "--changes", str(total), "--round", "0",
-                          "--ready", str(self.wd / "gen0.ready"), timeout=duration + 120)
+        gen = _run_worker(
+            self.topo,
+            self.h1.netns,
+            "peer",
+            self.wd / "gen0.json",
+            *self.common,
+            "--changes",
+            str(total),
+            "--round",
+            "0",
+            "--ready",
+            str(self.wd / "gen0.ready"),
+            timeout=duration + 120,
+        )
         seen = _popen_result(self.topo, obs, obs_out, "observe", duration + 180)
-        lags = [(seen["seen"][str(k)] - gen["issued"][k]) * 1e3
-                for k in range(total) if str(k) in seen["seen"]]
+        lags = [
+            (seen["seen"][str(k)] - gen["issued"][k]) * 1e3
+            for k in range(total)
+            if str(k) in seen["seen"]
+        ]
         if not lags:
             raise ControlPlaneError("the stack reflected none of the lease changes")
         lr, summary = _lag_rows("stack", lags, total)
         self.rows.extend(lr)
         k_last = total - 1
         if str(k_last) in seen["seen"]:
-            self.rows.append(_row("stack", "drain_ms",
-                                  [(seen["seen"][str(k_last)] - gen["issued"][k_last]) * 1e3]))
+            self.rows.append(
+                _row(
+                    "stack", "drain_ms", [(seen["seen"][str(k_last)] - gen["issued"][k_last]) * 1e3]
+                )
+            )
         span = gen["issued"][-1] - gen["issued"][0]
         self.rows.append(_row("stack", "churn_rate", [(total - 1) / span]))
         window = max(seen["seen"].values()) - gen["issued"][0]
         self.rows.append(_row("stack", "swaps_per_s", [len(seen["swap_s"]) / window]))
         self.rows.append(_row("stack", "cpu_per_s", [seen["cpu_s"] / window]))
-        summary.update({"swaps": len(seen["swap_s"]),
-                        "changes_per_swap": len(lags) / max(1, len(seen["swap_s"])),
-                        "changes_per_publish": (sum(seen["batches"])
-                                                / max(1, len(seen["batches"]))),
-                        "swap_busy_s": sum(seen["swap_s"])})
+        summary.update(
+            {
+                "swaps": len(seen["swap_s"]),
+                "changes_per_swap": len(lags) / max(1, len(seen["swap_s"])),
+                "changes_per_publish": (sum(seen["batches"]) / max(1, len(seen["batches"]))),
+                "swap_busy_s": sum(seen["swap_s"]),
+            }
+        )
         self.churn_summary["stack"] = summary
 
     def daemon(self) -> None:
@@ -999,32 +1165,56 @@ class _Run:
 
         topo, total, duration = self.topo, self.total, self.duration
         gen_ready, pidfile = self.wd / "gen1.ready", self.wd / "daemon.pid"
-        peer, gen_out = self._worker(self.h1.netns, "peer", "peer", "--changes", str(total),
-                                     "--round", "1", "--ready", str(gen_ready),
-                                     "--daemon-netns", self.h0.netns, "--pidfile", str(pidfile),
-                                     "--trials", str(TRIALS),
-                                     "--drain-timeout", str(duration + 60))
+        peer, gen_out = self._worker(
+            self.h1.netns,
+            "peer",
+            "peer",
+            "--changes",
+            str(total),
+            "--round",
+            "1",
+            "--ready",
+            str(gen_ready),
+            "--daemon-netns",
+            self.h0.netns,
+            "--pidfile",
+            str(pidfile),
+            "--trials",
+            str(TRIALS),
+            "--drain-timeout",
+            str(duration + 60),
+        )
         _wait_file(gen_ready, peer, "the peer", 60)
         subnet_file = self.wd / "h0" / "subnet.env"
         subnet_file.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        daemon = topo.popen(self.h0.netns, *fastlane_command(), "-etcd-endpoints", self.endpoint,
-                            "-iface", self.h0.ifname, "-subnet-file", str(subnet_file),
-                            name="daemon")
+        daemon = topo.popen(
+            self.h0.netns,
+            *fastlane_command(),
+            "-etcd-endpoints",
+            self.endpoint,
+            "-iface",
+            self.h0.ifname,
+            "-subnet-file",
+            str(subnet_file),
+            name="daemon",
+        )
         pidfile.write_text(f"{daemon.pid} {t0}")
         deadline = t0 + 120
         while not subnet_file.exists():
             if daemon.poll() is not None or time.monotonic() > deadline:
                 topo.stop(peer)
-                raise ControlPlaneError("the daemon never became ready; last log lines:\n"
-                                        + topo.log_tail("daemon", 10))
+                raise ControlPlaneError(
+                    "the daemon never became ready; last log lines:\n" + topo.log_tail("daemon", 10)
+                )
             time.sleep(0.005)
         ready_s = time.monotonic() - t0
         try:
             res = _popen_result(topo, peer, gen_out, "peer", duration + 400)
         except ControlPlaneError as exc:
-            raise ControlPlaneError(f"{exc}\ndaemon's last log lines:\n"
-                                    + topo.log_tail("daemon", 10)) from None
+            raise ControlPlaneError(
+                f"{exc}\ndaemon's last log lines:\n" + topo.log_tail("daemon", 10)
+            ) from None
         finally:
             topo.stop(daemon)
         self.rows.append(_row("daemon", "sync_s", [res["sync_s"]]))
@@ -1033,16 +1223,20 @@ class _Run:
             self.rows.append(_row("daemon", "first_packet_ms", res["first_packet_ms"]))
         changes = plan(self.leases, total, 1, self.h1.ip)
         probes = [c.k for c in changes if c.op == "probe"]
-        lags = [(res["seen"][str(k)] - res["issued"][k]) * 1e3
-                for k in probes if str(k) in res["seen"]]
+        lags = [
+            (res["seen"][str(k)] - res["issued"][k]) * 1e3 for k in probes if str(k) in res["seen"]
+        ]
         if not lags:
             raise ControlPlaneError("the daemon forwarded to none of the churn's probes")
         lr, summary = _lag_rows("daemon", lags, len(probes))
         self.rows.extend(lr)
         k_last = total - 1
         if str(k_last) in res["seen"]:
-            self.rows.append(_row("daemon", "drain_ms",
-                                  [(res["seen"][str(k_last)] - res["issued"][k_last]) * 1e3]))
+            self.rows.append(
+                _row(
+                    "daemon", "drain_ms", [(res["seen"][str(k_last)] - res["issued"][k_last]) * 1e3]
+                )
+            )
         span = res["issued"][-1] - res["issued"][0]
         self.rows.append(_row("daemon", "churn_rate", [(total - 1) / span]))
         self.rows.append(_row("daemon", "cpu_per_s", [res["cpu_s"] / res["cpu_window_s"]]))
@@ -1056,9 +1250,17 @@ def goals(rows: list[dict]) -> list[dict]:
     by = {(r["path"], r["metric"]): r for r in rows}
     for path, metric, goal, unit, text in GOALS:
         r = by.get((path, metric))
-        out.append({"path": path, "metric": metric, "goal": goal, "unit": unit, "text": text,
-                    "median": r["median"] if r else None,
-                    "met": (r["median"] < goal) if r else None})
+        out.append(
+            {
+                "path": path,
+                "metric": metric,
+                "goal": goal,
+                "unit": unit,
+                "text": text,
+                "median": r["median"] if r else None,
+                "met": (r["median"] < goal) if r else None,
+            }
+        )
     return out
 
 
@@ -1079,15 +1281,26 @@ def table(doc: dict) -> str:
     for r in doc["results"]:
         unit = r["unit"]
         shown = "KiB" if unit == "bytes" else unit
-        lines_.append([r["path"], r["metric"]] + [_fmt(r[k], unit).removesuffix(" KiB")
-                                                  for k in ("median", "min", "max")]
-                      + [shown, str(r.get("n", ""))])
+        lines_.append(
+            [r["path"], r["metric"]]
+            + [_fmt(r[k], unit).removesuffix(" KiB") for k in ("median", "min", "max")]
+            + [shown, str(r.get("n", ""))]
+        )
     widths = [max(len(x[i]) for x in lines_) for i in range(len(head))]
-    out = [(f"fastlane bench --control-plane: {cfg['leases']} leases, {cfg['rate']:g} "
-            f"changes/s for {cfg['duration_s']:g} s, {cfg['repeat']} syncs"), ""]
+    out = [
+        (
+            f"fastlane bench --control-plane: {cfg['leases']} leases, {cfg['rate']:g} "
+            f"changes/s for {cfg['duration_s']:g} s, {cfg['repeat']} syncs"
+        ),
+        "",
+    ]
     for n, x in enumerate(lines_):
-        out.append("  ".join(c.ljust(w) if i < 2 or i == 5 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(x, widths))).rstrip())
+        out.append(
+            "  ".join(
+                c.ljust(w) if i < 2 or i == 5 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(x, widths, strict=False))
+            ).rstrip()
+        )
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("")
@@ -1096,11 +1309,13 @@ def table(doc: dict) -> str:
         verdict = "no figure" if g["met"] is None else ("met" if g["met"] else "NOT met")
         out.append(f"goal {g['text']} ({g['path']} {g['metric']}): {got}: {verdict}")
     for path, s in doc["churn"].items():
-        out.append(f"churn, {path}: {s['reflected']}/{s['changes']} "
-                   f"{'changes' if path == 'stack' else 'probes'} reflected, lag median "
-                   f"{_fmt(s['lag_first_tenth_ms'], 'ms')} ms in the first tenth, "
-                   f"{_fmt(s['lag_last_tenth_ms'], 'ms')} ms in the last: "
-                   f"{'keeps up' if s['keeps_up'] else 'does NOT keep up'}")
+        out.append(
+            f"churn, {path}: {s['reflected']}/{s['changes']} "
+            f"{'changes' if path == 'stack' else 'probes'} reflected, lag median "
+            f"{_fmt(s['lag_first_tenth_ms'], 'ms')} ms in the first tenth, "
+            f"{_fmt(s['lag_last_tenth_ms'], 'ms')} ms in the last: "
+            f"{'keeps up' if s['keeps_up'] else 'does NOT keep up'}"
+        )
     for e in doc.get("errors", []):
         out.append(f"FAILED, {e['path']}: {str(e['error']).splitlines()[0]}")
     return "\n".join(out)
@@ -1109,27 +1324,45 @@ def table(doc: dict) -> str:
 def markdown(doc: dict[str, Any], json_name: str) -> str:
     """The results document of a control-plane run, from its JSON alone."""
     env = doc.get("environment", {})
-    out = [f"# fastlane bench control-plane results: {Path(json_name).stem}", "",
-           (f"Generated from [{json_name}]({json_name}) by `fastlane bench --report "
+    out = [
+        f"# fastlane bench control-plane results: {Path(json_name).stem}",
+        "",
+        (
+            f"Generated from [{json_name}]({json_name}) by `fastlane bench --report "
             f"{json_name} > {Path(json_name).stem}.md` (run in this directory). Do not edit by "
-            "hand: every figure below comes from that JSON."), "",
-           "```", table(doc), "```", ""]
+            "hand: every figure below comes from that JSON."
+        ),
+        "",
+        "```",
+        table(doc),
+        "```",
+        "",
+    ]
     present = list(dict.fromkeys(r["metric"] for r in doc.get("results", [])))
     if present:
-        out += [("Metrics (paths: `stack` is Registry + Watcher + LeaseTable with the udp "
-                 "backend's subscriber on a TUN-less engine, `engine` a TUN-less engine, "
-                 "`engine-running` one with a TUN and its threads, `daemon` a real udp daemon "
-                 "measured on the wire):"), ""]
+        out += [
+            (
+                "Metrics (paths: `stack` is Registry + Watcher + LeaseTable with the udp "
+                "backend's subscriber on a TUN-less engine, `engine` a TUN-less engine, "
+                "`engine-running` one with a TUN and its threads, `daemon` a real udp daemon "
+                "measured on the wire):"
+            ),
+            "",
+        ]
         for m in present:
             meta = (doc.get("metrics") or {}).get(m) or {}
             out.append(f"- `{m}` ({meta.get('unit', '')}): {meta.get('description', '')}")
         out.append("")
     out += ["## Run", "", "| field | value |", "|---|---|"]
-    rows = [("date", env.get("date")), ("kernel", env.get("kernel")),
-            ("CPU", env.get("cpu_model")), ("CPUs", env.get("nproc")),
-            ("load average at start (1, 5, 15 min)", env.get("loadavg_start")),
-            ("load average at end", env.get("loadavg_end")),
-            ("uncommitted files at run time", ", ".join(env.get("dirty_files") or []) or "-")]
+    rows = [
+        ("date", env.get("date")),
+        ("kernel", env.get("kernel")),
+        ("CPU", env.get("cpu_model")),
+        ("CPUs", env.get("nproc")),
+        ("load average at start (1, 5, 15 min)", env.get("loadavg_start")),
+        ("load average at end", env.get("loadavg_end")),
+        ("uncommitted files at run time", ", ".join(env.get("dirty_files") or []) or "-"),
+    ]
     rows += list((env.get("versions") or {}).items())
     out += [f"| {k} | {v if v is not None else '-'} |" for k, v in rows]
     return "\n".join(out) + "\n"
@@ -1139,9 +1372,23 @@ def _dirty_files() -> list[str]:
     repo = Path(__file__).resolve().parents[2]
     if not (repo / ".git").exists():
         return []
-    res = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "fastlane",
-                          "csrc", "bench", "build.py"], check=False, capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "status",
+            "--porcelain",
+            "--",
+            "fastlane",
+            "csrc",
+            "bench",
+            "build.py",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     return [line[3:] for line in res.stdout.splitlines() if line[3:]]
 
 
@@ -1167,9 +1414,17 @@ def run(leases: int, duration: float, repeat: int, json_path: Path | None) -> in
     doc = {
         "schema": report.SCHEMA,
         "environment": env,
-        "config": {"control_plane": True, "leases": leases, "duration_s": duration,
-                   "repeat": repeat, "rate": RATE, "network": NETWORK,
-                   "subnet_len": SUBNET_LEN, "hosts": 3, "mtus": []},
+        "config": {
+            "control_plane": True,
+            "leases": leases,
+            "duration_s": duration,
+            "repeat": repeat,
+            "rate": RATE,
+            "network": NETWORK,
+            "subnet_len": SUBNET_LEN,
+            "hosts": 3,
+            "mtus": [],
+        },
         "metrics": {k: {"unit": u, "description": d} for k, (u, d) in METRICS.items()},
         "results": got["rows"],
         "goals": goals(got["rows"]),
@@ -1190,8 +1445,10 @@ def run(leases: int, duration: float, repeat: int, json_path: Path | None) -> in
         except report.ReportError as exc:
             print(f"results document not written: {exc}", file=sys.stderr)
     if got["errors"]:
-        print(f"\n{len(got['errors'])} error(s); see above"
-              + (f" and 'errors' in {json_path}" if json_path else ""))
+        print(
+            f"\n{len(got['errors'])} error(s); see above"
+            + (f" and 'errors' in {json_path}" if json_path else "")
+        )
         return 1
     return 0
 

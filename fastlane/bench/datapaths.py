@@ -35,12 +35,32 @@ VXLAN_OVERHEAD = 50
 UDP_OVERHEAD = 28
 UDP_PORT = 8285
 
-ALL_PATHS = ("underlay", "udp", "vxlan", "host-gw", "baseline", "flanneld",
-             "fastlane-vxlan", "fastlane-host-gw")
-DEFAULT_PATHS = ("underlay", "udp", "vxlan", "fastlane-vxlan", "host-gw", "fastlane-host-gw", "baseline")
+ALL_PATHS = (
+    "underlay",
+    "udp",
+    "vxlan",
+    "host-gw",
+    "baseline",
+    "flanneld",
+    "fastlane-vxlan",
+    "fastlane-host-gw",
+)
+DEFAULT_PATHS = (
+    "underlay",
+    "udp",
+    "vxlan",
+    "fastlane-vxlan",
+    "host-gw",
+    "fastlane-host-gw",
+    "baseline",
+)
 # path -> Backend.Type written to etcd for the paths that run daemons
-BACKEND_OF = {"udp": "udp", "flanneld": "udp", "fastlane-vxlan": "vxlan",
-              "fastlane-host-gw": "host-gw"}
+BACKEND_OF = {
+    "udp": "udp",
+    "flanneld": "udp",
+    "fastlane-vxlan": "vxlan",
+    "fastlane-host-gw": "host-gw",
+}
 ETCD_PATHS = frozenset(BACKEND_OF)
 USERSPACE_PATHS = frozenset({"udp", "baseline", "flanneld"})
 
@@ -80,7 +100,9 @@ def _container_endpoints(topo: Topology) -> Endpoints:
 
 def _wait_traffic(topo: Topology, ep: Endpoints, what: str, timeout: float = 15.0) -> None:
     if not topo.wait_ping(ep.client_ns, ep.server_ip, timeout):
-        raise PathError(f"{what}: {ep.server_ip} not reachable from {ep.client_ns} after {timeout:g}s")
+        raise PathError(
+            f"{what}: {ep.server_ip} not reachable from {ep.client_ns} after {timeout:g}s"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,8 +121,16 @@ def setup_host_gw(topo: Topology, ctx: Context) -> Endpoints:
     for h in topo.hosts:
         for peer in topo.hosts:
             if peer is not h:
-                topo.ip(h.netns, "route", "replace", str(host_subnet(peer.index)),
-                        "via", str(peer.ip), "dev", h.ifname)
+                topo.ip(
+                    h.netns,
+                    "route",
+                    "replace",
+                    str(host_subnet(peer.index)),
+                    "via",
+                    str(peer.ip),
+                    "dev",
+                    h.ifname,
+                )
     _wait_traffic(topo, ep, "host-gw")
     return ep
 
@@ -110,10 +140,28 @@ def setup_vxlan(topo: Topology, ctx: Context) -> Endpoints:
     mtu = topo.mtu - VXLAN_OVERHEAD
     macs: dict[int, str] = {}
     for h in topo.hosts:
-        topo.ip(h.netns, "link", "add", "flannel.1", "mtu", str(mtu), "type", "vxlan",
-                "id", "1", "local", str(h.ip), "dev", h.ifname, "dstport", "8472", "nolearning")
-        topo.ip(h.netns, "addr", "add", f"{host_subnet(h.index).network_address}/32",
-                "dev", "flannel.1")
+        topo.ip(
+            h.netns,
+            "link",
+            "add",
+            "flannel.1",
+            "mtu",
+            str(mtu),
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "local",
+            str(h.ip),
+            "dev",
+            h.ifname,
+            "dstport",
+            "8472",
+            "nolearning",
+        )
+        topo.ip(
+            h.netns, "addr", "add", f"{host_subnet(h.index).network_address}/32", "dev", "flannel.1"
+        )
         topo.ip(h.netns, "link", "set", "flannel.1", "up")
         link = json.loads(topo.ip(h.netns, "-j", "link", "show", "flannel.1"))
         macs[h.index] = link[0]["address"]
@@ -125,12 +173,34 @@ def setup_vxlan(topo: Topology, ctx: Context) -> Endpoints:
             vtep = str(sub.network_address)
             # 1. neighbour: peer .0 -> peer VTEP MAC; 2. FDB: MAC -> peer underlay IP;
             # 3. route: peer subnet via peer .0 onlink. flannel's order.
-            topo.ip(h.netns, "neigh", "replace", vtep, "lladdr", macs[peer.index],
-                    "dev", "flannel.1", "nud", "permanent")
-            topo.run(h.netns, "bridge", "fdb", "replace", macs[peer.index], "dev", "flannel.1",
-                     "dst", str(peer.ip), "self", "permanent")
-            topo.ip(h.netns, "route", "replace", str(sub), "via", vtep, "dev", "flannel.1",
-                    "onlink")
+            topo.ip(
+                h.netns,
+                "neigh",
+                "replace",
+                vtep,
+                "lladdr",
+                macs[peer.index],
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            )
+            topo.run(
+                h.netns,
+                "bridge",
+                "fdb",
+                "replace",
+                macs[peer.index],
+                "dev",
+                "flannel.1",
+                "dst",
+                str(peer.ip),
+                "self",
+                "permanent",
+            )
+            topo.ip(
+                h.netns, "route", "replace", str(sub), "via", vtep, "dev", "flannel.1", "onlink"
+            )
     ep = _containers(topo, mtu)
     _wait_traffic(topo, ep, "vxlan")
     return ep
@@ -168,23 +238,28 @@ def setup_baseline(topo: Topology, ctx: Context) -> Endpoints:
     for h in topo.hosts:
         routes = [f"{host_subnet(p.index)}={p.ip}" for p in topo.hosts if p is not h]
         name = f"h{h.index}-baseline"
-        proc = topo.popen(h.netns, str(ctx.baseline_bin), "flannel0", str(h.ip), str(UDP_PORT),
-                          *routes, name=name)
+        proc = topo.popen(
+            h.netns, str(ctx.baseline_bin), "flannel0", str(h.ip), str(UDP_PORT), *routes, name=name
+        )
         ctx.forwarder_pids.append(proc.pid)
         if not _wait_for(partial(_said_ready_or_died, topo, name, proc), 10):
-            raise PathError(f"baseline forwarder on h{h.index} never became ready\n"
-                            + topo.log_tail(name, 10))
+            raise PathError(
+                f"baseline forwarder on h{h.index} never became ready\n" + topo.log_tail(name, 10)
+            )
         if proc.poll() is not None:
-            raise PathError(f"baseline forwarder on h{h.index} exited with {proc.returncode}\n"
-                            + topo.log_tail(name, 10))
+            raise PathError(
+                f"baseline forwarder on h{h.index} exited with {proc.returncode}\n"
+                + topo.log_tail(name, 10)
+            )
         _configure_tun(topo, h.netns, "flannel0", str(host_subnet(h.index).network_address), mtu)
     ep = _containers(topo, mtu)
     _wait_traffic(topo, ep, "baseline")
     return ep
 
 
-def _start_daemons(topo: Topology, ctx: Context, label: str, argv0: list[str],
-                   forwards: bool = True) -> Endpoints:
+def _start_daemons(
+    topo: Topology, ctx: Context, label: str, argv0: list[str], forwards: bool = True
+) -> Endpoints:
     """Run one overlay daemon per host with flanneld's flags; ready = subnet file + traffic."""
     if ctx.etcd_endpoint is None:
         raise PathError(f"{label} needs etcd")
@@ -194,20 +269,33 @@ def _start_daemons(topo: Topology, ctx: Context, label: str, argv0: list[str],
         subnet_file = topo.workdir / f"h{h.index}" / "subnet.env"
         subnet_file.parent.mkdir(parents=True, exist_ok=True)
         name = f"h{h.index}-{label}"
-        proc = topo.popen(h.netns, *argv0, "-etcd-endpoints", ctx.etcd_endpoint,
-                          "-iface", h.ifname, "-subnet-file", str(subnet_file), name=name)
+        proc = topo.popen(
+            h.netns,
+            *argv0,
+            "-etcd-endpoints",
+            ctx.etcd_endpoint,
+            "-iface",
+            h.ifname,
+            "-subnet-file",
+            str(subnet_file),
+            name=name,
+        )
         if forwards:  # a kernel backend's daemon moves no packets: not a forwarder
             ctx.forwarder_pids.append(proc.pid)
         files.append(subnet_file)
         procs.append((h, name, proc))
-    for (h, name, proc), subnet_file in zip(procs, files):
+    for (h, name, proc), subnet_file in zip(procs, files, strict=False):
         ok = _wait_for(partial(_file_or_died, subnet_file, proc), ctx.ready_timeout)
         if proc.poll() is not None:
-            raise PathError(f"{label} on h{h.index} exited with status {proc.returncode} "
-                            f"before it was ready; last log lines:\n{topo.log_tail(name, 12)}")
+            raise PathError(
+                f"{label} on h{h.index} exited with status {proc.returncode} "
+                f"before it was ready; last log lines:\n{topo.log_tail(name, 12)}"
+            )
         if not ok:
-            raise PathError(f"{label} on h{h.index} never became ready (no {subnet_file} after "
-                            f"{ctx.ready_timeout:g}s); last log lines:\n{topo.log_tail(name, 12)}")
+            raise PathError(
+                f"{label} on h{h.index} never became ready (no {subnet_file} after "
+                f"{ctx.ready_timeout:g}s); last log lines:\n{topo.log_tail(name, 12)}"
+            )
         topo.add_container(h, subnet_file)
     ep = _container_endpoints(topo)
     try:
@@ -257,8 +345,12 @@ def up(topo: Topology, path: str, ctx: Context) -> Iterator[Endpoints]:
         if path in ETCD_PATHS:
             from fastlane.bench.lab.etcdserver import EtcdServer
 
-            etcd = EtcdServer(data_dir=str(topo.workdir / "etcd"), host=str(topo.switch_ip),
-                              netns=topo.switch_netns, name="fastlane-bench")
+            etcd = EtcdServer(
+                data_dir=str(topo.workdir / "etcd"),
+                host=str(topo.switch_ip),
+                netns=topo.switch_netns,
+                name="fastlane-bench",
+            )
             try:
                 etcd.start()
             except RuntimeError as exc:
@@ -294,8 +386,12 @@ def build_baseline(outdir: Path) -> Path:
         raise PathError("gcc not found (needed for the baseline path): apt-get install -y gcc")
     out = outdir / "baseline_fwd"
     with resources.as_file(src) as path:  # a real file even if the package is zipped
-        res = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(path)],
-                             check=False, capture_output=True, text=True)
+        res = subprocess.run(
+            ["gcc", "-O2", "-Wall", "-o", str(out), str(path)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
     if res.returncode != 0:
         lines = res.stderr.strip().splitlines()
         raise PathError(f"compiling {src.name} failed: {lines[-1] if lines else res.returncode}")

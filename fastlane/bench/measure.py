@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastlane.bench.lab.topology import Topology, TopologyError
@@ -62,7 +63,13 @@ class IperfServer:
 
     def start(self) -> None:
         self.proc = self.topo.popen(
-            self.ep.server_ns, "iperf3", "-s", "-B", self.ep.server_ip, "-p", str(IPERF_PORT),
+            self.ep.server_ns,
+            "iperf3",
+            "-s",
+            "-B",
+            self.ep.server_ip,
+            "-p",
+            str(IPERF_PORT),
             name="iperf3-server",
         )
         deadline = time.monotonic() + 10
@@ -70,8 +77,9 @@ class IperfServer:
             if self.proc.poll() is not None:
                 tail = self.topo.log_tail("iperf3-server", 3).replace("\n", " | ")
                 raise MeasureError(f"iperf3 server exited: {tail}")
-            out = self.topo.run(self.ep.server_ns, "ss", "-Hltn", f"sport = :{IPERF_PORT}",
-                                check=False).stdout
+            out = self.topo.run(
+                self.ep.server_ns, "ss", "-Hltn", f"sport = :{IPERF_PORT}", check=False
+            ).stdout
             if out.strip():
                 return
             time.sleep(0.05)
@@ -88,8 +96,19 @@ class IperfServer:
 
 
 def _iperf_client(topo: Topology, ep: Endpoints, args: list[str], duration: float) -> dict:
-    cmd = ["iperf3", "-c", ep.server_ip, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J",
-           "--connect-timeout", "5000", *args]
+    cmd = [
+        "iperf3",
+        "-c",
+        ep.server_ip,
+        "-p",
+        str(IPERF_PORT),
+        "-t",
+        f"{duration:g}",
+        "-J",
+        "--connect-timeout",
+        "5000",
+        *args,
+    ]
     try:
         res = topo.run(ep.client_ns, *cmd, check=False, timeout=duration + 20)
     except TopologyError as exc:
@@ -98,7 +117,9 @@ def _iperf_client(topo: Topology, ep: Endpoints, args: list[str], duration: floa
         data = json.loads(res.stdout)
     except json.JSONDecodeError:
         detail = (res.stderr or res.stdout).strip().splitlines()
-        raise MeasureError(f"iperf3 gave no JSON: {detail[-1] if detail else res.returncode}") from None
+        raise MeasureError(
+            f"iperf3 gave no JSON: {detail[-1] if detail else res.returncode}"
+        ) from None
     if "error" in data:
         raise MeasureError(f"iperf3: {data['error']}")
     return data
@@ -126,8 +147,13 @@ def read_process_cpu(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def tcp(topo: Topology, ep: Endpoints, duration: float, streams: int = 1,
-        forwarders: list[int] | None = None) -> TcpResult:
+def tcp(
+    topo: Topology,
+    ep: Endpoints,
+    duration: float,
+    streams: int = 1,
+    forwarders: list[int] | None = None,
+) -> TcpResult:
     args = ["-P", str(streams)] if streams > 1 else []
     cpu0 = read_cpu_busy()
     fwd0 = read_process_cpu(forwarders) if forwarders else 0.0
@@ -138,8 +164,12 @@ def tcp(topo: Topology, ep: Endpoints, duration: float, streams: int = 1,
     bps, nbytes = recv.get("bits_per_second"), recv.get("bytes")
     if bps is None or nbytes is None:
         raise MeasureError("iperf3 JSON lacks end.sum_received")
-    return TcpResult(gbit_s=bps / 1e9, bytes=int(nbytes), cpu_s=cpu1 - cpu0,
-                     fwd_cpu_s=(fwd1 - fwd0) if forwarders else None)
+    return TcpResult(
+        gbit_s=bps / 1e9,
+        bytes=int(nbytes),
+        cpu_s=cpu1 - cpu0,
+        fwd_cpu_s=(fwd1 - fwd0) if forwarders else None,
+    )
 
 
 def udp_pps(topo: Topology, ep: Endpoints, duration: float) -> float:
@@ -162,7 +192,7 @@ def parse_ping(output: str) -> list[float]:
     return [float(m.group(1)) * 1000.0 for m in _TIME_RE.finditer(output)]
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile: the p99 of 1000 samples is an actual sample, not a blend."""
     if not values:
         return math.nan
@@ -173,8 +203,20 @@ def percentile(values: list[float], q: float) -> float:
 
 def rtt(topo: Topology, ep: Endpoints, count: int) -> tuple[float, float]:
     """(median, p99) round-trip time in µs over `count` pings 2 ms apart."""
-    res = topo.run(ep.client_ns, "ping", "-n", "-i", "0.002", "-W", "1", "-c", str(count),
-                   ep.server_ip, check=False, timeout=count * 0.01 + 30)
+    res = topo.run(
+        ep.client_ns,
+        "ping",
+        "-n",
+        "-i",
+        "0.002",
+        "-W",
+        "1",
+        "-c",
+        str(count),
+        ep.server_ip,
+        check=False,
+        timeout=count * 0.01 + 30,
+    )
     samples = parse_ping(res.stdout)
     if len(samples) < max(1, count // 2):
         raise MeasureError(f"ping: only {len(samples)} of {count} replies")

@@ -32,8 +32,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "rtt_us": ("us", "round-trip time, median of ping -i 0.002"),
     "rtt_p99_us": ("us", "round-trip time, 99th percentile"),
     "cpu_s_per_gbit": ("s/Gbit", "whole-machine busy CPU seconds per Gbit moved (tcp_1 run)"),
-    "fwd_cpu_s_per_gbit": ("s/Gbit", "CPU seconds of the userspace forwarders (daemons of all "
-                                     "hosts) per Gbit moved (tcp_1 run); userspace paths only"),
+    "fwd_cpu_s_per_gbit": (
+        "s/Gbit",
+        "CPU seconds of the userspace forwarders (daemons of all "
+        "hosts) per Gbit moved (tcp_1 run); userspace paths only",
+    ),
 }
 
 
@@ -48,8 +51,9 @@ class Results:
         self.samples: dict[tuple[str, int, str, str], list[float]] = {}
         self.errors: list[dict[str, Any]] = []
 
-    def add(self, path: str, mtu: int, metric: str, value: float,
-            underlay: str = DEFAULT_UNDERLAY) -> None:
+    def add(
+        self, path: str, mtu: int, metric: str, value: float, underlay: str = DEFAULT_UNDERLAY
+    ) -> None:
         self.samples.setdefault((path, mtu, metric, underlay), []).append(value)
 
     def at(self, path: str, mtu: int, underlay: str) -> Callable[[str, float], None]:
@@ -57,22 +61,25 @@ class Results:
         return lambda metric, value: self.add(path, mtu, metric, value, underlay)
 
     def error(self, path: str, mtu: int, message: str, underlay: str = DEFAULT_UNDERLAY) -> None:
-        self.errors.append({"path": path, "underlay": underlay, "underlay_mtu": mtu,
-                            "error": message})
+        self.errors.append(
+            {"path": path, "underlay": underlay, "underlay_mtu": mtu, "error": message}
+        )
 
-    def values(self, path: str, mtu: int, metric: str,
-               underlay: str = DEFAULT_UNDERLAY) -> list[float]:
-        return [v for v in self.samples.get((path, mtu, metric, underlay), [])
-                if not math.isnan(v)]
+    def values(
+        self, path: str, mtu: int, metric: str, underlay: str = DEFAULT_UNDERLAY
+    ) -> list[float]:
+        return [v for v in self.samples.get((path, mtu, metric, underlay), []) if not math.isnan(v)]
 
-    def median(self, path: str, mtu: int, metric: str,
-               underlay: str = DEFAULT_UNDERLAY) -> float | None:
+    def median(
+        self, path: str, mtu: int, metric: str, underlay: str = DEFAULT_UNDERLAY
+    ) -> float | None:
         vals = self.values(path, mtu, metric, underlay)
         return statistics.median(vals) if vals else None
 
     def underlays(self) -> list[str]:
-        return list(dict.fromkeys([k[3] for k in self.samples]
-                                  + [e["underlay"] for e in self.errors]))
+        return list(
+            dict.fromkeys([k[3] for k in self.samples] + [e["underlay"] for e in self.errors])
+        )
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -80,35 +87,50 @@ class Results:
             good = [v for v in vals if not math.isnan(v)]
             if not good:
                 continue
-            out.append({
-                "path": path,
-                "underlay": underlay,
-                "underlay_mtu": mtu,
-                "metric": metric,
-                "median": statistics.median(good),
-                "min": min(good),
-                "max": max(good),
-                "unit": METRICS[metric][0],
-                "samples": good,
-            })
+            out.append(
+                {
+                    "path": path,
+                    "underlay": underlay,
+                    "underlay_mtu": mtu,
+                    "metric": metric,
+                    "median": statistics.median(good),
+                    "min": min(good),
+                    "max": max(good),
+                    "unit": METRICS[metric][0],
+                    "samples": good,
+                }
+            )
         return out
 
-    def ratios(self, mtus: Iterable[int], underlays: Iterable[str] | None = None
-               ) -> list[dict[str, Any]]:
+    def ratios(
+        self, mtus: Iterable[int], underlays: Iterable[str] | None = None
+    ) -> list[dict[str, Any]]:
         """fastlane udp single stream against the other paths; targets where udp has one."""
         out = []
-        for underlay in (self.underlays() if underlays is None else underlays):
+        for underlay in self.underlays() if underlays is None else underlays:
             for mtu in mtus:
                 udp = self.median("udp", mtu, "tcp_1", underlay)
                 if udp is None:
                     continue
-                for other, target in (("vxlan", 0.6), ("underlay", None), ("baseline", 5.0),
-                                      ("flanneld", None)):
+                for other, target in (
+                    ("vxlan", 0.6),
+                    ("underlay", None),
+                    ("baseline", 5.0),
+                    ("flanneld", None),
+                ):
                     ref = self.median(other, mtu, "tcp_1", underlay)
                     if ref:
-                        out.append({"underlay": underlay, "underlay_mtu": mtu,
-                                    "metric": "tcp_1", "numerator": "udp",
-                                    "denominator": other, "ratio": udp / ref, "target": target})
+                        out.append(
+                            {
+                                "underlay": underlay,
+                                "underlay_mtu": mtu,
+                                "metric": "tcp_1",
+                                "numerator": "udp",
+                                "denominator": other,
+                                "ratio": udp / ref,
+                                "target": target,
+                            }
+                        )
         return out
 
 
@@ -123,8 +145,7 @@ def _first_line(cmd: list[str]) -> str | None:
     return lines[0].strip() if lines else None
 
 
-def environment(flanneld: Path | None = None,
-                underlays: Iterable[str] = ()) -> dict[str, Any]:
+def environment(flanneld: Path | None = None, underlays: Iterable[str] = ()) -> dict[str, Any]:
     cpu = None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -138,9 +159,23 @@ def environment(flanneld: Path | None = None,
     if (repo / ".git").exists():
         git = _first_line(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
         # Figures from uncommitted code must say so: they belong to no commit.
-        status = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--",
-                                 "fastlane", "csrc", "bench", "build.py"],
-                                check=False, capture_output=True, text=True)
+        status = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(repo),
+                "status",
+                "--porcelain",
+                "--",
+                "fastlane",
+                "csrc",
+                "bench",
+                "build.py",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if git and status.stdout.strip():
             git += "-dirty"
     versions = {
@@ -166,8 +201,13 @@ def environment(flanneld: Path | None = None,
     }
 
 
-def write_json(path: Path, results: Results, env: dict[str, Any], config: dict[str, Any],
-               interrupted: bool = False) -> None:
+def write_json(
+    path: Path,
+    results: Results,
+    env: dict[str, Any],
+    config: dict[str, Any],
+    interrupted: bool = False,
+) -> None:
     doc = {
         "schema": SCHEMA,
         "environment": env,
@@ -210,13 +250,31 @@ def _cell(results: Results, path: str, mtu: int, metric: str, underlay: str) -> 
     return f"{med} ({_fmt(min(vals), metric)}-{_fmt(max(vals), metric)})"
 
 
-def table(results: Results, mtus: list[int], paths: list[str],
-          underlays: list[str] | None = None) -> str:
+def table(
+    results: Results, mtus: list[int], paths: list[str], underlays: list[str] | None = None
+) -> str:
     underlays = results.underlays() if underlays is None else underlays
-    head = ["underlay", "MTU", "path", "tcp_1 Gbit/s", "tcp_4 Gbit/s", "udp pps", "rtt us",
-            "p99 us", "CPU s/Gbit", "fwd CPU s/Gbit"]
-    metrics = ["tcp_1", "tcp_4", "udp_pps", "rtt_us", "rtt_p99_us", "cpu_s_per_gbit",
-               "fwd_cpu_s_per_gbit"]
+    head = [
+        "underlay",
+        "MTU",
+        "path",
+        "tcp_1 Gbit/s",
+        "tcp_4 Gbit/s",
+        "udp pps",
+        "rtt us",
+        "p99 us",
+        "CPU s/Gbit",
+        "fwd CPU s/Gbit",
+    ]
+    metrics = [
+        "tcp_1",
+        "tcp_4",
+        "udp_pps",
+        "rtt_us",
+        "rtt_p99_us",
+        "cpu_s_per_gbit",
+        "fwd_cpu_s_per_gbit",
+    ]
     names = 3  # left-aligned columns
     rows = [head]
     for underlay in underlays:
@@ -224,8 +282,13 @@ def table(results: Results, mtus: list[int], paths: list[str],
             for path in paths:
                 key = [underlay, str(mtu), path]
                 if not any((path, mtu, m, underlay) in results.samples for m in metrics):
-                    failed = [e for e in results.errors if e["path"] == path
-                              and e["underlay_mtu"] == mtu and e["underlay"] == underlay]
+                    failed = [
+                        e
+                        for e in results.errors
+                        if e["path"] == path
+                        and e["underlay_mtu"] == mtu
+                        and e["underlay"] == underlay
+                    ]
                     if failed:
                         rows.append(key + ["failed"] + [""] * (len(head) - names - 1))
                     continue
@@ -233,8 +296,12 @@ def table(results: Results, mtus: list[int], paths: list[str],
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for n, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if i < names else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i < names else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=False))
+            ).rstrip()
+        )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     ratios = results.ratios(mtus, underlays)
@@ -245,8 +312,10 @@ def table(results: Results, mtus: list[int], paths: list[str],
             if ratio["target"] is not None:
                 ok = ratio["ratio"] >= ratio["target"]
                 tgt = f"   (target >= {ratio['target']:g}x: {'met' if ok else 'NOT met'})"
-            lines.append(f"{ratio['underlay']}, MTU {ratio['underlay_mtu']}: udp tcp_1 = "
-                         f"{ratio['ratio']:.3g}x {ratio['denominator']}{tgt}")
+            lines.append(
+                f"{ratio['underlay']}, MTU {ratio['underlay_mtu']}: udp tcp_1 = "
+                f"{ratio['ratio']:.3g}x {ratio['denominator']}{tgt}"
+            )
     return "\n".join(lines)
 
 
@@ -254,8 +323,14 @@ def table(results: Results, mtus: list[int], paths: list[str],
 # the plot
 
 
-def plot(path: Path, results: Results, mtus: list[int], paths: list[str], title: str,
-         underlays: list[str] | None = None) -> None:
+def plot(
+    path: Path,
+    results: Results,
+    mtus: list[int],
+    paths: list[str],
+    title: str,
+    underlays: list[str] | None = None,
+) -> None:
     """Horizontal grouped bars: one group per path (its name on the y axis, where long names
     never overlap), one bar per (underlay, MTU), min-max as error bars."""
     try:
@@ -264,20 +339,25 @@ def plot(path: Path, results: Results, mtus: list[int], paths: list[str], title:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("matplotlib missing: pip install matplotlib "
-                           "(or install fastlane with its [bench] extra)") from None
+        raise RuntimeError(
+            "matplotlib missing: pip install matplotlib "
+            "(or install fastlane with its [bench] extra)"
+        ) from None
 
     underlays = results.underlays() if underlays is None else underlays
     series = [(u, m) for u in underlays for m in mtus]
-    panels = [("tcp_1", "TCP, 1 stream (Gbit/s)", 1.0), ("tcp_4", "TCP, 4 streams (Gbit/s)", 1.0),
-              ("udp_pps", "UDP 64 B delivered (kpps)", 1e-3),
-              ("rtt_us", "RTT median, p99 marked (µs)", 1.0)]
+    panels = [
+        ("tcp_1", "TCP, 1 stream (Gbit/s)", 1.0),
+        ("tcp_4", "TCP, 4 streams (Gbit/s)", 1.0),
+        ("udp_pps", "UDP 64 B delivered (kpps)", 1e-3),
+        ("rtt_us", "RTT median, p99 marked (µs)", 1.0),
+    ]
     height = max(7.0, 2 * (1.0 + 0.13 * len(paths) * max(1, len(series))))
     fig, axes = plt.subplots(2, 2, figsize=(14, height))
     bar = 0.8 / max(1, len(series))
     ys = range(len(paths))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (metric, label, scale) in zip(axes.flat, panels):
+    for ax, (metric, label, scale) in zip(axes.flat, panels, strict=False):
         for k, (underlay, mtu) in enumerate(series):
             meds, lo, hi, p99 = [], [], [], []
             for p in paths:
@@ -289,12 +369,26 @@ def plot(path: Path, results: Results, mtus: list[int], paths: list[str], title:
                 p99.append(results.median(p, mtu, "rtt_p99_us", underlay) or math.nan)
             pos = [y + (k - (len(series) - 1) / 2) * bar for y in ys]
             colour = colours[k % len(colours)]
-            ax.barh(pos, meds, bar, xerr=[lo, hi], capsize=2, color=colour,
-                    label=f"{underlay}, MTU {mtu}")
+            ax.barh(
+                pos,
+                meds,
+                bar,
+                xerr=[lo, hi],
+                capsize=2,
+                color=colour,
+                label=f"{underlay}, MTU {mtu}",
+            )
             if metric == "rtt_us":
-                ax.plot(p99, pos, "v", color=colour, markeredgecolor="black", markersize=4,
-                        label=f"p99, {underlay}, MTU {mtu}")
-            for y, m, h in zip(pos, meds, hi):
+                ax.plot(
+                    p99,
+                    pos,
+                    "v",
+                    color=colour,
+                    markeredgecolor="black",
+                    markersize=4,
+                    label=f"p99, {underlay}, MTU {mtu}",
+                )
+            for y, m, h in zip(pos, meds, hi, strict=False):
                 if m:  # past the error bar, so the figure stays legible
                     ax.annotate(f" {m:.3g}", (m + h, y), ha="left", va="center", fontsize=6)
         if metric == "rtt_us":
@@ -401,10 +495,14 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
         return controlplane.markdown(doc, json_name)
     env = doc.get("environment", {})
     config = doc.get("config", {})
-    units = {m: (doc.get("metrics", {}).get(m) or {}).get("unit", METRICS.get(m, ("",))[0])
-             for m in METRICS}
-    rows = {(r["path"], r["underlay_mtu"], r["metric"], r.get("underlay", DEFAULT_UNDERLAY)): r
-            for r in doc.get("results", [])}
+    units = {
+        m: (doc.get("metrics", {}).get(m) or {}).get("unit", METRICS.get(m, ("",))[0])
+        for m in METRICS
+    }
+    rows = {
+        (r["path"], r["underlay_mtu"], r["metric"], r.get("underlay", DEFAULT_UNDERLAY)): r
+        for r in doc.get("results", [])
+    }
     mtus = _ordered(config.get("mtus", []), (k[1] for k in rows))
     paths = _ordered(config.get("paths", []), (k[0] for k in rows))
     underlays = _ordered(config.get("underlays", []), (k[3] for k in rows))
@@ -414,44 +512,70 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
     md_name = document_name(json_name)
 
     out = [f"# fastlane bench results: {Path(json_name).stem}", ""]
-    out.append(f"Generated from [{json_name}]({json_name}) by "
-               f"`fastlane bench --report {json_name} > {md_name}` (run in this directory). "
-               "Do not edit by hand: every figure below comes from that JSON, and the test "
-               "suite checks that this file is what the JSON renders to.")
+    out.append(
+        f"Generated from [{json_name}]({json_name}) by "
+        f"`fastlane bench --report {json_name} > {md_name}` (run in this directory). "
+        "Do not edit by hand: every figure below comes from that JSON, and the test "
+        "suite checks that this file is what the JSON renders to."
+    )
     out.append("")
     if plot_name:
         out += [f"Plot: [{plot_name}]({plot_name}).", ""]
 
-    out += ["## Run", "", "Equivalent command line (output options omitted):", "",
-            f"    {_command(config)}", ""]
+    out += [
+        "## Run",
+        "",
+        "Equivalent command line (output options omitted):",
+        "",
+        f"    {_command(config)}",
+        "",
+    ]
     out += ["| field | value |", "|---|---|"]
-    env_rows = [("date", env.get("date")), ("kernel", env.get("kernel")),
-                ("CPU", env.get("cpu_model")), ("CPUs", env.get("nproc")),
-                ("hostname", env.get("hostname"))]
+    env_rows = [
+        ("date", env.get("date")),
+        ("kernel", env.get("kernel")),
+        ("CPU", env.get("cpu_model")),
+        ("CPUs", env.get("nproc")),
+        ("hostname", env.get("hostname")),
+    ]
     env_rows += [(name, v) for name, v in (env.get("versions") or {}).items()]
     out += [f"| {_md(k)} | {_md(v if v is not None else '-')} |" for k, v in env_rows]
     complete = doc.get("complete")
-    out += ["", "Complete: " + ("yes, no errors." if complete and not errors
-                                 else f"no, {len(errors)} error(s) (listed at the end)."), ""]
+    out += [
+        "",
+        "Complete: "
+        + (
+            "yes, no errors."
+            if complete and not errors
+            else f"no, {len(errors)} error(s) (listed at the end)."
+        ),
+        "",
+    ]
 
     out += ["## Underlays", ""]
     described = env.get("underlays") or {}
     for u in underlays:
         d = described.get(u)
         if d:
-            out.append(f"- `{u}`: {_md(d.get('link', ''))}"
-                       + "".join(f"; {_md(k)}: `{_md(v)}`" for k, v in d.items() if k != "link"))
+            out.append(
+                f"- `{u}`: {_md(d.get('link', ''))}"
+                + "".join(f"; {_md(k)}: `{_md(v)}`" for k, v in d.items() if k != "link")
+            )
         else:
-            out.append(f"- `{u}`: a plain veth pair between each host and the switch bridge "
-                       "(this JSON records no underlay, so it predates the choice: veth)")
+            out.append(
+                f"- `{u}`: a plain veth pair between each host and the switch bridge "
+                "(this JSON records no underlay, so it predates the choice: veth)"
+            )
     out.append("")
 
     out += ["## Results", ""]
     what = "Median (min-max)"
     if repeat:
         what += f" of {repeat} repetition{'s' if repeat != 1 else ''}"
-    out += [what + "; `[n=k]` marks a cell with fewer samples. udp_pps in thousands (k). "
-            "The metrics:", ""]
+    out += [
+        what + "; `[n=k]` marks a cell with fewer samples. udp_pps in thousands (k). The metrics:",
+        "",
+    ]
     for m in metrics:
         desc = (doc.get("metrics", {}).get(m) or {}).get("description") or METRICS[m][1]
         out.append(f"- `{m}` ({units[m]}): {_md(desc)}")
@@ -463,24 +587,32 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
         out.append("|---|" + "---:|" * len(metrics))
         for path in paths:
             if not any((path, mtu, m, u) in rows for m in metrics):
-                failed = [e for e in errors if e.get("path") == path
-                          and e.get("underlay_mtu") == mtu
-                          and e.get("underlay", DEFAULT_UNDERLAY) == u]
+                failed = [
+                    e
+                    for e in errors
+                    if e.get("path") == path
+                    and e.get("underlay_mtu") == mtu
+                    and e.get("underlay", DEFAULT_UNDERLAY) == u
+                ]
                 if failed:
                     head = str(failed[0].get("error", "")).splitlines()[0:1] or [""]
-                    out.append(f"| {path} | failed: {_md(head[0])} |"
-                               + " |" * (len(metrics) - 1))
+                    out.append(f"| {path} | failed: {_md(head[0])} |" + " |" * (len(metrics) - 1))
                 continue
-            cells = [_md_cell(rows[(path, mtu, m, u)], m, repeat)
-                     if (path, mtu, m, u) in rows else "-" for m in metrics]
+            cells = [
+                _md_cell(rows[(path, mtu, m, u)], m, repeat) if (path, mtu, m, u) in rows else "-"
+                for m in metrics
+            ]
             out.append(f"| {path} | " + " | ".join(cells) + " |")
         out.append("")
 
     ratio_lines: list[str] = []
     for u, mtu in sections:
-        bases = [b for b in RATIO_BASES if b != "udp"
-                 and any((b, mtu, m, u) in rows and ("udp", mtu, m, u) in rows
-                         for m in metrics)]
+        bases = [
+            b
+            for b in RATIO_BASES
+            if b != "udp"
+            and any((b, mtu, m, u) in rows and ("udp", mtu, m, u) in rows for m in metrics)
+        ]
         if not bases:
             continue
         ratio_lines += [f"### Ratios, underlay {u}, MTU {mtu}", ""]
@@ -492,26 +624,42 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
             for b in bases:
                 ref = rows.get((b, mtu, m, u))
                 ok = udp is not None and ref is not None and ref["median"]
-                cells.append(f"{udp['median'] / ref['median']:.3g}x"
-                             if ok and udp is not None and ref is not None else "-")
+                cells.append(
+                    f"{udp['median'] / ref['median']:.3g}x"
+                    if ok and udp is not None and ref is not None
+                    else "-"
+                )
             if any(c != "-" for c in cells):
                 ratio_lines.append(f"| {m} | " + " | ".join(cells) + " |")
         ratio_lines.append("")
     if ratio_lines:
-        out += ["## Ratios", "",
-                "fastlane udp's median divided by the other path's median, same MTU and metric. "
-                "Above 1 means udp's figure is the larger: better for throughput and packet "
-                "rate, worse for RTT and CPU per Gbit.", ""]
+        out += [
+            "## Ratios",
+            "",
+            "fastlane udp's median divided by the other path's median, same MTU and metric. "
+            "Above 1 means udp's figure is the larger: better for throughput and packet "
+            "rate, worse for RTT and CPU per Gbit.",
+            "",
+        ]
         out += ratio_lines
     if "veth" in underlays and "nic" in underlays:
-        out += ["## nic against veth", "",
-                ("Each path's median on the nic underlay divided by its median on veth, same "
-                 "MTU and metric: what the path loses (below 1 for throughput) or pays (above 1 "
-                 "for RTT and CPU) once frames on the wire are single packets of at most the "
-                 "MTU."), ""]
+        out += [
+            "## nic against veth",
+            "",
+            (
+                "Each path's median on the nic underlay divided by its median on veth, same "
+                "MTU and metric: what the path loses (below 1 for throughput) or pays (above 1 "
+                "for RTT and CPU) once frames on the wire are single packets of at most the "
+                "MTU."
+            ),
+            "",
+        ]
         for mtu in mtus:
-            have = [m for m in metrics if any((p, mtu, m, "nic") in rows
-                                              and (p, mtu, m, "veth") in rows for p in paths)]
+            have = [
+                m
+                for m in metrics
+                if any((p, mtu, m, "nic") in rows and (p, mtu, m, "veth") in rows for p in paths)
+            ]
             if not have:
                 continue
             out += [f"### nic / veth, MTU {mtu}", ""]
@@ -522,8 +670,11 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
                 for m in have:
                     nic, veth = rows.get((path, mtu, m, "nic")), rows.get((path, mtu, m, "veth"))
                     ok = nic is not None and veth is not None and veth["median"]
-                    cells.append(f"{nic['median'] / veth['median']:.3g}x"
-                                 if ok and nic is not None and veth is not None else "-")
+                    cells.append(
+                        f"{nic['median'] / veth['median']:.3g}x"
+                        if ok and nic is not None and veth is not None
+                        else "-"
+                    )
                 if any(c != "-" for c in cells):
                     out.append(f"| {path} | " + " | ".join(cells) + " |")
             out.append("")
@@ -532,18 +683,22 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
         out += ["Targets recorded in the JSON:", ""]
         for r in targets:
             ok = r["ratio"] >= r["target"]
-            out.append(f"- {r.get('underlay', DEFAULT_UNDERLAY)}, MTU {r['underlay_mtu']}, "
-                       f"{r['metric']}: {r['numerator']} / "
-                       f"{r['denominator']} = {r['ratio']:.3g}x, target >= {r['target']:g}x: "
-                       f"{'met' if ok else 'NOT met'}")
+            out.append(
+                f"- {r.get('underlay', DEFAULT_UNDERLAY)}, MTU {r['underlay_mtu']}, "
+                f"{r['metric']}: {r['numerator']} / "
+                f"{r['denominator']} = {r['ratio']:.3g}x, target >= {r['target']:g}x: "
+                f"{'met' if ok else 'NOT met'}"
+            )
         out.append("")
 
     if errors:
         out += ["## Errors", ""]
         for e in errors:
             first = (str(e.get("error", "")).splitlines() or [""])[0]
-            out.append(f"- {e.get('underlay', DEFAULT_UNDERLAY)}, MTU {e.get('underlay_mtu')}, "
-                       f"{e.get('path')}: {_md(first)}")
+            out.append(
+                f"- {e.get('underlay', DEFAULT_UNDERLAY)}, MTU {e.get('underlay_mtu')}, "
+                f"{e.get('path')}: {_md(first)}"
+            )
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
 

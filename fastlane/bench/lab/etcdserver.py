@@ -148,8 +148,9 @@ class EtcdServer:
             try:
                 os.makedirs(self._data_dir, exist_ok=True)
             except OSError as exc:
-                raise RuntimeError(f"etcd data dir {self._data_dir!r} is unusable: "
-                                   f"{exc.strerror or exc}") from None
+                raise RuntimeError(
+                    f"etcd data dir {self._data_dir!r} is unusable: {exc.strerror or exc}"
+                ) from None
             # Beside the data dir, not in it: etcd warns about foreign files in its data dir.
             self._log_path = os.path.abspath(self._data_dir).rstrip("/") + ".etcd.log"
 
@@ -159,21 +160,37 @@ class EtcdServer:
         peer = f"http://{self.host}:{self._peer_port}"
         cmd = [
             "etcd",
-            "--name", self.name,
-            "--data-dir", self.data_dir,
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", self.initial_cluster or f"{self.name}={peer}",
-            "--initial-cluster-state", "new",
+            "--name",
+            self.name,
+            "--data-dir",
+            self.data_dir,
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            self.initial_cluster or f"{self.name}={peer}",
+            "--initial-cluster-state",
+            "new",
             # A test server holds a few keys; keep its disk and memory footprint small.
-            "--quota-backend-bytes", str(256 * 1024 * 1024),
-            "--snapshot-count", "10000",
+            "--quota-backend-bytes",
+            str(256 * 1024 * 1024),
+            "--snapshot-count",
+            "10000",
         ]
         if self.tls:
-            cmd += ["--cert-file", self.tls.cert_file, "--key-file", self.tls.key_file,
-                    "--trusted-ca-file", self.tls.trusted_ca_file]
+            cmd += [
+                "--cert-file",
+                self.tls.cert_file,
+                "--key-file",
+                self.tls.key_file,
+                "--trusted-ca-file",
+                self.tls.trusted_ca_file,
+            ]
             if self.tls.client_cert_auth:
                 cmd.append("--client-cert-auth")
         if self.cluster_token:
@@ -256,8 +273,9 @@ class EtcdServer:
         # `endpoint status` rather than `endpoint health`: health does a read that fails once
         # auth is enabled, status needs no credentials. A leader means raft is up.
         try:
-            out = self._run_etcdctl(("endpoint", "status", "-w", "json"), timeout=3.0,
-                                    command_timeout="1s")
+            out = self._run_etcdctl(
+                ("endpoint", "status", "-w", "json"), timeout=3.0, command_timeout="1s"
+            )
             return any(item.get("Status", {}).get("leader", 0) for item in json.loads(out))
         except (RuntimeError, ValueError, AttributeError, TypeError):
             return False
@@ -359,8 +377,13 @@ class EtcdCluster:
     that kill the leader or a follower, or lose all data. Members are EtcdServers; each is
     only ever signalled by its own PID."""
 
-    def __init__(self, size: int = 3, host: str = "127.0.0.1", netns: str | None = None,
-                 name: str = "fastlane-cluster") -> None:
+    def __init__(
+        self,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
+        name: str = "fastlane-cluster",
+    ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one member")
         self.host, self.netns, self.name = host, netns, name
@@ -449,8 +472,13 @@ class EtcdCluster:
     def etcdctl(self, *args: str, timeout: float = 15.0) -> str:
         """etcdctl against every live member's endpoint (works while one is down)."""
         live = [m for m in self.members if m.running()] or self.members
-        cmd = ["etcdctl", f"--endpoints={','.join(f'{m.host}:{m.client_port}' for m in live)}",
-               "--dial-timeout=2s", "--command-timeout=5s", *args]
+        cmd = [
+            "etcdctl",
+            f"--endpoints={','.join(f'{m.host}:{m.client_port}' for m in live)}",
+            "--dial-timeout=2s",
+            "--command-timeout=5s",
+            *args,
+        ]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         env = dict(os.environ, ETCDCTL_API="3")

@@ -45,10 +45,10 @@ class WireStats:
     on the port it enters and on the port it leaves)."""
 
     frames: int = 0
-    ipv4: int = 0          # frames carrying IPv4
-    max_l3: int = 0        # largest frame minus its Ethernet header, in bytes
-    over_mtu: int = 0      # frames whose payload exceeds the MTU
-    gso: int = 0           # frames still marked GSO (or of a GSO kind recv cannot describe)
+    ipv4: int = 0  # frames carrying IPv4
+    max_l3: int = 0  # largest frame minus its Ethernet header, in bytes
+    over_mtu: int = 0  # frames whose payload exceeds the MTU
+    gso: int = 0  # frames still marked GSO (or of a GSO kind recv cannot describe)
     not_one_ipv4: int = 0  # IPv4 frames whose IP total length is not the frame's payload
 
     def nic_like(self) -> bool:
@@ -102,7 +102,7 @@ def capture(ifnames: list[str], seconds: float, mtu: int) -> WireStats:
                     if n < VNET_HDR.size:
                         continue
                     gso_type = VNET_HDR.unpack_from(buf)[1]
-                    frame = bytes(view[VNET_HDR.size:min(n, len(buf), VNET_HDR.size + 64)])
+                    frame = bytes(view[VNET_HDR.size : min(n, len(buf), VNET_HDR.size + 64)])
                     _classify(stats, frame, n - VNET_HDR.size, mtu)
                     if gso_type != 0:
                         stats.gso += 1
@@ -113,8 +113,10 @@ def capture(ifnames: list[str], seconds: float, mtu: int) -> WireStats:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastlane.bench.lab.wire",
-                                description="count frames on interfaces; prints JSON")
+    p = argparse.ArgumentParser(
+        prog="python -m fastlane.bench.lab.wire",
+        description="count frames on interfaces; prints JSON",
+    )
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--mtu", type=int, default=1500)
     p.add_argument("ifnames", nargs="+")
