@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,14 @@ def overlay(
     hosts: int = 2,
     started: int = 2,
     prefix: str = "/coreos.com/network",
+    underlay6: str | None = None,
+    extra: tuple[str, ...] = (),
 ):
     """Generator for module fixtures: a topology, etcd on its switch, `config` in etcd, and a
     daemon (with a container behind it) on each of the first `started` hosts. Yields
-    (topo, etcd, nodes); everything is torn down afterwards, pass or fail."""
-    topo = Topology(hosts=hosts, mtu=1500)
+    (topo, etcd, nodes); everything is torn down afterwards, pass or fail. `underlay6`
+    makes the underlay dual-stack (containers get IPv6 from FLANNEL_IPV6_SUBNET)."""
+    topo = Topology(hosts=hosts, mtu=1500, underlay6=underlay6)
     etcd = None
     nodes: list[Node] = []
     try:
@@ -108,12 +112,11 @@ def overlay(
         )
         etcd.start()
         etcd.etcdctl("put", f"{prefix}/config", config)
-        nodes = [Node(topo, h, etcd, prefix, workdir, "-v=1") for h in topo.hosts]
+        nodes = [Node(topo, h, etcd, prefix, workdir, "-v=1", *extra) for h in topo.hosts]
         for n in nodes[:started]:
             n.start()
         for i, n in enumerate(nodes[:started]):
-            n.wait_subnet_file()
-            topo.add_container(i, n.subnet_file)
+            add_container(topo, i, n.wait_subnet_file(), n.subnet_file)
         yield topo, etcd, nodes
     finally:
         for n in nodes:
@@ -121,6 +124,15 @@ def overlay(
         if etcd is not None:
             etcd.cleanup()
         topo.teardown()
+
+
+def add_container(topo: Topology, i: int, env: dict[str, str], path: Path) -> None:
+    """A container behind host i from its subnet file: IPv4 (and IPv6 when the file has
+    FLANNEL_IPV6_SUBNET), or IPv6 only when the file has no FLANNEL_SUBNET."""
+    if "FLANNEL_SUBNET" in env:
+        topo.add_container(i, path)
+    else:
+        topo.add_container6(i, env["FLANNEL_IPV6_SUBNET"], int(env["FLANNEL_MTU"]))
 
 
 def leases(etcd: EtcdServer, prefix: str) -> dict[str, str]:
@@ -165,6 +177,39 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ---- traffic scripts run inside namespaces: a TCP sink and source with a sha256 each ---------
+
+SINK = textwrap.dedent("""
+    import hashlib, socket, sys
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(60)
+    print("listening", flush=True)
+    c, _ = s.accept(); c.settimeout(60); h = hashlib.sha256(); n = 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b: break
+        h.update(b); n += len(b)
+    print(n, h.hexdigest(), flush=True)
+""")
+
+SOURCE = textwrap.dedent("""
+    import hashlib, socket, sys, time
+    dest, port, size, mss = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    s = socket.socket()
+    if mss: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+    for _ in range(100):
+        try: s.connect((dest, port)); break
+        except OSError: time.sleep(0.1); s.close(); s = socket.socket(); mss and s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+    h = hashlib.sha256(); block = hashlib.sha256(b"fastlane").digest() * 2048; seed = 0; sent = 0
+    while sent < size:
+        chunk = hashlib.sha256(seed.to_bytes(8, "big")).digest() + block[: min(len(block), size - sent - 32)]
+        chunk = chunk[: size - sent]; seed += 1
+        s.sendall(chunk); h.update(chunk); sent += len(chunk)
+    s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
+    print(sent, h.hexdigest(), flush=True)
+""")
 
 
 # ---- faults under traffic (tests/test_faults.py, tests/test_hostile_etcd.py) ------------------

@@ -19,8 +19,7 @@ import pytest
 from fastlane.backend.base import BackendContext, BackendError
 from fastlane.config import parse_config
 from fastlane.iface import Interface
-from tests.daemon_helpers import Node, leases, overlay, wait_until
-from tests.test_udp import SINK, SOURCE
+from tests.daemon_helpers import SINK, SOURCE, Node, leases, overlay, wait_until
 
 PREFIX = "/coreos.com/network"
 VXLAN = '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}'

@@ -8,44 +8,13 @@ from __future__ import annotations
 
 import signal
 import sys
-import textwrap
 
 import pytest
 
+from tests.daemon_helpers import SINK, SOURCE, wait_until
 from tests.daemon_helpers import overlay as daemon_overlay
-from tests.daemon_helpers import wait_until
 
 UDP = '{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
-
-SINK = textwrap.dedent("""
-    import hashlib, socket, sys
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(60)
-    print("listening", flush=True)
-    c, _ = s.accept(); c.settimeout(60); h = hashlib.sha256(); n = 0
-    while True:
-        b = c.recv(1 << 16)
-        if not b: break
-        h.update(b); n += len(b)
-    print(n, h.hexdigest(), flush=True)
-""")
-
-SOURCE = textwrap.dedent("""
-    import hashlib, socket, sys, time
-    dest, port, size, mss = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    s = socket.socket()
-    if mss: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
-    for _ in range(100):
-        try: s.connect((dest, port)); break
-        except OSError: time.sleep(0.1); s.close(); s = socket.socket(); mss and s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
-    h = hashlib.sha256(); block = hashlib.sha256(b"fastlane").digest() * 2048; seed = 0; sent = 0
-    while sent < size:
-        chunk = hashlib.sha256(seed.to_bytes(8, "big")).digest() + block[: min(len(block), size - sent - 32)]
-        chunk = chunk[: size - sent]; seed += 1
-        s.sendall(chunk); h.update(chunk); sent += len(chunk)
-    s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
-    print(sent, h.hexdigest(), flush=True)
-""")
 
 
 @pytest.fixture(scope="module")
