@@ -10,6 +10,7 @@ import socket
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,22 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def topology_with_etcd(name: str, hosts: int = 2) -> Iterator[tuple[Topology, EtcdServer]]:
+    """For module fixtures: `hosts` hosts on an underlay and a throwaway etcd listening on the
+    underlay bridge (the switch netns); both torn down however the tests end."""
+    topo = Topology(hosts=hosts, mtu=1500)
+    etcd = None
+    try:
+        topo.setup()
+        etcd = EtcdServer(netns=topo.switch_netns, host=str(topo.switch_ip), name=name)
+        etcd.start()
+        yield topo, etcd
+    finally:
+        if etcd is not None:
+            etcd.cleanup()
+        topo.teardown()
 
 
 # ---- traffic scripts run inside namespaces: a TCP sink and source with a sha256 each ---------

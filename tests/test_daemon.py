@@ -12,9 +12,14 @@ import sys
 
 import pytest
 
-from fastlane.bench.lab.etcdserver import EtcdServer
-from fastlane.bench.lab.topology import Topology
-from tests.daemon_helpers import Node, NotifySocket, lease_ids, leases, wait_until
+from tests.daemon_helpers import (
+    Node,
+    NotifySocket,
+    lease_ids,
+    leases,
+    topology_with_etcd,
+    wait_until,
+)
 
 ALLOC = '{"Network":"10.1.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}'
 
@@ -22,19 +27,7 @@ ALLOC = '{"Network":"10.1.0.0/16","SubnetLen":24,"Backend":{"Type":"alloc"}}'
 @pytest.fixture(scope="module")
 def cluster(net_capable):
     """Two hosts on an underlay, etcd listening on the underlay bridge (switch netns)."""
-    topo = Topology(hosts=2, mtu=1500)
-    etcd = None
-    try:
-        topo.setup()
-        etcd = EtcdServer(
-            netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-daemon-tests"
-        )
-        etcd.start()
-        yield topo, etcd
-    finally:
-        if etcd is not None:
-            etcd.cleanup()
-        topo.teardown()
+    yield from topology_with_etcd("fastlane-daemon-tests")
 
 
 @pytest.fixture

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from fastlane.bench.lab.etcdserver import EtcdServer
 from fastlane.bench.lab.topology import Topology
-from tests.daemon_helpers import Node, wait_until
+from tests.daemon_helpers import Node, topology_with_etcd, wait_until
 
 NETWORK = "10.7.0.0/16"
 NFT = '{"Network":"10.7.0.0/16","SubnetLen":24,"EnableNFTables":true,"Backend":{"Type":"alloc"}}'
@@ -68,19 +67,7 @@ def cluster(net_capable):
     """Two hosts and etcd; host 0 runs the daemon, host 1 stands for 'outside the overlay'."""
     if subprocess.run(["nft", "--version"], capture_output=True, check=False).returncode != 0:
         pytest.skip("needs the nft tool (apt-get install -y nftables)")
-    topo = Topology(hosts=2, mtu=1500)
-    etcd = None
-    try:
-        topo.setup()
-        etcd = EtcdServer(
-            netns=topo.switch_netns, host=str(topo.switch_ip), name="fastlane-nft-tests"
-        )
-        etcd.start()
-        yield topo, etcd
-    finally:
-        if etcd is not None:
-            etcd.cleanup()
-        topo.teardown()
+    yield from topology_with_etcd("fastlane-nft-tests")
 
 
 @pytest.fixture
