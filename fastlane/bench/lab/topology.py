@@ -14,6 +14,11 @@ Layout (N hosts)::
                         from flanneld's subnet file: bridge cni0 in the host holding
                         FLANNEL_SUBNET, veth into the container, default route via .1.
 
+Dual-stack underlay (``underlay6="fd00:100::/64"``, off by default): eth0 also gets
+fd00:100::<i+1>/64 and br0 the last address, without DAD (usable at once), and IPv6
+forwarding is on in the hosts. A subnet file with FLANNEL_IPV6_SUBNET gives the container
+IPv6 too (``add_container``; an IPv6-only file: ``add_container6``).
+
 Ownership: each live topology writes a manifest to ``MANIFEST_DIR`` naming its owner PID,
 namespaces, started PIDs and scratch directories. ``cleanup_stale`` removes only what such
 a manifest lists and only when its owner process is gone — so a test run by someone else
@@ -45,6 +50,7 @@ __all__ = [
     "NIC_SWITCH_PORT_FEATURES",
     "UNDERLAY_KINDS",
     "Container",
+    "Container6",
     "Host",
     "SubnetEnv",
     "Topology",
@@ -143,12 +149,24 @@ class Container:
 
 
 @dataclasses.dataclass
+class Container6:
+    """The IPv6 side of a container (dual-stack: the same netns as its Container)."""
+
+    netns: str
+    ip: ipaddress.IPv6Address
+    gateway: ipaddress.IPv6Address
+    mtu: int
+
+
+@dataclasses.dataclass
 class Host:
     netns: str
     index: int
     ip: ipaddress.IPv4Address
     ifname: str = "eth0"
     container: Container | None = None
+    ip6: ipaddress.IPv6Address | None = None  # with a dual-stack underlay
+    container6: Container6 | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +188,7 @@ class Topology:
         prefix: str | None = None,
         workdir: str | os.PathLike[str] | None = None,
         underlay_kind: str = "veth",
+        underlay6: str | None = None,
     ) -> None:
         if underlay_kind not in UNDERLAY_KINDS:
             raise TopologyError(f"underlay kind must be one of {', '.join(UNDERLAY_KINDS)}, "
@@ -184,6 +203,10 @@ class Topology:
             raise TopologyError(f"bad underlay network {underlay!r}: {exc}") from None
         if self.underlay.num_addresses < hosts + 3:
             raise TopologyError(f"underlay {underlay} too small for {hosts} hosts")
+        try:
+            self.underlay6 = ipaddress.IPv6Network(underlay6) if underlay6 else None
+        except ValueError as exc:
+            raise TopologyError(f"bad IPv6 underlay network {underlay6!r}: {exc}") from None
         self.prefix = prefix or f"fl{secrets.token_hex(3)}-"
         if not PREFIX_RE.match(self.prefix):
             raise TopologyError(f"topology prefix must look like fl1a2b3c-, got {self.prefix!r}")
@@ -200,6 +223,13 @@ class Topology:
             Host(netns=f"{self.prefix}h{i}", index=i, ip=self.underlay.network_address + i + 1)
             for i in range(hosts)
         ]
+        self.switch_ip6: ipaddress.IPv6Address | None = None
+        if self.underlay6 is not None:
+            for h in self.hosts:
+                h.ip6 = self.underlay6.network_address + h.index + 1
+            if switch_ip:
+                self.switch_ip6 = (self.underlay6.network_address
+                                   + self.underlay6.num_addresses - 2)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=self.prefix))
         self.logdir = self.workdir / "logs"
@@ -233,6 +263,9 @@ class Topology:
         self.ip(sw, "link", "add", "br0", "mtu", str(self.mtu), "type", "bridge", "forward_delay", "0")
         if self.switch_ip is not None:
             self.ip(sw, "addr", "add", f"{self.switch_ip}/{self.underlay.prefixlen}", "dev", "br0")
+        if self.switch_ip6 is not None and self.underlay6 is not None:
+            self.ip(sw, "addr", "add", f"{self.switch_ip6}/{self.underlay6.prefixlen}",
+                    "dev", "br0", "nodad")
         self.ip(sw, "link", "set", "br0", "up")
         for host in self.hosts:
             self._add_host(host)
@@ -250,6 +283,11 @@ class Topology:
         self.ip(ns, "addr", "add", f"{host.ip}/{self.underlay.prefixlen}", "dev", host.ifname)
         self.ip(ns, "link", "set", host.ifname, "up")
         self.sysctl(ns, "net.ipv4.ip_forward", "1")
+        if host.ip6 is not None and self.underlay6 is not None:
+            self.sysctl(ns, f"net.ipv6.conf.{host.ifname}.accept_dad", "0")
+            self.ip(ns, "addr", "add", f"{host.ip6}/{self.underlay6.prefixlen}",
+                    "dev", host.ifname, "nodad")
+            self.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
         if self.underlay_kind == "nic":
             self._ethtool(ns, host.ifname, NIC_HOST_FEATURES)
             self._ethtool(sw, port, NIC_SWITCH_PORT_FEATURES)
@@ -434,14 +472,48 @@ class Topology:
         self.ip(cns, "link", "set", "eth0", "up")
         self.ip(cns, "route", "add", "default", "via", str(gw), "dev", "eth0")
         h.container = Container(netns=cns, ip=ip, gateway=gw, mtu=senv.mtu, env=senv)
+        if not isinstance(env, SubnetEnv):
+            values = subnetfile.parse_vars(Path(env).read_text())
+            if values.get("FLANNEL_IPV6_SUBNET"):
+                self.add_container6(h, values["FLANNEL_IPV6_SUBNET"], senv.mtu)
         return h.container
+
+    def add_container6(self, host: int | Host, subnet6: str, mtu: int) -> Container6:
+        """IPv6 for a host's container, from FLANNEL_IPV6_SUBNET (first address/len, on
+        cni0): the container gets the next address and a default route via cni0's. Without
+        an IPv4 container yet (an IPv6-only network) the container netns is made here."""
+        h = host if isinstance(host, Host) else self.hosts[host]
+        if h.container6 is not None:
+            raise TopologyError(f"host {h.index} already has an IPv6 container")
+        iface = ipaddress.IPv6Interface(subnet6)
+        gw, plen = iface.ip, iface.network.prefixlen
+        ip = gw + 1
+        cns = f"{self.prefix}c{h.index}"
+        if h.container is None:
+            self._add_netns(cns)
+            m = str(mtu)
+            if "cni0" not in self.ip(h.netns, "-o", "link", "show"):
+                self.ip(h.netns, "link", "add", "cni0", "mtu", m, "type", "bridge",
+                        "forward_delay", "0")
+            self.ip(h.netns, "link", "set", "cni0", "up")
+            self.ip(h.netns, "link", "add", "veth0", "mtu", m, "type", "veth",
+                    "peer", "name", "eth0", "mtu", m, "netns", cns)
+            self.ip(h.netns, "link", "set", "veth0", "master", "cni0", "up")
+            self.ip(cns, "link", "set", "lo", "up")
+            self.ip(cns, "link", "set", "eth0", "up")
+        self.sysctl(cns, "net.ipv6.conf.eth0.accept_dad", "0")
+        self.ip(h.netns, "addr", "replace", f"{gw}/{plen}", "dev", "cni0", "nodad")
+        self.ip(cns, "addr", "add", f"{ip}/{plen}", "dev", "eth0", "nodad")
+        self.ip(cns, "-6", "route", "add", "default", "via", str(gw), "dev", "eth0")
+        h.container6 = Container6(netns=cns, ip=ip, gateway=gw, mtu=mtu)
+        return h.container6
 
     def remove_container(self, host: int | Host) -> None:
         """Delete a host's container netns and its cni0 bridge (the veth dies with the netns)."""
         h = host if isinstance(host, Host) else self.hosts[host]
-        if h.container is None:
+        if h.container is None and h.container6 is None:
             return
-        ns = h.container.netns
+        ns = h.container.netns if h.container is not None else f"{self.prefix}c{h.index}"
         for pid in _netns_pids(ns):
             _kill_pid(pid)
         _run(["ip", "netns", "del", ns], check=False)
@@ -449,6 +521,7 @@ class Topology:
             self._namespaces.remove(ns)
         _run(["ip", "-n", h.netns, "link", "del", "cni0"], check=False)
         h.container = None
+        h.container6 = None
         self._write_manifest()
 
     # -- internals -----------------------------------------------------------------------------
