@@ -20,6 +20,15 @@ because "drop-in" means a node with several NICs picks the same one after the sw
   ties keep the kernel's order (primary first).
 
 -public-ip only changes the advertised address (NAT) once an interface is chosen.
+
+With IPv6 enabled (flanneld's dual or IPv6 stack, pkg/ipmatch and ip.GetInterfaceIP6Addrs),
+the chosen interface's IPv6 address is picked the same way: global unicast or link-local,
+not deprecated (and, unlike flanneld, not tentative or DAD-failed: such an address cannot
+carry traffic yet), global before link-local, permanent before dynamic, non-temporary
+before temporary. An -iface that is an IPv6 address names the interface holding it and that
+address. In an IPv6-only network (EnableIPv4 false) the default interface is the one of the
+first IPv6 default route, and -iface-regex is matched against IPv6 addresses. -public-ipv6
+only changes the advertised IPv6 address.
 """
 
 from __future__ import annotations
@@ -36,8 +45,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 log = logging.getLogger(__name__)
 
 IPv4Address = ipaddress.IPv4Address
+IPv6Address = ipaddress.IPv6Address
+UNSPECIFIED_V4 = IPv4Address("0.0.0.0")
 
 IFA_F_TEMPORARY = 0x01
+IFA_F_DADFAILED = 0x08
+IFA_F_TENTATIVE = 0x40
 IFA_F_DEPRECATED = 0x20
 IFA_F_PERMANENT = 0x80
 MAIN_TABLE = 254
@@ -56,13 +69,20 @@ class _Miss(Exception):
 class Interface:
     name: str
     index: int
-    address: IPv4Address  # the interface address in use (flanneld's IfaceAddr)
+    address: IPv4Address  # the interface address in use (flanneld's IfaceAddr); 0.0.0.0: none
     mtu: int
+    address6: IPv6Address | None = None  # flanneld's IfaceV6Addr (IPv6 enabled only)
 
 
 @dataclass(frozen=True)
 class _Addr:
     ip: IPv4Address
+    flags: int
+
+
+@dataclass(frozen=True)
+class _Addr6:
+    ip: IPv6Address
     flags: int
 
 
@@ -72,6 +92,7 @@ class _Link:
     name: str
     mtu: int
     addrs: list[_Addr] = field(default_factory=list)
+    addrs6: list[_Addr6] = field(default_factory=list)
 
 
 def _global_unicast(ip: IPv4Address) -> bool:
@@ -102,6 +123,32 @@ def usable_addresses(addrs: list[_Addr]) -> list[IPv4Address]:
     return [a.ip for a in ok]
 
 
+def usable_addresses6(addrs: list[_Addr6]) -> list[IPv6Address]:
+    """flanneld's GetInterfaceIP6Addrs (global or link-local unicast, not deprecated, in its
+    order of preference), without tentative or DAD-failed addresses."""
+    bad = IFA_F_DEPRECATED | IFA_F_TENTATIVE | IFA_F_DADFAILED
+    ok = [
+        a
+        for a in addrs
+        if not a.flags & bad
+        and (a.ip.is_link_local or _global_unicast6(a.ip))
+        and a.ip.ipv4_mapped is None
+    ]
+    ok.sort(
+        key=lambda a: (
+            a.ip.is_link_local,
+            not a.flags & IFA_F_PERMANENT,
+            bool(a.flags & IFA_F_TEMPORARY),
+        )
+    )
+    return [a.ip for a in ok]
+
+
+def _global_unicast6(ip: IPv6Address) -> bool:
+    """Go's net.IP.IsGlobalUnicast for IPv6 (unique-local fd00::/8 included)."""
+    return not (ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local)
+
+
 class _Host:
     """The links and addresses of this network namespace, read once per choice."""
 
@@ -121,6 +168,18 @@ class _Host:
                 continue
             flags = msg.get_attr("IFA_FLAGS")
             link.addrs.append(_Addr(IPv4Address(raw), msg["flags"] if flags is None else flags))
+        for msg in ipr.get_addr(family=socket.AF_INET6):
+            link = by_index.get(msg["index"])
+            raw = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+            if link is None or raw is None:
+                continue
+            flags = msg.get_attr("IFA_FLAGS")
+            link.addrs6.append(
+                _Addr6(IPv6Address(raw.split("%")[0]), msg["flags"] if flags is None else flags)
+            )
+        #: which families to look up (set by choose)
+        self.ipv4, self.ipv6 = True, False
+        self.public_ipv6: IPv6Address | None = None
 
     def _link(self, index: int) -> _Link:
         for link in self.links:
@@ -128,15 +187,29 @@ class _Host:
                 return link
         raise _Miss(f"no interface with index {index}")
 
-    def _best(self, link: _Link, address: IPv4Address | None = None) -> Interface:
+    def _best(
+        self,
+        link: _Link,
+        address: IPv4Address | None = None,
+        address6: IPv6Address | None = None,
+    ) -> Interface:
         if address is None:
             usable = usable_addresses(link.addrs)
-            if not usable:
+            if usable:
+                address = usable[0]
+            elif self.ipv4:
                 raise _Miss(f"failed to find IPv4 address for interface {link.name}")
-            address = usable[0]
+            else:  # an IPv6-only network: no IPv4 address needed
+                address = UNSPECIFIED_V4
+        if address6 is None and self.ipv6:
+            usable6 = usable_addresses6(link.addrs6)
+            if usable6:
+                address6 = usable6[0]
+            elif self.public_ipv6 is None:  # -public-ipv6 given: advertised as it is
+                raise _Miss(f"failed to find IPv6 address for interface {link.name}")
         if not link.mtu:
             raise _Miss(f"failed to determine MTU for {link.name}")
-        return Interface(link.name, link.index, address, link.mtu)
+        return Interface(link.name, link.index, address, link.mtu, address6)
 
     def by_ip(self, spec: str, ip: IPv4Address) -> Interface:
         for link in self.links:
@@ -160,9 +233,15 @@ class _Host:
             return self.by_name(spec)
         if isinstance(ip, ipaddress.IPv6Address):
             if ip.ipv4_mapped is None:
-                raise _Miss(f"error looking up interface {spec}: no interface with given IP found")
+                return self.by_ip6(spec, ip)
             ip = ip.ipv4_mapped
         return self.by_ip(spec, ip)
+
+    def by_ip6(self, spec: str, ip: IPv6Address) -> Interface:
+        for link in self.links:
+            if any(a.ip == ip for a in link.addrs6):
+                return self._best(link, None, ip)
+        raise _Miss(f"error looking up v6 interface {spec}: no interface with given IPv6 found")
 
     def by_regex(self, pattern: str) -> Interface:
         if pattern == "":
@@ -172,6 +251,11 @@ class _Host:
         except re.error as exc:
             raise _Miss(f"could not compile the IP address regex '{pattern}': {exc}") from None
         for link in self.links:
+            if not self.ipv4:  # an IPv6-only network: its addresses are IPv6 ones
+                for ip6 in usable_addresses6(link.addrs6):
+                    if rx.search(str(ip6)):
+                        return self._best(link, None, ip6)
+                continue
             for ip in usable_addresses(link.addrs):
                 if rx.search(str(ip)):
                     return self._best(link, ip)
@@ -204,30 +288,55 @@ class _Host:
         raise _Miss("no interface with given IP found")
 
     def default(self) -> Interface:
-        for r in self.ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+        if not self.ipv4:
+            return self._best(self._link(self._default_oif(socket.AF_INET6)))
+        found = self._best(self._link(self._default_oif(socket.AF_INET)))
+        if self.ipv6:  # flanneld's dual stack: both default routes on one interface
+            oif6 = self._default_oif(socket.AF_INET6)
+            if oif6 != found.index:
+                raise _Miss(
+                    f"v6 default route interface {self._link(oif6).name} must be the same "
+                    f"with v4 default route interface {found.name}"
+                )
+        return found
+
+    def _default_oif(self, family: int) -> int:
+        v6 = " v6" if family == socket.AF_INET6 else ""
+        for r in self.ipr.get_routes(family=family, table=MAIN_TABLE):
             if r["dst_len"] != 0:
                 continue
             oif = r.get_attr("RTA_OIF")
             if not oif:
                 raise _Miss(
-                    "failed to get default interface: found default route but could not "
-                    "determine interface"
+                    f"failed to get default{v6} interface: found default{v6} route but could "
+                    "not determine interface"
                 )
-            return self._best(self._link(oif))
-        raise _Miss("failed to get default interface: unable to find default route")
+            return int(oif)
+        raise _Miss(f"failed to get default{v6} interface: unable to find default{v6} route")
 
 
 def choose(
-    ifaces: list[str], regexes: list[str], can_reach: str = "", public_ip: IPv4Address | None = None
+    ifaces: list[str],
+    regexes: list[str],
+    can_reach: str = "",
+    public_ip: IPv4Address | None = None,
+    *,
+    ipv4: bool = True,
+    ipv6: bool = False,
+    public_ipv6: IPv6Address | None = None,
 ) -> Interface:
-    """The interface and address flanneld would use; InterfaceError (one line) if none."""
+    """The interface and address(es) flanneld would use; InterfaceError (one line) if none.
+    `ipv4`/`ipv6` are the network's EnableIPv4/EnableIPv6 (flanneld's IP stack)."""
     try:
         with IPRoute() as ipr:
             host = _Host(ipr)
+            host.ipv4, host.ipv6, host.public_ipv6 = ipv4, ipv6, public_ipv6
             if not ifaces and not regexes and not can_reach:
                 try:
                     if public_ip is not None:
                         return host.by_ip(str(public_ip), public_ip)
+                    if public_ipv6 is not None and ipv6:  # flanneld looks up -public-ipv6 then
+                        return host.by_ip6(str(public_ipv6), public_ipv6)
                     return host.default()
                 except _Miss as exc:
                     hint = (
