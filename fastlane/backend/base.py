@@ -30,6 +30,8 @@ class BackendContext:
     iface: Interface
     public_ip: ipaddress.IPv4Address
     verbose: int = 0
+    #: the lease's PublicIPv6 (-public-ipv6, else the interface's IPv6 address); IPv6 only
+    public_ipv6: ipaddress.IPv6Address | None = None
 
 
 def int_option(config: NetworkConfig, name: str, default: int, lo: int, hi: int) -> int:
@@ -67,6 +69,23 @@ def outside_network(config: NetworkConfig, lease: Lease) -> str | None:
     return None
 
 
+def outside_network6(config: NetworkConfig, lease: Lease) -> str | None:
+    """outside_network for the IPv6 half of a lease: inside IPv6Network, no bigger than an
+    IPv6SubnetLen block, and with a PublicIPv6 to send it to."""
+    net, sub = config.ipv6_network, lease.ipv6_subnet
+    if sub is None:
+        return "no IPv6 subnet"
+    if lease.attrs.public_ipv6 is None:
+        return "no PublicIPv6"
+    if net is None:
+        return None
+    if not sub.subnet_of(net):
+        return f"not inside the IPv6Network {net}"
+    if sub.prefixlen < config.ipv6_subnet_len:
+        return f"larger than a /{config.ipv6_subnet_len} (IPv6SubnetLen)"
+    return None
+
+
 class Backend(ABC):
     #: written as BackendType in the lease value ("" = omitted, as flannel's udp does)
     lease_type: str = ""
@@ -86,6 +105,27 @@ class Backend(ABC):
                 "ignoring lease %s -> %s: %s", lease.subnet, lease.attrs.public_ip, why
             )
         return False
+
+    def routable6(self, lease: Lease) -> bool:
+        """routable for the IPv6 half of a lease (one warning per subnet and host)."""
+        why = outside_network6(self.ctx.config, lease)
+        if why is None:
+            return True
+        if lease.ipv6_subnet is not None and (
+            (lease.ipv6_subnet, lease.attrs.public_ipv6) not in self._misfits
+        ):
+            self._misfits.add((lease.ipv6_subnet, lease.attrs.public_ipv6))
+            logging.getLogger(type(self).__module__).warning(
+                "ignoring IPv6 lease %s -> %s: %s",
+                lease.ipv6_subnet,
+                lease.attrs.public_ipv6,
+                why,
+            )
+        return False
+
+    def v6_data(self) -> Any:
+        """BackendV6Data for the lease value (None = omitted); valid after prepare()."""
+        return None
 
     @property
     @abstractmethod

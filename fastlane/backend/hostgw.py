@@ -1,4 +1,9 @@
-"""`host-gw`: one kernel route per peer subnet, via the peer's address on the underlay."""
+"""`host-gw`: one kernel route per peer subnet, via the peer's address on the underlay.
+
+IPv6 (EnableIPv6) as flanneld's RouteNetwork: `<peer IPv6 subnet> via <peer PublicIPv6> dev
+<iface>` for every host-gw lease with both, kept and swept like the IPv4 routes (the
+kernel refuses a gateway that is not on the interface's link, as for IPv4).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from fastlane.backend.kernel import (
     KernelBackend,
     netlink_call,
     overlay_routes,
+    overlay_routes6,
     owned_routes,
+    owned_routes6,
 )
 from fastlane.lease import Lease
 
@@ -23,6 +30,8 @@ log = logging.getLogger(__name__)
 
 IPv4Network = ipaddress.IPv4Network
 IPv4Address = ipaddress.IPv4Address
+IPv6Network = ipaddress.IPv6Network
+IPv6Address = ipaddress.IPv6Address
 
 
 class HostGwBackend(KernelBackend):
@@ -32,25 +41,22 @@ class HostGwBackend(KernelBackend):
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        if (
-            ctx.config.enable_ipv6
-        ):  # the data model is there (leases, subnet.env); v6 routes are not yet
-            raise BackendError(
-                "host-gw backend: IPv6 (EnableIPv6) is not supported yet by fastlane"
-            )
-        if ctx.public_ip != ctx.iface.address:
+        if ctx.config.enable_ipv4 and ctx.public_ip != ctx.iface.address:
             raise BackendError(
                 f"your PublicIP ({ctx.public_ip}) differs from interface IP ({ctx.iface.address}), "
                 "meaning that probably you're on a NAT, which is not supported by host-gw backend"
             )
         # subnet -> gateway we installed
         self._routes: dict[IPv4Network, IPv4Address] = {}
+        self._routes6: dict[IPv6Network, IPv6Address] = {}
 
     @property
     def mtu(self) -> int:
         return self.ctx.iface.mtu
 
-    def _route(self, subnet: IPv4Network, gw: IPv4Address) -> dict[str, Any]:
+    def _route(
+        self, subnet: IPv4Network | IPv6Network, gw: IPv4Address | IPv6Address
+    ) -> dict[str, Any]:
         return dict(
             dst=str(subnet.network_address),
             dst_len=subnet.prefixlen,
@@ -61,6 +67,10 @@ class HostGwBackend(KernelBackend):
         )
 
     def _program(self, ipr: IPRoute, lease: Lease) -> None:
+        if self.ctx.config.enable_ipv6 and lease.ipv6_subnet is not None:
+            self._program6(ipr, lease)
+        if not self.ctx.config.enable_ipv4 or lease.subnet is None:
+            return
         if not self._accepts(lease):
             if lease.subnet4 in self._routes:  # it switched backend type: drop our route
                 self._unprogram(ipr, lease)
@@ -71,12 +81,48 @@ class HostGwBackend(KernelBackend):
             lambda: ipr.route("replace", **self._route(lease.subnet4, gw)),
         )
         self._routes[lease.subnet4] = gw
-        self._counts["peers"] = len(self._routes)
+        self._counts["peers"] = len(self._routes) + len(self._routes6)
         log.info("subnet added: %s via %s", lease.subnet4, gw)
 
+    def _program6(self, ipr: IPRoute, lease: Lease) -> None:
+        sub = lease.ipv6_subnet
+        assert sub is not None
+        gw = lease.attrs.public_ipv6
+        if not self._accepts6(lease) or gw is None:
+            if sub in self._routes6:
+                self._unprogram6(ipr, lease)
+            return
+        netlink_call(
+            f"host-gw: cannot add route {sub} via {gw} dev {self.ctx.iface.name}",
+            lambda: ipr.route("replace", **self._route(sub, gw)),
+        )
+        self._routes6[sub] = gw
+        self._counts["peers"] = len(self._routes) + len(self._routes6)
+        log.info("subnet added: %s via %s", sub, gw)
+
+    def _unprogram6(self, ipr: IPRoute, lease: Lease) -> None:
+        sub = lease.ipv6_subnet
+        if sub is None or not self.ctx.config.enable_ipv6:
+            return
+        gw = self._routes6.pop(sub, None)
+        self._counts["peers"] = len(self._routes) + len(self._routes6)
+        if gw is None:
+            if lease.attrs.backend_type != self.lease_type or lease.attrs.public_ipv6 is None:
+                return
+            gw = lease.attrs.public_ipv6
+        netlink_call(
+            f"host-gw: cannot delete route {sub} via {gw}",
+            lambda: ipr.route("del", **self._route(sub, gw)),
+            missing_ok=True,
+        )
+        log.info("subnet removed: %s", sub)
+
     def _unprogram(self, ipr: IPRoute, lease: Lease) -> None:
+        self._unprogram6(ipr, lease)
+        if not self.ctx.config.enable_ipv4 or lease.subnet is None:
+            return
         gw = self._routes.pop(lease.subnet4, None)
-        self._counts["peers"] = len(self._routes)
+        self._counts["peers"] = len(self._routes) + len(self._routes6)
         if gw is None:
             if lease.attrs.backend_type != self.lease_type:
                 return
@@ -101,6 +147,17 @@ class HostGwBackend(KernelBackend):
                     f"host-gw: cannot re-add route {subnet} via {gw}",
                     lambda: ipr.route("replace", **self._route(subnet, gw)),
                 )
+        if not self._routes6:
+            return
+        present6 = overlay_routes6(ipr, self.ctx.iface.index, self.ctx.config)
+        for sub6, gw6 in list(self._routes6.items()):
+            if present6.get(sub6) != gw6:
+                log.warning("route %s via %s went missing; re-adding it", sub6, gw6)
+                self._counts["repairs"] += 1
+                netlink_call(
+                    f"host-gw: cannot re-add route {sub6} via {gw6}",
+                    lambda: ipr.route("replace", **self._route(sub6, gw6)),
+                )
 
     def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
         """Routes of the host-gw shape to subnets no lease of ours explains (owned_routes:
@@ -114,5 +171,16 @@ class HostGwBackend(KernelBackend):
             netlink_call(
                 f"host-gw: cannot delete stale route {subnet}",
                 lambda: ipr.route("del", **self._route(subnet, gw)),
+                missing_ok=True,
+            )
+        own6 = self.lease.ipv6_subnet if self.lease else None
+        for sub6, gw6 in owned_routes6(ipr, self.ctx.iface.index, self.ctx.config).items():
+            if sub6 in self._routes6 or sub6 == own6:
+                continue
+            log.info("removing stale route %s via %s (no lease holds it)", sub6, gw6)
+            self._counts["swept"] += 1
+            netlink_call(
+                f"host-gw: cannot delete stale route {sub6}",
+                lambda: ipr.route("del", **self._route(sub6, gw6)),
                 missing_ok=True,
             )

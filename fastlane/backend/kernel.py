@@ -40,11 +40,15 @@ log = logging.getLogger(__name__)
 
 IPv4Network = ipaddress.IPv4Network
 IPv4Address = ipaddress.IPv4Address
+IPv6Network = ipaddress.IPv6Network
+IPv6Address = ipaddress.IPv6Address
 
 #: main routing table; RTPROT_BOOT is what Go's netlink leaves in place (shown as no proto).
 MAIN_TABLE = 254
 RTPROT_BOOT = 3
 RTN_UNICAST = 1
+#: the metric the kernel gives an IPv6 route added without one
+IP6_RT_PRIO_USER = 1024
 
 _TRANSIENT = {errno.EBUSY, errno.EAGAIN, errno.ENOBUFS, errno.EINTR}
 _GONE = {errno.ENOENT, errno.ESRCH, errno.ENODEV}
@@ -92,6 +96,34 @@ def overlay_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address
     return found
 
 
+def overlay_routes6(ipr: IPRoute, oif: int, cfg) -> dict[IPv6Network, IPv6Address]:
+    """overlay_routes for IPv6: to an IPv6SubnetLen subnet of IPv6Network, via a gateway."""
+    found: dict[IPv6Network, IPv6Address] = {}
+    if cfg.ipv6_network is None:
+        return found
+    for r in ipr.get_routes(family=socket.AF_INET6, oif=oif, table=MAIN_TABLE):
+        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
+        if dst is None or gw is None or r["dst_len"] != cfg.ipv6_subnet_len:
+            continue
+        net = IPv6Network((dst, r["dst_len"]))
+        if net.subnet_of(cfg.ipv6_network):
+            found[net] = IPv6Address(gw)
+    return found
+
+
+def _owned_shape(r, family: int) -> bool:
+    """Main table, proto boot, unicast, one gateway, and the default metric (none for IPv4;
+    IPv6 routes added without one get the kernel's 1024)."""
+    metric = r.get_attr("RTA_PRIORITY")
+    return (
+        r["proto"] == RTPROT_BOOT
+        and r["type"] == RTN_UNICAST
+        and (r.get_attr("RTA_TABLE") or r["table"]) == MAIN_TABLE
+        and (not metric if family == socket.AF_INET else metric in (None, 0, IP6_RT_PRIO_USER))
+        and r.get_attr("RTA_MULTIPATH") is None
+    )
+
+
 def owned_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
     """Routes out of `oif` of exactly the shape fastlane and flanneld write, and so the
     only ones a sweep may delete: main table, proto boot, unicast, no metric, one
@@ -101,14 +133,7 @@ def owned_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
     if cfg.network is None:
         return found
     for r in ipr.get_routes(family=socket.AF_INET, oif=oif, table=MAIN_TABLE):
-        if (
-            r["proto"] != RTPROT_BOOT
-            or r["type"] != RTN_UNICAST
-            or r["dst_len"] != cfg.subnet_len
-            or (r.get_attr("RTA_TABLE") or r["table"]) != MAIN_TABLE
-            or r.get_attr("RTA_PRIORITY")
-            or r.get_attr("RTA_MULTIPATH") is not None
-        ):
+        if not _owned_shape(r, socket.AF_INET) or r["dst_len"] != cfg.subnet_len:
             continue
         dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
         if dst is None or gw is None:
@@ -116,6 +141,23 @@ def owned_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
         net = IPv4Network((dst, r["dst_len"]))
         if net.subnet_of(cfg.network):
             found[net] = IPv4Address(gw)
+    return found
+
+
+def owned_routes6(ipr: IPRoute, oif: int, cfg) -> dict[IPv6Network, IPv6Address]:
+    """owned_routes for IPv6: to an IPv6SubnetLen subnet of IPv6Network, metric 1024."""
+    found: dict[IPv6Network, IPv6Address] = {}
+    if cfg.ipv6_network is None:
+        return found
+    for r in ipr.get_routes(family=socket.AF_INET6, oif=oif, table=MAIN_TABLE):
+        if not _owned_shape(r, socket.AF_INET6) or r["dst_len"] != cfg.ipv6_subnet_len:
+            continue
+        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
+        if dst is None or gw is None:
+            continue
+        net = IPv6Network((dst, r["dst_len"]))
+        if net.subnet_of(cfg.ipv6_network):
+            found[net] = IPv6Address(gw)
     return found
 
 
@@ -136,7 +178,7 @@ class KernelBackend(Backend):
         self._worker: ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
         self._swept = False
-        self._ignored: set[tuple[IPv4Network | None, str]] = set()
+        self._ignored: set[tuple[str, str]] = set()
         self._counts = {"peers": 0, "netlink_errors": 0, "repairs": 0, "swept": 0}
         self.log = logging.getLogger(type(self).__module__)  # log lines name the backend
 
@@ -180,17 +222,29 @@ class KernelBackend(Backend):
         except RuntimeError:  # shut down: the daemon is stopping
             pass
 
-    def _accepts(self, lease: Lease) -> bool:
+    def _type_ok(self, lease: Lease) -> bool:
         """flanneld ignores peers of another backend type, with a warning."""
         btype = lease.attrs.backend_type
         if btype == self.lease_type:
-            return self.routable(lease)
-        if (lease.subnet, btype) not in self._ignored:
-            self._ignored.add((lease.subnet, btype))
+            return True
+        if (lease.name, btype) not in self._ignored:
+            self._ignored.add((lease.name, btype))
             self.log.warning(
-                "ignoring non-%s subnet %s: type=%s", self.lease_type, lease.subnet, btype or '""'
+                "ignoring non-%s subnet %s: type=%s", self.lease_type, lease.name, btype or '""'
             )
         return False
+
+    def _accepts(self, lease: Lease) -> bool:
+        """The IPv4 half of this lease is ours to route (IPv4 enabled, our type, routable)."""
+        if not self.ctx.config.enable_ipv4:
+            return False
+        return self._type_ok(lease) and self.routable(lease)
+
+    def _accepts6(self, lease: Lease) -> bool:
+        """The IPv6 half of this lease is ours to route (IPv6 enabled, our type, routable)."""
+        if not self.ctx.config.enable_ipv6:
+            return False
+        return self._type_ok(lease) and self.routable6(lease)
 
     def _apply(self, ipr: IPRoute, change: TableChange, full: list[Lease] | None) -> None:
         for lease in change.removed:

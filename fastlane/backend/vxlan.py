@@ -16,6 +16,10 @@ leaves them), a different dstport with Backend.Port unset, a remote/group or a m
 local/dev are kept as they are, with a warning. The VtepMAC is the device's MAC; a
 re-created device keeps it (flanneld picks a new random one there), so peers keep valid
 neighbour/FDB entries for us across restarts and repairs.
+
+With EnableIPv6 the IPv6 device `flannel-v6.<VNI>` and its peers are kept alongside
+(fastlane/backend/vxlan6.py); an IPv6-only network (EnableIPv4 false) has no
+`flannel.<VNI>` at all and publishes only BackendV6Data, as flanneld.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from fastlane.backend.kernel import (
     overlay_routes,
     owned_routes,
 )
+from fastlane.backend.vxlan6 import V6Vtep
 from fastlane.lease import Lease
 
 log = logging.getLogger(__name__)
@@ -99,10 +104,6 @@ class VxlanBackend(KernelBackend):
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
         cfg = ctx.config
-        if (
-            cfg.enable_ipv6
-        ):  # the data model is there (leases, subnet.env); the v6 device is not yet
-            raise BackendError("vxlan backend: IPv6 (EnableIPv6) is not supported yet by fastlane")
         self.vni = int_option(cfg, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
         #: Backend.Port as configured; 0 = the kernel's default, and any dstport is accepted
         #: on an existing device (flanneld compares ports only when both are set).
@@ -120,6 +121,8 @@ class VxlanBackend(KernelBackend):
         self.index = 0
         self.mac = ""
         self._peers: dict[IPv4Network, Peer] = {}
+        self.v4 = cfg.enable_ipv4
+        self.v6: V6Vtep | None = V6Vtep(self) if cfg.enable_ipv6 else None
 
     @property
     def mtu(self) -> int:
@@ -292,19 +295,32 @@ class VxlanBackend(KernelBackend):
             lambda: ipr.link("set", index=self.index, state="up"),
         )
 
-    async def prepare(self) -> dict[str, Any]:
+    async def prepare(self) -> dict[str, Any] | None:
         def job() -> None:
             with IPRoute() as ipr:
-                self._ensure_device(ipr)
+                if self.v4:
+                    self._ensure_device(ipr)
+                if self.v6 is not None:
+                    self.v6.ensure_device(ipr)
 
         try:
             await asyncio.to_thread(job)
         except KernelError as exc:
             raise BackendError(str(exc)) from None
         # flanneld v0.24+ (vxlanLeaseAttrs.VNI is a uint32): the whole VNI, then the MAC.
-        return {"VNI": self.vni, "VtepMAC": self.mac}
+        # An IPv6-only node publishes BackendV6Data only.
+        return {"VNI": self.vni, "VtepMAC": self.mac} if self.v4 else None
+
+    def v6_data(self) -> dict[str, Any] | None:
+        if self.v6 is None:
+            return None
+        return {"VNI": self.vni, "VtepMAC": self.v6.mac}
 
     def _setup(self, ipr: IPRoute, lease: Lease) -> None:
+        if self.v6 is not None:
+            self.v6.setup(ipr, lease)
+        if not self.v4:
+            return
         if not ipr.link_lookup(ifname=self.ifname):
             self._ensure_device(ipr)  # deleted between prepare and start
         self._configure(ipr, lease)
@@ -339,7 +355,7 @@ class VxlanBackend(KernelBackend):
             proto=RTPROT_BOOT,
         )
 
-    def _on_link(self, ipr: IPRoute, ip: IPv4Address) -> bool:
+    def _on_link(self, ipr: IPRoute, ip: IPv4Address | ipaddress.IPv6Address) -> bool:
         """flanneld's ip.DirectRouting: the kernel reaches ip without a gateway."""
         try:
             routes = ipr.route("get", dst=str(ip))
@@ -384,10 +400,49 @@ class VxlanBackend(KernelBackend):
             )
 
     def _program(self, ipr: IPRoute, lease: Lease) -> None:
+        if self.v6 is not None and lease.ipv6_subnet is not None:
+            self.v6.program(ipr, lease)
+        if self.v4 and lease.subnet is not None:
+            self._program4(ipr, lease)
+
+    def _unprogram(self, ipr: IPRoute, lease: Lease) -> None:
+        errors = []
+        if self.v6 is not None and lease.ipv6_subnet is not None:
+            try:
+                self.v6.unprogram(ipr, lease)
+            except KernelError as exc:
+                errors.append(str(exc))
+        if self.v4 and lease.subnet is not None:
+            try:
+                self._unprogram4(ipr, lease)
+            except KernelError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise KernelError("; ".join(errors))
+
+    def _reconcile(self, ipr: IPRoute, leases: list[Lease]) -> None:
+        if self.lease is None:
+            return
+        if self.v4:
+            self._reconcile4(ipr, leases)
+        if self.v6 is not None:
+            self.v6.reconcile(ipr, self.lease, leases)
+
+    def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
+        if self.v4:
+            self._sweep4(ipr, leases)
+        if self.v6 is not None:
+            self.v6.sweep(ipr, self.lease, leases)
+
+    def counters(self) -> dict[str, int]:
+        self._counts["peers"] = len(self._peers) + (len(self.v6.peers) if self.v6 else 0)
+        return dict(self._counts)
+
+    def _program4(self, ipr: IPRoute, lease: Lease) -> None:
         subnet, ip = lease.subnet4, lease.attrs.public_ip
         if not self._accepts(lease):
             if subnet in self._peers:  # it switched backend type: drop what we installed
-                self._unprogram(ipr, lease)
+                self._unprogram4(ipr, lease)
             return
         mac = vtep_mac(lease.attrs.backend_data)
         if mac is None:
@@ -397,7 +452,7 @@ class VxlanBackend(KernelBackend):
                 lease.attrs.backend_data,
             )
             if subnet in self._peers:
-                self._unprogram(ipr, lease)
+                self._unprogram4(ipr, lease)
             return
         want = Peer(mac, ip, self.direct_routing and self._on_link(ipr, ip))
         old = self._peers.get(subnet)
@@ -436,7 +491,7 @@ class VxlanBackend(KernelBackend):
         self._peers[subnet] = want
         self._counts["peers"] = len(self._peers)
 
-    def _unprogram(self, ipr: IPRoute, lease: Lease) -> None:
+    def _unprogram4(self, ipr: IPRoute, lease: Lease) -> None:
         subnet = lease.subnet4
         peer = self._peers.pop(subnet, None)
         self._counts["peers"] = len(self._peers)
@@ -502,7 +557,7 @@ class VxlanBackend(KernelBackend):
             )
         return True
 
-    def _reconcile(self, ipr: IPRoute, leases: list[Lease]) -> None:
+    def _reconcile4(self, ipr: IPRoute, leases: list[Lease]) -> None:
         if self.lease is None:
             return
         if not self._device_ok(ipr):
@@ -515,8 +570,10 @@ class VxlanBackend(KernelBackend):
             self._configure(ipr, self.lease)
             self._peers.clear()
             for lease in leases:
+                if lease.subnet is None:
+                    continue
                 try:
-                    self._program(ipr, lease)
+                    self._program4(ipr, lease)
                 except KernelError as exc:
                     self._counts["netlink_errors"] += 1
                     log.error("%s", exc)
@@ -564,7 +621,7 @@ class VxlanBackend(KernelBackend):
             log.warning("entries for %s went missing; re-adding them", subnet)
             self._counts["repairs"] += 1
             self._peers.pop(subnet, None)
-            self._program(ipr, missing)
+            self._program4(ipr, missing)
 
     def _vtep_neighbour(self, dst: str | None) -> bool:
         """A neighbour address flanneld writes: the network address of a subnet of the Network."""
@@ -577,7 +634,7 @@ class VxlanBackend(KernelBackend):
             return False
         return addr in network and IPv4Network((addr, plen), strict=False).network_address == addr
 
-    def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
+    def _sweep4(self, ipr: IPRoute, leases: list[Lease]) -> None:
         """Remove what a vanished lease left on our device, and nothing an operator added:
         vxlan-shaped routes (`<subnet> via <subnet>.0`, owned_routes) and permanent
         neighbours for subnets of the Network, and FDB entries pointing at those VTEPs
