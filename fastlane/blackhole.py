@@ -7,6 +7,9 @@ nodes without a bridge holding the subnet (Canal): traffic for an address of the
 that no local pod has is dropped here instead of following the default route out. It is
 never removed (flanneld does not remove it either); a failure (a bridge already holds the
 same prefix: "File exists") is logged and tried again next period.
+
+With EnableIPv6 the lease's IPv6 subnet gets one too (flanneld's AddBlackholeV6Route, on
+the same period).
 """
 
 from __future__ import annotations
@@ -26,8 +29,15 @@ class RouteError(Exception):
     """The route could not be read or added (one-line message)."""
 
 
-def present(ipr: IPRoute, subnet: ipaddress.IPv4Network) -> bool:
-    for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+Subnet = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _family(subnet: Subnet) -> int:
+    return socket.AF_INET6 if subnet.version == 6 else socket.AF_INET
+
+
+def present(ipr: IPRoute, subnet: Subnet) -> bool:
+    for r in ipr.get_routes(family=_family(subnet), table=MAIN_TABLE):
         if (
             r["type"] == RTN_BLACKHOLE
             and r["dst_len"] == subnet.prefixlen
@@ -37,7 +47,7 @@ def present(ipr: IPRoute, subnet: ipaddress.IPv4Network) -> bool:
     return False
 
 
-def ensure(subnet: ipaddress.IPv4Network) -> bool:
+def ensure(subnet: Subnet) -> bool:
     """Add the blackhole route if it is missing; True if it was added."""
     try:
         with IPRoute() as ipr:
@@ -45,6 +55,7 @@ def ensure(subnet: ipaddress.IPv4Network) -> bool:
                 return False
             ipr.route(
                 "add",
+                family=_family(subnet),
                 dst=str(subnet.network_address),
                 dst_len=subnet.prefixlen,
                 type=RTN_BLACKHOLE,

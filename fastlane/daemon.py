@@ -188,13 +188,29 @@ class Daemon:
                 self.opts.iface_regexes,
                 self.opts.iface_can_reach,
                 self.opts.public_ip,
+                ipv4=config.enable_ipv4,
+                ipv6=config.enable_ipv6,
+                public_ipv6=self.opts.public_ipv6,
             )
         except InterfaceError as exc:
             raise Fatal(str(exc)) from None
         self.iface = iface
         public_ip = self.opts.public_ip or iface.address
         log.info("using interface %s (%s), public ip %s", iface.name, iface.address, public_ip)
-        ctx = backends.BackendContext(config, iface, public_ip, self.opts.verbose)
+        # flanneld's ExtV6Addr: -public-ipv6, else the interface's IPv6 address.
+        public_ipv6 = (self.opts.public_ipv6 or iface.address6) if config.enable_ipv6 else None
+        if config.enable_ipv6:
+            if public_ipv6 is None:
+                raise Fatal(f"failed to find IPv6 address for interface {iface.name}")
+            log.info(
+                "using interface %s v6 address %s, public ipv6 %s",
+                iface.name,
+                iface.address6,
+                public_ipv6,
+            )
+        ctx = backends.BackendContext(
+            config, iface, public_ip, self.opts.verbose, public_ipv6=public_ipv6
+        )
         try:
             self.backend = backends.create(ctx)
             data = await self.backend.prepare()
@@ -202,16 +218,13 @@ class Daemon:
             raise Fatal(str(exc)) from None
         except (KernelError, NetlinkError, OSError) as exc:
             raise Fatal(f"{config.backend_type} backend set-up: {describe(exc)}") from None
-        public_ipv6 = self.opts.public_ipv6 if config.enable_ipv6 else None
-        if config.enable_ipv6 and public_ipv6 is None:
-            # The interface's own IPv6 address is not looked up yet (fastlane/iface.py).
-            raise Fatal("EnableIPv6 is set: give this node's IPv6 address with -public-ipv6")
         # An IPv6-only node has no PublicIP: flanneld leaves it 0.0.0.0 in the lease.
         attrs = LeaseAttrs(
             public_ip=public_ip if config.enable_ipv4 else UNSPECIFIED_V4,
             backend_type=self.backend.lease_type,
             backend_data=data,
             public_ipv6=public_ipv6,
+            backend_v6_data=self.backend.v6_data() if config.enable_ipv6 else None,
         )
         previous = subnetfile.previous_subnet(self.opts.subnet_file)
         previous6 = subnetfile.previous_ipv6_subnet(self.opts.subnet_file)
@@ -263,23 +276,29 @@ class Daemon:
             delay = min(delay * 2, 30.0)
 
     async def _blackhole_loop(self) -> None:
-        """-ip-blackhole-route: ensure the route now, then every -iptables-resync seconds."""
-        last: str | None = None
+        """-ip-blackhole-route: ensure the route(s) now, then every -iptables-resync seconds
+        (the IPv4 subnet with EnableIPv4, the IPv6 subnet with EnableIPv6, as flanneld)."""
+        last: dict[str, str | None] = {}
         while True:
-            assert self.lease is not None  # started only once the lease is held
-            subnet = self.lease.subnet4
-            try:
-                if await asyncio.to_thread(blackhole.ensure, subnet):
-                    log.info("added blackhole route for %s", subnet)
-                last = None
-            except blackhole.RouteError as exc:
-                if str(exc) != last:
-                    log.error(
-                        "failed to set up blackhole route: %s; retrying every %ds",
-                        exc,
-                        self.opts.iptables_resync,
-                    )
-                    last = str(exc)
+            assert self.lease is not None and self.config is not None  # once the lease is held
+            subnets: list[blackhole.Subnet] = []
+            if self.config.enable_ipv4 and self.lease.subnet is not None:
+                subnets.append(self.lease.subnet)
+            if self.config.enable_ipv6 and self.lease.ipv6_subnet is not None:
+                subnets.append(self.lease.ipv6_subnet)
+            for subnet in subnets:
+                try:
+                    if await asyncio.to_thread(blackhole.ensure, subnet):
+                        log.info("added blackhole route for %s", subnet)
+                    last[str(subnet)] = None
+                except blackhole.RouteError as exc:
+                    if str(exc) != last.get(str(subnet)):
+                        log.error(
+                            "failed to set up blackhole route: %s; retrying every %ds",
+                            exc,
+                            self.opts.iptables_resync,
+                        )
+                        last[str(subnet)] = str(exc)
             await asyncio.sleep(self.opts.iptables_resync)
 
     async def _watch_config(self, interval: float = 5.0) -> None:
@@ -312,9 +331,6 @@ class Daemon:
     async def _install_rules(self, config: NetworkConfig) -> None:
         o = self.opts
         nft = config.enable_nftables
-        if not config.enable_ipv4:  # the rules are IPv4 ones; ip6tables/ip6 ones are not built yet
-            log.warning("IPv6-only network: no masquerade or forward rules are installed yet")
-            return
         # As flanneld: first remove what the other traffic manager may have left behind.
         for what in await asyncio.to_thread(rules.cleanup_other, nft):
             log.info("removed %s (%s mode)", what, "nftables" if nft else "iptables")
@@ -337,15 +353,18 @@ class Daemon:
     async def _ensure_rules(self) -> int:
         """Build the rule sets if not built yet (iptables may appear later), then ensure them."""
         o, config = self.opts, self._rules_config
-        assert config is not None and config.network is not None and self.lease is not None
+        assert config is not None and self.lease is not None
         if not self._chains:
+            v4, v6 = config.enable_ipv4, config.enable_ipv6
             self._chains = rules.rule_sets(
-                config.network,
-                self.lease.subnet4,
+                config.network if v4 else None,
+                self.lease.subnet if v4 else None,
                 nftables=config.enable_nftables,
                 ip_masq=o.ip_masq,
                 forward=o.forward_rules,
                 random_fully_disable=o.random_fully_disable,
+                network6=config.ipv6_network if v6 else None,
+                subnet6=self.lease.ipv6_subnet if v6 else None,
             )
         return await asyncio.to_thread(rules.ensure, self._chains)
 
@@ -530,7 +549,7 @@ class Daemon:
             ]
             if self._rules_wanted():
                 self._tasks.append(spawn("rules resync", self._resync_rules))
-            if self.opts.blackhole_route and self.lease.subnet is not None:  # IPv4 only yet
+            if self.opts.blackhole_route:
                 self._tasks.append(spawn("blackhole route", self._blackhole_loop))
             if not self.ready:
                 self._tasks.append(spawn("subnet file", self._subnet_file_loop, forever=False))

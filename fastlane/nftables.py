@@ -9,6 +9,9 @@ creates, so `nft list ruleset` reads the same before and after the swap:
   manage traffic masquerading by flannel", with flanneld's six rules in its order;
 - `-iptables-forward-rules`: chain `forward` (filter, hook forward, priority filter),
   comment "chain to accept flannel traffic", accepting the Network as source or destination.
+- with EnableIPv6, the same chains and rules in `ip6 flannel-ipv6` for the IPv6Network and
+  the node's IPv6 subnet (`ip6 saddr`/`ip6 daddr`, multicast exception ff00::/8), as
+  flanneld's addMasqRules/SetupAndEnsureForwardRules for the IPv6 family.
 
 Each chain is written in one `nft -f` transaction (add table, add chain, flush chain, add
 rules), so a half-written chain is never visible. flanneld writes them once; fastlane
@@ -37,6 +40,7 @@ POSTRTG = "postrtg"
 FORWARD = "forward"
 KUBE_PROXY_MARK = "0x4000"
 MULTICAST4 = "224.0.0.0/4"
+MULTICAST6 = "ff00::/8"
 #: numeric priorities, as knftables writes them for the ip family (srcnat = 100, filter = 0)
 SRCNAT_PRIORITY = 100
 FILTER_PRIORITY = 0
@@ -66,31 +70,42 @@ def _table(family: str, name: str) -> str:
     return f'add table {family} {name} {{ comment "rules for {name}" ; }}\n'
 
 
-def _chain(name: str, kind: str, hook: str, priority: int, comment: str, keep: bool = True) -> str:
+def _chain(
+    name: str,
+    kind: str,
+    hook: str,
+    priority: int,
+    comment: str,
+    keep: bool = True,
+    family: str = "ip",
+    table: str = TABLE4,
+) -> str:
     """Create (or keep) the chain and empty it; keep=False removes it instead, whether or
     not it exists (nft 1.0.6 has no `destroy`, so: add, flush, delete)."""
     out = (
-        f"add chain ip {TABLE4} {name} {{ type {kind} hook {hook} priority {priority} ; "
+        f"add chain {family} {table} {name} {{ type {kind} hook {hook} priority {priority} ; "
         f'comment "{comment}" ; }}\n'
-        f"flush chain ip {TABLE4} {name}\n"
+        f"flush chain {family} {table} {name}\n"
     )
-    return out if keep else out + f"delete chain ip {TABLE4} {name}\n"
+    return out if keep else out + f"delete chain {family} {table} {name}\n"
 
 
-def masq_rules(network: str, subnet: str, masquerade: str) -> list[str]:
-    """flanneld's postrtg rules, in order (addMasqRules, ipv4)."""
+def masq_rules(network: str, subnet: str, masquerade: str, family: str = "ip") -> list[str]:
+    """flanneld's postrtg rules, in order (addMasqRules; family ip or ip6)."""
+    mc = MULTICAST6 if family == "ip6" else MULTICAST4
+    f = family
     return [
         f"meta mark {KUBE_PROXY_MARK} return",  # kube-proxy marked: not twice
-        f"ip saddr {subnet} ip daddr {network} return",  # within the overlay
-        f"ip saddr {network} ip daddr {subnet} return",
-        f"ip saddr != {subnet} ip daddr {network} return",  # external to our pods
-        f"ip saddr {network} ip daddr != {MULTICAST4} {masquerade}",  # pods to the outside
-        f"ip saddr != {network} ip daddr {network} {masquerade}",  # host to the overlay
+        f"{f} saddr {subnet} {f} daddr {network} return",  # within the overlay
+        f"{f} saddr {network} {f} daddr {subnet} return",
+        f"{f} saddr != {subnet} {f} daddr {network} return",  # external to our pods
+        f"{f} saddr {network} {f} daddr != {mc} {masquerade}",  # pods to the outside
+        f"{f} saddr != {network} {f} daddr {network} {masquerade}",  # host to the overlay
     ]
 
 
-def forward_rules(network: str) -> list[str]:
-    return [f"ip saddr {network} accept", f"ip daddr {network} accept"]
+def forward_rules(network: str, family: str = "ip") -> list[str]:
+    return [f"{family} saddr {network} accept", f"{family} daddr {network} accept"]
 
 
 def fully_random_supported() -> bool:
@@ -147,14 +162,24 @@ class Tables:
 
     def __init__(
         self,
-        network: ipaddress.IPv4Network,
-        subnet: ipaddress.IPv4Network,
+        network: ipaddress.IPv4Network | None,
+        subnet: ipaddress.IPv4Network | None,
         *,
         ip_masq: bool,
         forward: bool,
         random_fully_disable: bool,
+        network6: ipaddress.IPv6Network | None = None,
+        subnet6: ipaddress.IPv6Network | None = None,
     ) -> None:
-        self.network, self.subnet = str(network), str(subnet)
+        #: (family, table, network, subnet) for each family the network has
+        self.families = [
+            (family, table, str(net), str(sub))
+            for family, table, net, sub in (
+                ("ip", TABLE4, network, subnet),
+                ("ip6", TABLE6, network6, subnet6),
+            )
+            if net is not None and sub is not None
+        ]
         self.ip_masq, self.forward = ip_masq, forward
         self.random_fully_disable = random_fully_disable
         self._written: tuple[list[dict] | None, list[dict] | None] | None = None
@@ -167,31 +192,37 @@ class Tables:
         # A chain these settings do not ask for is removed (a restart without -ip-masq must
         # not keep masquerading); flanneld leaves it in place.
         out = _table("ip", TABLE4) + _table("ip6", TABLE6)
-        out += _chain(
-            POSTRTG,
-            "nat",
-            "postrouting",
-            SRCNAT_PRIORITY,
-            "chain to manage traffic masquerading by flannel",
-            keep=self.ip_masq,
-        )
-        if self.ip_masq:
-            out += "".join(
-                f"add rule ip {TABLE4} {POSTRTG} {r}\n"
-                for r in masq_rules(self.network, self.subnet, self._masquerade)
+        for family, table, network, subnet in self.families:
+            out += _chain(
+                POSTRTG,
+                "nat",
+                "postrouting",
+                SRCNAT_PRIORITY,
+                "chain to manage traffic masquerading by flannel",
+                keep=self.ip_masq,
+                family=family,
+                table=table,
             )
-        out += _chain(
-            FORWARD,
-            "filter",
-            "forward",
-            FILTER_PRIORITY,
-            "chain to accept flannel traffic",
-            keep=self.forward,
-        )
-        if self.forward:
-            out += "".join(
-                f"add rule ip {TABLE4} {FORWARD} {r}\n" for r in forward_rules(self.network)
+            if self.ip_masq:
+                out += "".join(
+                    f"add rule {family} {table} {POSTRTG} {r}\n"
+                    for r in masq_rules(network, subnet, self._masquerade, family)
+                )
+            out += _chain(
+                FORWARD,
+                "filter",
+                "forward",
+                FILTER_PRIORITY,
+                "chain to accept flannel traffic",
+                keep=self.forward,
+                family=family,
+                table=table,
             )
+            if self.forward:
+                out += "".join(
+                    f"add rule {family} {table} {FORWARD} {r}\n"
+                    for r in forward_rules(network, family)
+                )
         return out
 
     def _current(self) -> tuple[list[dict] | None, list[dict] | None]:

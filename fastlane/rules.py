@@ -11,6 +11,10 @@ With `EnableNFTables: true` the same two rule sets live in flanneld's nftables t
 instead (fastlane/nftables.py), and, as flanneld does at start, the other manager's
 leftovers are removed first: flannel's nftables tables in iptables mode, the FLANNEL-*
 chains (and the jumps to them) in nftables mode.
+
+With EnableIPv6 the same chains exist in ip6tables for the IPv6Network and the node's IPv6
+subnet (flanneld's masqIP6Rules: the multicast exception is ff00::/8), kept the same way;
+an IPv6-only network has only those.
 """
 
 from __future__ import annotations
@@ -29,7 +33,13 @@ class RulesError(Exception):
     """iptables is missing or refused our rules (one-line message)."""
 
 
-def _masq_rules(network: str, subnet: str, random_fully: bool) -> list[list[str]]:
+MULTICAST4 = "224.0.0.0/4"
+MULTICAST6 = "ff00::/8"
+
+
+def _masq_rules(
+    network: str, subnet: str, random_fully: bool, multicast: str = MULTICAST4
+) -> list[list[str]]:
     c = ["-m", "comment", "--comment", "flanneld masq"]
     masq = ["-j", "MASQUERADE"] + (["--random-fully"] if random_fully else [])
     return [
@@ -37,7 +47,7 @@ def _masq_rules(network: str, subnet: str, random_fully: bool) -> list[list[str]
         ["-s", subnet, "-d", network, *c, "-j", "RETURN"],
         ["-s", network, "-d", subnet, *c, "-j", "RETURN"],
         ["!", "-s", network, "-d", subnet, *c, "-j", "RETURN"],
-        ["-s", network, "!", "-d", "224.0.0.0/4", *c, *masq],
+        ["-s", network, "!", "-d", multicast, *c, *masq],
         ["!", "-s", network, "-d", network, *c, *masq],
     ]
 
@@ -52,20 +62,31 @@ class Chain:
 
     kind = "iptables"
 
-    def __init__(self, table: str, name: str, parent: str, comment: str, rules: list[list[str]]):
+    def __init__(
+        self,
+        table: str,
+        name: str,
+        parent: str,
+        comment: str,
+        rules: list[list[str]],
+        binary: str = "iptables",
+    ):
         self.table, self.name, self.parent = table, name, parent
+        self.binary = binary  # iptables or ip6tables
         self.jump = ["-m", "comment", "--comment", comment, "-j", name]
         self.rules = rules
 
     def _ipt(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
-            ["iptables", "-w", "5", "-t", self.table, *args],
+            [self.binary, "-w", "5", "-t", self.table, *args],
             capture_output=True,
             text=True,
             timeout=30,
         )
         if check and res.returncode != 0:
-            raise RulesError(f"iptables -t {self.table} {' '.join(args)}: {res.stderr.strip()}")
+            raise RulesError(
+                f"{self.binary} -t {self.table} {' '.join(args)}: {res.stderr.strip()}"
+            )
         return res
 
     def present(self) -> bool:
@@ -78,14 +99,16 @@ class Chain:
         body += ["-A " + self.name + " " + " ".join(_quote(a) for a in r) for r in self.rules]
         body.append("COMMIT")
         res = subprocess.run(
-            ["iptables-restore", "-w", "5", "--noflush"],
+            [f"{self.binary}-restore", "-w", "5", "--noflush"],
             input="\n".join(body) + "\n",
             capture_output=True,
             text=True,
             timeout=30,
         )
         if res.returncode != 0:
-            raise RulesError(f"iptables-restore ({self.table}/{self.name}): {res.stderr.strip()}")
+            raise RulesError(
+                f"{self.binary}-restore ({self.table}/{self.name}): {res.stderr.strip()}"
+            )
         if self._ipt("-C", self.parent, *self.jump, check=False).returncode != 0:
             self._ipt("-A", self.parent, *self.jump)
 
@@ -94,53 +117,70 @@ def _quote(arg: str) -> str:
     return f'"{arg}"' if " " in arg else arg
 
 
-def _random_fully_supported() -> bool:
-    res = subprocess.run(["iptables", "-j", "MASQUERADE", "--help"], capture_output=True, text=True)
+def _random_fully_supported(binary: str = "iptables") -> bool:
+    res = subprocess.run([binary, "-j", "MASQUERADE", "--help"], capture_output=True, text=True)
     return "random-fully" in res.stdout
 
 
 def chains(
-    network: ipaddress.IPv4Network,
-    subnet: ipaddress.IPv4Network,
+    network: ipaddress.IPv4Network | None,
+    subnet: ipaddress.IPv4Network | None,
     *,
     ip_masq: bool,
     forward: bool,
     random_fully_disable: bool,
+    network6: ipaddress.IPv6Network | None = None,
+    subnet6: ipaddress.IPv6Network | None = None,
 ) -> list[Chain]:
-    """The chains flanneld would install for these settings (none when both are off)."""
+    """The chains flanneld would install for these settings (none when both are off): the
+    iptables ones for the IPv4 Network, the ip6tables ones for the IPv6Network."""
     if not (ip_masq or forward):
         return []
-    if shutil.which("iptables") is None or shutil.which("iptables-restore") is None:
-        raise RulesError("iptables not found: apt-get install -y iptables")
     out = []
-    if ip_masq:
-        rf = not random_fully_disable and _random_fully_supported()
-        out.append(
-            Chain(
-                "nat",
-                "FLANNEL-POSTRTG",
-                "POSTROUTING",
-                "flanneld masq",
-                _masq_rules(str(network), str(subnet), rf),
+    for binary, net, sub, multicast in (
+        ("iptables", network, subnet, MULTICAST4),
+        ("ip6tables", network6, subnet6, MULTICAST6),
+    ):
+        if net is None or sub is None:
+            continue
+        if shutil.which(binary) is None or shutil.which(f"{binary}-restore") is None:
+            raise RulesError(f"{binary} not found: apt-get install -y iptables")
+        if ip_masq:
+            rf = not random_fully_disable and _random_fully_supported(binary)
+            out.append(
+                Chain(
+                    "nat",
+                    "FLANNEL-POSTRTG",
+                    "POSTROUTING",
+                    "flanneld masq",
+                    _masq_rules(str(net), str(sub), rf, multicast),
+                    binary,
+                )
             )
-        )
-    if forward:
-        out.append(
-            Chain(
-                "filter", "FLANNEL-FWD", "FORWARD", "flanneld forward", _forward_rules(str(network))
+        if forward:
+            out.append(
+                Chain(
+                    "filter",
+                    "FLANNEL-FWD",
+                    "FORWARD",
+                    "flanneld forward",
+                    _forward_rules(str(net)),
+                    binary,
+                )
             )
-        )
     return out
 
 
 def rule_sets(
-    network: ipaddress.IPv4Network,
-    subnet: ipaddress.IPv4Network,
+    network: ipaddress.IPv4Network | None,
+    subnet: ipaddress.IPv4Network | None,
     *,
     nftables: bool,
     ip_masq: bool,
     forward: bool,
     random_fully_disable: bool,
+    network6: ipaddress.IPv6Network | None = None,
+    subnet6: ipaddress.IPv6Network | None = None,
 ) -> list:
     """What the daemon keeps in place: iptables chains, or flanneld's nftables tables (always
     created in nftables mode, even with no rule asked for, as flanneld's Init does)."""
@@ -151,6 +191,8 @@ def rule_sets(
             ip_masq=ip_masq,
             forward=forward,
             random_fully_disable=random_fully_disable,
+            network6=network6,
+            subnet6=subnet6,
         )
     from fastlane import nftables as nft
 
@@ -163,6 +205,8 @@ def rule_sets(
             ip_masq=ip_masq,
             forward=forward,
             random_fully_disable=random_fully_disable,
+            network6=network6,
+            subnet6=subnet6,
         )
     ]
 
