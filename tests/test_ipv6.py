@@ -1,0 +1,384 @@
+"""IPv6 forwarding (issue 9): vxlan and host-gw over a dual-stack underlay, IPv6-only networks,
+ip6tables/nftables rules and the IPv6 blackhole route, against flanneld v0.28's kernel state.
+
+Real daemons in host namespaces, a real etcd, real packets: `ping`/`ping -6` between
+containers at the overlay MTU with DF set, a TCP transfer over IPv6 checked with sha256 at
+both ends, hosts joining and leaving, a restart. Kernel state is read back with iproute2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastlane.iface import IFA_F_PERMANENT, IFA_F_TENTATIVE, _Addr6, usable_addresses6
+from tests.daemon_helpers import Node, add_container, leases, overlay, wait_until
+
+PREFIX = "/coreos.com/network"
+UNDERLAY6 = "fd00:100::/64"
+VXLAN = (
+    '{"Network":"10.8.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:8::/56",'
+    '"Backend":{"Type":"vxlan"}}'
+)
+HOSTGW = (
+    '{"Network":"10.9.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:9::/56",'
+    '"Backend":{"Type":"host-gw"}}'
+)
+ONLY6 = (
+    '{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:a::/56",'
+    '"EnableNFTables":true,"Backend":{"Type":"vxlan"}}'
+)
+
+SINK6 = textwrap.dedent("""
+    import hashlib, socket, sys
+    s = socket.create_server((sys.argv[1], int(sys.argv[2])), family=socket.AF_INET6)
+    s.settimeout(60); print("listening", flush=True)
+    c, _ = s.accept(); c.settimeout(60); h = hashlib.sha256(); n = 0
+    while True:
+        b = c.recv(1 << 16)
+        if not b: break
+        h.update(b); n += len(b)
+    print(n, h.hexdigest(), flush=True)
+""")
+SOURCE6 = textwrap.dedent("""
+    import hashlib, os, socket, sys, time
+    dest, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    for _ in range(100):
+        try: s = socket.create_connection((dest, port), timeout=30); break
+        except OSError: time.sleep(0.1)
+    h = hashlib.sha256(); sent = 0
+    while sent < size:
+        chunk = os.urandom(min(65536, size - sent)); s.sendall(chunk); h.update(chunk)
+        sent += len(chunk)
+    s.shutdown(socket.SHUT_WR); s.recv(1); s.close(); print(sent, h.hexdigest(), flush=True)
+""")
+
+
+def _fixture(config, name, tmp_path_factory, **kw):
+    yield from overlay(
+        config, name, tmp_path_factory.mktemp(name), hosts=3, underlay6=UNDERLAY6, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def vx(net_capable, tmp_path_factory):
+    yield from _fixture(VXLAN, "v6vxlan", tmp_path_factory, extra=("-ip-masq",))
+
+
+@pytest.fixture(scope="module")
+def hgw(net_capable, tmp_path_factory):
+    yield from _fixture(HOSTGW, "v6hostgw", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def only6(net_capable, tmp_path_factory):
+    if shutil.which("nft") is None:
+        pytest.skip("needs the nft tool (apt-get install -y nftables)")
+    yield from _fixture(
+        ONLY6, "v6only", tmp_path_factory, extra=("-ip-masq", "-ip-blackhole-route")
+    )
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def _env(node: Node) -> dict[str, str]:
+    return node.wait_subnet_file()
+
+
+def _sub6(node: Node) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Interface(_env(node)["FLANNEL_IPV6_SUBNET"]).network
+
+
+def _lease(etcd, node: Node) -> dict:
+    s6 = _sub6(node)
+    for key, value in leases(etcd, PREFIX).items():
+        if key.endswith(f"&{s6.network_address}-{s6.prefixlen}"):
+            return json.loads(value)
+    raise AssertionError(f"no lease for {s6}")
+
+
+def _mac(topo, netns: str, dev: str) -> str:
+    m = re.search(r"link/ether ([0-9a-f:]{17})", topo.ip(netns, "-o", "link", "show", dev))
+    assert m is not None
+    return m.group(1)
+
+
+def _ping(topo, netns, dest, size: int, count: int = 2) -> bool:
+    res = topo.run(
+        netns,
+        "ping",
+        "-n",
+        "-q",
+        "-M",
+        "do",
+        "-c",
+        str(count),
+        "-W",
+        "2",
+        "-s",
+        str(size),
+        str(dest),
+        check=False,
+        timeout=30,
+    )
+    return res.returncode == 0
+
+
+def _v6_state(topo, netns, sub6, mac, ip6) -> tuple[bool, bool, bool]:
+    dst = sub6.network_address
+    neigh = topo.ip(netns, "-6", "neigh", "show", "dev", "flannel-v6.1")
+    fdb = topo.run(netns, "bridge", "fdb", "show", "dev", "flannel-v6.1").stdout
+    routes = topo.ip(netns, "-6", "route", "show")
+    return (
+        f"{dst} lladdr {mac} PERMANENT" in neigh,
+        f"{mac} dst {ip6} self permanent" in fdb,
+        f"{sub6} via {dst} dev flannel-v6.1" in routes and "onlink" in routes,
+    )
+
+
+def _transfer6(topo, src_ns, dst_ip, dst_ns, size=4_000_000, port=5601):
+    name = f"sink6-{port}"
+    sink = topo.popen(dst_ns, sys.executable, "-c", SINK6, str(dst_ip), str(port), name=name)
+    try:
+        assert wait_until(lambda: "listening" in topo.log_tail(name), 10), topo.log_tail(name)
+        res = topo.run(
+            src_ns, sys.executable, "-c", SOURCE6, str(dst_ip), str(port), str(size), timeout=90
+        )
+        assert wait_until(lambda: len(topo.log_tail(name).split()) >= 3, 30)
+        return res.stdout.split(), topo.log_tail(name).split()[-2:]
+    finally:
+        topo.stop(sink)
+
+
+# ---- interface address choice (no daemon) ----------------------------------------------
+
+
+def test_ipv6_address_preference_like_flanneld():
+    A = ipaddress.IPv6Address
+    addrs = [
+        _Addr6(A("fe80::1"), IFA_F_PERMANENT),
+        _Addr6(A("fd00::9"), 0),  # dynamic (SLAAC/DHCPv6)
+        _Addr6(A("fd00::7"), IFA_F_PERMANENT | IFA_F_TENTATIVE),  # DAD not done
+        _Addr6(A("fd00::5"), 0x20),  # deprecated
+        _Addr6(A("fd00::3"), IFA_F_PERMANENT),
+        _Addr6(A("::1"), IFA_F_PERMANENT),
+    ]
+    assert usable_addresses6(addrs) == [A("fd00::3"), A("fd00::9"), A("fe80::1")]
+
+
+def test_choose_picks_interface_ipv6_address_and_public_ipv6_overrides(topology):
+    topo = topology(hosts=1, underlay6=UNDERLAY6)
+    ns = topo.hosts[0].netns
+    topo.ip(ns, "addr", "add", "fd00:200::5/64", "dev", "eth0", "nodad", "preferred_lft", "0")
+    code = (
+        "import ipaddress, sys; from fastlane.iface import choose; "
+        "p = sys.argv[1] and ipaddress.IPv6Address(sys.argv[1]) or None; "
+        "i = choose(['eth0'], [], ipv6=True, public_ipv6=p); print(i.address, i.address6)"
+    )
+    out = topo.run(ns, sys.executable, "-c", code, "").stdout.split()
+    assert out == ["192.168.100.1", "fd00:100::1"]
+    # IPv6-only: -iface given as the IPv6 address; no IPv4 address is needed.
+    code6 = (
+        "from fastlane.iface import choose; "
+        "i = choose(['fd00:100::1'], [], ipv4=False, ipv6=True); print(i.name, i.address6)"
+    )
+    assert topo.run(ns, sys.executable, "-c", code6).stdout.split() == ["eth0", "fd00:100::1"]
+    # No IPv6 address on the interface: flanneld's error, unless -public-ipv6 is given.
+    topo.ip(ns, "-6", "addr", "flush", "dev", "eth0", "scope", "global")
+    res = topo.run(ns, sys.executable, "-c", code, "", check=False)
+    assert "failed to find IPv6 address for interface eth0" in res.stderr
+    out = topo.run(ns, sys.executable, "-c", code, "fd00:300::1").stdout.split()
+    assert out[0] == "192.168.100.1"
+
+
+# ---- vxlan, dual stack -------------------------------------------------------------------
+
+
+def test_vxlan_v6_device_lease_and_entries_like_flanneld(vx):
+    topo, etcd, nodes = vx
+    a, b = nodes[0], nodes[1]
+    value = _lease(etcd, a)
+    h0 = topo.hosts[0]
+    # No -public-ipv6: the interface's IPv6 address, as flanneld's ExtV6Addr.
+    assert value["PublicIPv6"] == str(h0.ip6) and value["PublicIP"] == str(h0.ip)
+    assert value["BackendV6Data"] == {"VNI": 1, "VtepMAC": _mac(topo, h0.netns, "flannel-v6.1")}
+    assert value["BackendData"]["VtepMAC"] == _mac(topo, h0.netns, "flannel.1")
+    dev = topo.ip(h0.netns, "-d", "link", "show", "flannel-v6.1")
+    assert f"vxlan id 1 local {h0.ip6} dev eth0" in dev
+    assert "dstport 8472" in dev and "nolearning" in dev and "mtu 1430" in dev
+    assert "mtu 1450" in topo.ip(h0.netns, "link", "show", "flannel.1")
+    assert _env(a)["FLANNEL_MTU"] == "1450"  # flanneld's nw.MTU(): Backend.MTU - 50
+    addrs = topo.ip(h0.netns, "-6", "addr", "show", "dev", "flannel-v6.1", "scope", "global")
+    assert f"inet6 {_sub6(a).network_address}/128" in addrs
+    sb = _sub6(b)
+    mac_b = _mac(topo, topo.hosts[1].netns, "flannel-v6.1")
+    assert wait_until(lambda: all(_v6_state(topo, h0.netns, sb, mac_b, topo.hosts[1].ip6)), 10), (
+        topo.ip(h0.netns, "-6", "route")
+    )
+
+
+def test_vxlan_ping_both_families_at_overlay_mtu_and_tcp_over_ipv6(vx):
+    topo, _etcd, _nodes = vx
+    c0, c1 = topo.hosts[0], topo.hosts[1]
+    assert c0.container and c1.container and c0.container6 and c1.container6
+    assert topo.wait_ping(c0.container.netns, str(c1.container.ip), 15)
+    assert _ping(topo, c0.container.netns, c1.container.ip, 1450 - 28)  # IPv4 unchanged
+    assert topo.wait_ping(c0.container6.netns, str(c1.container6.ip), 15)
+    assert _ping(topo, c0.container6.netns, c1.container6.ip, 1430 - 48)
+    assert _ping(topo, c1.container6.netns, c0.container6.ip, 1430 - 48)
+    sent, got = _transfer6(topo, c0.container6.netns, c1.container6.ip, c1.container6.netns)
+    assert sent == got and int(sent[0]) == 4_000_000
+
+
+def test_vxlan_ip6tables_rules_like_flanneld(vx):
+    topo, etcd, nodes = vx
+    ns = topo.hosts[0].netns
+    net6, sub6 = "fd00:8::/56", str(_sub6(nodes[0]))
+    assert wait_until(
+        lambda: "FLANNEL-POSTRTG" in topo.run(ns, "ip6tables", "-t", "nat", "-S").stdout, 10
+    )
+    masq = topo.run(ns, "ip6tables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout
+    assert f"-A FLANNEL-POSTRTG -s {sub6} -d {net6} " in masq
+    assert f"-A FLANNEL-POSTRTG -s {net6} ! -d ff00::/8 " in masq and "MASQUERADE" in masq
+    fwd = topo.run(ns, "ip6tables", "-t", "filter", "-S", "FLANNEL-FWD").stdout
+    assert f"-A FLANNEL-FWD -s {net6} " in fwd and f"-A FLANNEL-FWD -d {net6} " in fwd
+    assert (
+        "-j FLANNEL-POSTRTG" in topo.run(ns, "ip6tables", "-t", "nat", "-S", "POSTROUTING").stdout
+    )
+    # IPv4 unchanged.
+    assert "-A FLANNEL-POSTRTG" in topo.run(ns, "iptables", "-t", "nat", "-S").stdout
+
+
+def test_vxlan_host_joins_and_leaves(vx, tmp_path):
+    topo, etcd, nodes = vx
+    h0, h2, n2 = topo.hosts[0], topo.hosts[2], nodes[2]
+    n2.start()
+    add_container(topo, 2, n2.wait_subnet_file(), n2.subnet_file)
+    assert h0.container6 and h2.container6
+    assert topo.wait_ping(h0.container6.netns, str(h2.container6.ip), 15)
+    assert _ping(topo, h2.container6.netns, h0.container6.ip, 1430 - 48)
+    s2, mac2 = _sub6(n2), _mac(topo, h2.netns, "flannel-v6.1")
+    n2.stop()
+    for key in leases(etcd, PREFIX):  # the node leaves: its lease goes
+        if key.endswith(f"&{s2.network_address}-{s2.prefixlen}"):
+            etcd.etcdctl("del", key)
+    assert wait_until(
+        lambda: _v6_state(topo, h0.netns, s2, mac2, h2.ip6) == (False, False, False), 10
+    ), topo.ip(h0.netns, "-6", "route")
+    topo.remove_container(2)
+
+
+def test_vxlan_restart_keeps_both_subnets_and_traffic(vx):
+    topo, etcd, nodes = vx
+    a = nodes[0]
+    before = _env(a)
+    mac6 = _mac(topo, topo.hosts[0].netns, "flannel-v6.1")
+    a.stop()
+    a.subnet_file.unlink()
+    a.start()
+    after = _env(a)
+    assert (after["FLANNEL_SUBNET"], after["FLANNEL_IPV6_SUBNET"]) == (
+        before["FLANNEL_SUBNET"],
+        before["FLANNEL_IPV6_SUBNET"],
+    )
+    assert _mac(topo, topo.hosts[0].netns, "flannel-v6.1") == mac6
+    c0, c1 = topo.hosts[0], topo.hosts[1]
+    assert c0.container6 and c1.container6 and c0.container and c1.container
+    assert _ping(topo, c1.container6.netns, c0.container6.ip, 1430 - 48)
+    assert _ping(topo, c1.container.netns, c0.container.ip, 1450 - 28)
+
+
+# ---- host-gw, dual stack -----------------------------------------------------------------
+
+
+def test_hostgw_v6_routes_ping_and_tcp(hgw):
+    topo, etcd, nodes = hgw
+    h0, h1 = topo.hosts[0], topo.hosts[1]
+    s1 = _sub6(nodes[1])
+    assert _lease(etcd, nodes[1])["PublicIPv6"] == str(h1.ip6)
+    assert wait_until(lambda: f"{s1} via {h1.ip6} dev eth0" in topo.ip(h0.netns, "-6", "route"), 10)
+    assert _env(nodes[0])["FLANNEL_MTU"] == "1500"
+    assert h0.container and h1.container and h0.container6 and h1.container6
+    assert topo.wait_ping(h0.container.netns, str(h1.container.ip), 15)
+    assert _ping(topo, h0.container.netns, h1.container.ip, 1500 - 28)
+    assert topo.wait_ping(h0.container6.netns, str(h1.container6.ip), 15)
+    assert _ping(topo, h1.container6.netns, h0.container6.ip, 1500 - 48)
+    sent, got = _transfer6(topo, h1.container6.netns, h0.container6.ip, h0.container6.netns)
+    assert sent == got
+
+
+def test_hostgw_v6_stale_route_swept_and_missing_route_repaired(hgw):
+    topo, etcd, nodes = hgw
+    h0, h1 = topo.hosts[0], topo.hosts[1]
+    s1 = _sub6(nodes[1])
+    topo.ip(h0.netns, "-6", "route", "del", str(s1))
+    assert wait_until(lambda: f"{s1} via {h1.ip6} dev eth0" in topo.ip(h0.netns, "-6", "route"), 15)
+    # A leftover host-gw-shaped route nobody leases goes on restart; an operator's stays.
+    topo.ip(h0.netns, "-6", "route", "add", "fd00:9:0:ee::/64", "via", str(h1.ip6), "dev", "eth0")
+    topo.ip(
+        h0.netns, "-6", "route", "add", "fd00:9:0:ef::/64", "via", str(h1.ip6), "proto", "static"
+    )
+    nodes[0].stop()
+    nodes[0].start()
+    nodes[0].wait_subnet_file()
+    assert wait_until(lambda: "fd00:9:0:ee::/64" not in topo.ip(h0.netns, "-6", "route"), 15)
+    assert "fd00:9:0:ef::/64" in topo.ip(h0.netns, "-6", "route")
+    topo.ip(h0.netns, "-6", "route", "del", "fd00:9:0:ef::/64")
+
+
+# ---- IPv6-only ---------------------------------------------------------------------------
+
+
+def test_ipv6_only_vxlan_network(only6):
+    topo, etcd, nodes = only6
+    h0, h1 = topo.hosts[0], topo.hosts[1]
+    env = _env(nodes[0])
+    assert "FLANNEL_SUBNET" not in env and env["FLANNEL_MTU"] == "1450"  # as flanneld writes
+    value = _lease(etcd, nodes[0])
+    assert value["PublicIP"] == "0.0.0.0" and "BackendData" not in value
+    assert value["BackendV6Data"]["VtepMAC"] == _mac(topo, h0.netns, "flannel-v6.1")
+    assert "flannel.1" not in topo.ip(h0.netns, "-o", "link", "show")
+    assert h0.container6 and h1.container6
+    assert topo.wait_ping(h0.container6.netns, str(h1.container6.ip), 15)
+    assert _ping(topo, h0.container6.netns, h1.container6.ip, 1430 - 48)
+    sent, got = _transfer6(topo, h0.container6.netns, h1.container6.ip, h1.container6.netns)
+    assert sent == got
+    # nftables: the ip6 table holds flanneld's rules; the ip one has no chains.
+    res = subprocess.run(
+        ["ip", "netns", "exec", h0.netns, "nft", "list", "table", "ip6", "flannel-ipv6"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    sub6 = str(_sub6(nodes[0]))
+    assert f"ip6 saddr {sub6} ip6 daddr fd00:a::/56 return" in res.stdout
+    assert "ip6 saddr fd00:a::/56 ip6 daddr != ff00::/8 masquerade" in res.stdout
+    assert "ip6 saddr fd00:a::/56 accept" in res.stdout
+    ip4 = topo.run(h0.netns, "nft", "list", "table", "ip", "flannel-ipv4").stdout
+    assert "chain" not in ip4
+    # -ip-blackhole-route: the IPv6 subnet gets one (flanneld's AddBlackholeV6Route); the
+    # bridge's own prefix route (metric 256) still wins over it (metric 1024).
+    assert wait_until(
+        lambda: f"blackhole {sub6}" in topo.ip(h0.netns, "-6", "route", "show", "table", "main"),
+        10,
+    ), topo.ip(h0.netns, "-6", "route")
+
+
+def test_ipv6_only_node_killed_keeps_forwarding(only6):
+    """SIGKILL leaves the kernel state; peers keep talking while the daemon is away."""
+    topo, _etcd, nodes = only6
+    h0, h1 = topo.hosts[0], topo.hosts[1]
+    nodes[1].stop(signal.SIGKILL)
+    assert h0.container6 and h1.container6
+    assert _ping(topo, h0.container6.netns, h1.container6.ip, 56)
+    nodes[1].start()
+    nodes[1].wait_subnet_file()
