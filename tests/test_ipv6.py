@@ -297,6 +297,75 @@ def test_vxlan_restart_keeps_both_subnets_and_traffic(vx):
     assert _ping(topo, c1.container.netns, c0.container.ip, 1450 - 28)
 
 
+def test_vxlan_v6_stale_entries_swept_on_restart_operator_entries_kept(vx):
+    topo, _etcd, nodes = vx
+    ns = topo.hosts[0].netns
+    dev = "flannel-v6.1"
+    stale_mac, op_mac = "0a:11:22:33:44:55", "0a:66:77:88:99:aa"
+    topo.ip(
+        ns,
+        "-6",
+        "neigh",
+        "add",
+        "fd00:8:0:ee::",
+        "lladdr",
+        stale_mac,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    )
+    topo.run(
+        ns,
+        "bridge",
+        "fdb",
+        "add",
+        stale_mac,
+        "dev",
+        dev,
+        "dst",
+        "fd00:100::99",
+        "self",
+        "permanent",
+    )
+    topo.ip(
+        ns, "-6", "route", "add", "fd00:8:0:ee::/64", "via", "fd00:8:0:ee::", "dev", dev, "onlink"
+    )
+    # an operator's: another proto, and an FDB entry for a host that is no vxlan peer
+    topo.ip(
+        ns,
+        "-6",
+        "route",
+        "add",
+        "fd00:8:0:ef::/64",
+        "via",
+        "fd00:8:0:ef::",
+        "dev",
+        dev,
+        "onlink",
+        "proto",
+        "static",
+    )
+    topo.run(
+        ns, "bridge", "fdb", "add", op_mac, "dev", dev, "dst", "fd00:100::98", "self", "permanent"
+    )
+    nodes[0].stop()
+    nodes[0].start()
+    nodes[0].wait_subnet_file()
+    assert wait_until(lambda: "fd00:8:0:ee::/64" not in topo.ip(ns, "-6", "route"), 15), topo.ip(
+        ns, "-6", "route"
+    )
+    assert "fd00:8:0:ee::" not in topo.ip(ns, "-6", "neigh", "show", "dev", dev)
+    fdb = topo.run(ns, "bridge", "fdb", "show", "dev", dev).stdout
+    assert stale_mac not in fdb and op_mac in fdb
+    assert "fd00:8:0:ef::/64" in topo.ip(ns, "-6", "route")
+    topo.ip(ns, "-6", "route", "del", "fd00:8:0:ef::/64")
+    topo.run(ns, "bridge", "fdb", "del", op_mac, "dev", dev, "dst", "fd00:100::98", "self")
+    c0, c1 = topo.hosts[0], topo.hosts[1]
+    assert c0.container6 and c1.container6
+    assert _ping(topo, c1.container6.netns, c0.container6.ip, 1430 - 48)
+
+
 # ---- host-gw, dual stack -----------------------------------------------------------------
 
 
