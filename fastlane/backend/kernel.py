@@ -312,3 +312,93 @@ class KernelBackend(Backend):
 
     def counters(self) -> dict[str, int]:
         return dict(self._counts)
+
+
+# ---- VTEP entries, either family (vxlan.py's flannel.<VNI> and vxlan6.py's flannel-v6.<VNI>) ----
+
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
+RTNH_F_ONLINK = 0x04
+
+
+def _family_kw(v6: bool) -> dict[str, Any]:
+    return {"family": socket.AF_INET6} if v6 else {}
+
+
+def vtep_route(index: int, subnet: IPv4Network | IPv6Network) -> dict[str, Any]:
+    """`<subnet> via <subnet address> dev <vtep> onlink`: flanneld's route to a vxlan peer."""
+    return dict(
+        **_family_kw(subnet.version == 6),
+        dst=str(subnet.network_address),
+        dst_len=subnet.prefixlen,
+        gateway=str(subnet.network_address),
+        oif=index,
+        flags=RTNH_F_ONLINK,
+        table=MAIN_TABLE,
+        proto=RTPROT_BOOT,
+    )
+
+
+def direct_route(
+    subnet: IPv4Network | IPv6Network, gw: IPv4Address | IPv6Address
+) -> dict[str, Any]:
+    """`<subnet> via <peer's public address>`: DirectRouting's route to an on-link peer."""
+    return dict(
+        **_family_kw(subnet.version == 6),
+        dst=str(subnet.network_address),
+        dst_len=subnet.prefixlen,
+        gateway=str(gw),
+        table=MAIN_TABLE,
+        proto=RTPROT_BOOT,
+    )
+
+
+def vtep_neigh(
+    ipr: IPRoute, op: str, index: int, subnet: IPv4Network | IPv6Network, mac: str
+) -> None:
+    """The permanent neighbour `<peer subnet address> -> VtepMAC` ("replace"), or its removal;
+    messages as flanneld's (AddARP/AddV6ARP)."""
+    dst, v6 = str(subnet.network_address), subnet.version == 6
+    kind = "V6ARP" if v6 else "ARP"
+    if op == "replace":
+        netlink_call(
+            f"Add{kind} failed for {dst} -> {mac}",
+            lambda: ipr.neigh(
+                "replace",
+                **_family_kw(v6),
+                dst=dst,
+                lladdr=mac,
+                ifindex=index,
+                state=NUD_PERMANENT,
+            ),
+        )
+    else:
+        netlink_call(
+            f"Del{kind} failed for {dst}",
+            lambda: ipr.neigh("del", **_family_kw(v6), dst=dst, ifindex=index),
+            missing_ok=True,
+        )
+
+
+def vtep_fdb(ipr: IPRoute, op: str, index: int, mac: str, ip: IPv4Address | IPv6Address) -> None:
+    """The permanent FDB entry `VtepMAC -> peer's public address` ("replace"), or its removal;
+    messages as flanneld's (AddFDB/AddV6FDB)."""
+    kind = "V6FDB" if ip.version == 6 else "FDB"
+    if op == "replace":
+        netlink_call(
+            f"Add{kind} failed for {mac} -> {ip}",
+            lambda: ipr.fdb(
+                "replace",
+                ifindex=index,
+                lladdr=mac,
+                dst=str(ip),
+                state=NUD_PERMANENT,
+                flags=NTF_SELF,
+            ),
+        )
+    else:
+        netlink_call(
+            f"Del{kind} failed for {mac} -> {ip}",
+            lambda: ipr.fdb("del", ifindex=index, lladdr=mac, dst=str(ip)),
+            missing_ok=True,
+        )

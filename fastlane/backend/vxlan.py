@@ -37,12 +37,17 @@ from pyroute2 import IPRoute
 from fastlane.backend.base import BackendError, bool_option, int_option
 from fastlane.backend.kernel import (
     MAIN_TABLE,
+    NUD_PERMANENT,
     RTPROT_BOOT,
     KernelBackend,
     KernelError,
+    direct_route,
     netlink_call,
     overlay_routes,
     owned_routes,
+    vtep_fdb,
+    vtep_neigh,
+    vtep_route,
 )
 from fastlane.backend.vxlan6 import V6Vtep
 from fastlane.lease import Lease
@@ -58,9 +63,6 @@ KERNEL_DEFAULT_PORT = 8472
 #: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 ENCAP_OVERHEAD = 50
 
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-RTNH_F_ONLINK = 0x04
 
 _MAC_RE = re.compile(r"^[0-9a-f]{2}([:-])(?:[0-9a-f]{2}\1){4}[0-9a-f]{2}$")
 _MAC_DOTTED = re.compile(r"^[0-9a-f]{4}\.[0-9a-f]{4}\.[0-9a-f]{4}$")
@@ -336,24 +338,10 @@ class VxlanBackend(KernelBackend):
     # ---- peers ------------------------------------------------------------------------
 
     def _vxlan_route(self, subnet: IPv4Network) -> dict[str, Any]:
-        return dict(
-            dst=str(subnet.network_address),
-            dst_len=subnet.prefixlen,
-            gateway=str(subnet.network_address),
-            oif=self.index,
-            flags=RTNH_F_ONLINK,
-            table=MAIN_TABLE,
-            proto=RTPROT_BOOT,
-        )
+        return vtep_route(self.index, subnet)
 
     def _direct_route(self, subnet: IPv4Network, gw: IPv4Address) -> dict[str, Any]:
-        return dict(
-            dst=str(subnet.network_address),
-            dst_len=subnet.prefixlen,
-            gateway=str(gw),
-            table=MAIN_TABLE,
-            proto=RTPROT_BOOT,
-        )
+        return direct_route(subnet, gw)
 
     def _on_link(self, ipr: IPRoute, ip: IPv4Address | ipaddress.IPv6Address) -> bool:
         """flanneld's ip.DirectRouting: the kernel reaches ip without a gateway."""
@@ -364,40 +352,10 @@ class VxlanBackend(KernelBackend):
         return bool(routes) and routes[0].get_attr("RTA_GATEWAY") is None
 
     def _neigh(self, ipr: IPRoute, op: str, subnet: IPv4Network, mac: str) -> None:
-        dst = str(subnet.network_address)
-        if op == "replace":
-            netlink_call(
-                f"AddARP failed for {dst} -> {mac}",
-                lambda: ipr.neigh(
-                    "replace", dst=dst, lladdr=mac, ifindex=self.index, state=NUD_PERMANENT
-                ),
-            )
-        else:
-            netlink_call(
-                f"DelARP failed for {dst}",
-                lambda: ipr.neigh("del", dst=dst, ifindex=self.index),
-                missing_ok=True,
-            )
+        vtep_neigh(ipr, op, self.index, subnet, mac)
 
     def _fdb(self, ipr: IPRoute, op: str, mac: str, ip: IPv4Address) -> None:
-        if op == "replace":
-            netlink_call(
-                f"AddFDB failed for {mac} -> {ip}",
-                lambda: ipr.fdb(
-                    "replace",
-                    ifindex=self.index,
-                    lladdr=mac,
-                    dst=str(ip),
-                    state=NUD_PERMANENT,
-                    flags=NTF_SELF,
-                ),
-            )
-        else:
-            netlink_call(
-                f"DelFDB failed for {mac} -> {ip}",
-                lambda: ipr.fdb("del", ifindex=self.index, lladdr=mac, dst=str(ip)),
-                missing_ok=True,
-            )
+        vtep_fdb(ipr, op, self.index, mac, ip)
 
     def _program(self, ipr: IPRoute, lease: Lease) -> None:
         if self.v6 is not None and lease.ipv6_subnet is not None:

@@ -34,11 +34,16 @@ from pyroute2 import IPRoute
 from fastlane.backend.base import BackendError
 from fastlane.backend.kernel import (
     MAIN_TABLE,
+    NUD_PERMANENT,
     RTPROT_BOOT,
     KernelError,
+    direct_route,
     netlink_call,
     overlay_routes6,
     owned_routes6,
+    vtep_fdb,
+    vtep_neigh,
+    vtep_route,
 )
 from fastlane.lease import Lease
 
@@ -52,9 +57,6 @@ IPv6Address = ipaddress.IPv6Address
 
 #: outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14): the kernel's VXLAN6_HEADROOM
 ENCAP_OVERHEAD6 = 70
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-RTNH_F_ONLINK = 0x04
 IFA_F_PERMANENT = 0x80
 
 
@@ -263,67 +265,16 @@ class V6Vtep:
     # ---- peers ------------------------------------------------------------------------
 
     def _vxlan_route(self, subnet: IPv6Network) -> dict[str, Any]:
-        return dict(
-            family=socket.AF_INET6,
-            dst=str(subnet.network_address),
-            dst_len=subnet.prefixlen,
-            gateway=str(subnet.network_address),
-            oif=self.index,
-            flags=RTNH_F_ONLINK,
-            table=MAIN_TABLE,
-            proto=RTPROT_BOOT,
-        )
+        return vtep_route(self.index, subnet)
 
     def _direct_route(self, subnet: IPv6Network, gw: IPv6Address) -> dict[str, Any]:
-        return dict(
-            family=socket.AF_INET6,
-            dst=str(subnet.network_address),
-            dst_len=subnet.prefixlen,
-            gateway=str(gw),
-            table=MAIN_TABLE,
-            proto=RTPROT_BOOT,
-        )
+        return direct_route(subnet, gw)
 
     def _neigh(self, ipr: IPRoute, op: str, subnet: IPv6Network, mac: str) -> None:
-        dst = str(subnet.network_address)
-        if op == "replace":
-            netlink_call(
-                f"AddV6ARP failed for {dst} -> {mac}",
-                lambda: ipr.neigh(
-                    "replace",
-                    family=socket.AF_INET6,
-                    dst=dst,
-                    lladdr=mac,
-                    ifindex=self.index,
-                    state=NUD_PERMANENT,
-                ),
-            )
-        else:
-            netlink_call(
-                f"DelV6ARP failed for {dst}",
-                lambda: ipr.neigh("del", family=socket.AF_INET6, dst=dst, ifindex=self.index),
-                missing_ok=True,
-            )
+        vtep_neigh(ipr, op, self.index, subnet, mac)
 
     def _fdb(self, ipr: IPRoute, op: str, mac: str, ip: IPv6Address) -> None:
-        if op == "replace":
-            netlink_call(
-                f"AddV6FDB failed for {mac} -> {ip}",
-                lambda: ipr.fdb(
-                    "replace",
-                    ifindex=self.index,
-                    lladdr=mac,
-                    dst=str(ip),
-                    state=NUD_PERMANENT,
-                    flags=NTF_SELF,
-                ),
-            )
-        else:
-            netlink_call(
-                f"DelV6FDB failed for {mac} -> {ip}",
-                lambda: ipr.fdb("del", ifindex=self.index, lladdr=mac, dst=str(ip)),
-                missing_ok=True,
-            )
+        vtep_fdb(ipr, op, self.index, mac, ip)
 
     def program(self, ipr: IPRoute, lease: Lease) -> None:
         from fastlane.backend.vxlan import vtep_mac

@@ -73,16 +73,31 @@ IFNAMSIZ = 15
 #         offload), and the receiving side aggregates with GRO, as a NIC driver's NAPI does.
 UNDERLAY_KINDS = ("veth", "nic")
 # `ethtool -K <host underlay device> ...` on every host for the nic kind
-NIC_HOST_FEATURES = ("tx", "off", "tso", "off", "gso", "off", "tx-udp-segmentation", "off",
-                     "tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off",
-                     "gro", "on")
+NIC_HOST_FEATURES = (
+    "tx",
+    "off",
+    "tso",
+    "off",
+    "gso",
+    "off",
+    "tx-udp-segmentation",
+    "off",
+    "tx-udp_tnl-segmentation",
+    "off",
+    "tx-udp_tnl-csum-segmentation",
+    "off",
+    "gro",
+    "on",
+)
 # `ethtool -K <switch side of the host's veth> ...`: a veth only runs GRO (NAPI) for frames
 # its peer sends when that peer has no TSO, so without this the hosts' "gro on" does nothing.
 NIC_SWITCH_PORT_FEATURES = ("tso", "off", "gso", "off")
 # ethtool -K names -> the names `ethtool -k` prints, to check each setting took effect
 _ETHTOOL_K_NAMES = {
-    "tx": "tx-checksumming", "tso": "tcp-segmentation-offload",
-    "gso": "generic-segmentation-offload", "gro": "generic-receive-offload",
+    "tx": "tx-checksumming",
+    "tso": "tcp-segmentation-offload",
+    "gso": "generic-segmentation-offload",
+    "gro": "generic-receive-offload",
 }
 
 
@@ -191,8 +206,9 @@ class Topology:
         underlay6: str | None = None,
     ) -> None:
         if underlay_kind not in UNDERLAY_KINDS:
-            raise TopologyError(f"underlay kind must be one of {', '.join(UNDERLAY_KINDS)}, "
-                                f"got {underlay_kind!r}")
+            raise TopologyError(
+                f"underlay kind must be one of {', '.join(UNDERLAY_KINDS)}, got {underlay_kind!r}"
+            )
         if not 1 <= hosts <= 200:
             raise TopologyError(f"hosts must be between 1 and 200, got {hosts}")
         if not 68 <= mtu <= 65535:
@@ -228,8 +244,7 @@ class Topology:
             for h in self.hosts:
                 h.ip6 = self.underlay6.network_address + h.index + 1
             if switch_ip:
-                self.switch_ip6 = (self.underlay6.network_address
-                                   + self.underlay6.num_addresses - 2)
+                self.switch_ip6 = self.underlay6.network_address + self.underlay6.num_addresses - 2
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=self.prefix))
         self.logdir = self.workdir / "logs"
@@ -260,12 +275,21 @@ class Topology:
         self._add_netns(self.switch_netns)
         sw = self.switch_netns
         self.ip(sw, "link", "set", "lo", "up")
-        self.ip(sw, "link", "add", "br0", "mtu", str(self.mtu), "type", "bridge", "forward_delay", "0")
+        self.ip(
+            sw, "link", "add", "br0", "mtu", str(self.mtu), "type", "bridge", "forward_delay", "0"
+        )
         if self.switch_ip is not None:
             self.ip(sw, "addr", "add", f"{self.switch_ip}/{self.underlay.prefixlen}", "dev", "br0")
         if self.switch_ip6 is not None and self.underlay6 is not None:
-            self.ip(sw, "addr", "add", f"{self.switch_ip6}/{self.underlay6.prefixlen}",
-                    "dev", "br0", "nodad")
+            self.ip(
+                sw,
+                "addr",
+                "add",
+                f"{self.switch_ip6}/{self.underlay6.prefixlen}",
+                "dev",
+                "br0",
+                "nodad",
+            )
         self.ip(sw, "link", "set", "br0", "up")
         for host in self.hosts:
             self._add_host(host)
@@ -276,8 +300,23 @@ class Topology:
         self._add_netns(ns)
         # Created in the switch netns with its peer placed straight into the host netns:
         # nothing ever appears in the root netns, even for a moment.
-        self.ip(sw, "link", "add", port, "mtu", str(self.mtu), "type", "veth",
-                "peer", "name", host.ifname, "mtu", str(self.mtu), "netns", ns)
+        self.ip(
+            sw,
+            "link",
+            "add",
+            port,
+            "mtu",
+            str(self.mtu),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            host.ifname,
+            "mtu",
+            str(self.mtu),
+            "netns",
+            ns,
+        )
         self.ip(sw, "link", "set", port, "master", "br0", "up")
         self.ip(ns, "link", "set", "lo", "up")
         self.ip(ns, "addr", "add", f"{host.ip}/{self.underlay.prefixlen}", "dev", host.ifname)
@@ -285,8 +324,15 @@ class Topology:
         self.sysctl(ns, "net.ipv4.ip_forward", "1")
         if host.ip6 is not None and self.underlay6 is not None:
             self.sysctl(ns, f"net.ipv6.conf.{host.ifname}.accept_dad", "0")
-            self.ip(ns, "addr", "add", f"{host.ip6}/{self.underlay6.prefixlen}",
-                    "dev", host.ifname, "nodad")
+            self.ip(
+                ns,
+                "addr",
+                "add",
+                f"{host.ip6}/{self.underlay6.prefixlen}",
+                "dev",
+                host.ifname,
+                "nodad",
+            )
             self.sysctl(ns, "net.ipv6.conf.all.forwarding", "1")
         if self.underlay_kind == "nic":
             self._ethtool(ns, host.ifname, NIC_HOST_FEATURES)
@@ -295,17 +341,22 @@ class Topology:
     def _ethtool(self, netns: str, dev: str, features: Sequence[str]) -> None:
         """`ethtool -K dev features...`, then read back that every one took effect."""
         if shutil.which("ethtool") is None:
-            raise TopologyError("ethtool not found (needed for the nic underlay): "
-                                "apt-get install -y ethtool")
+            raise TopologyError(
+                "ethtool not found (needed for the nic underlay): apt-get install -y ethtool"
+            )
         res = self.run(netns, "ethtool", "-K", dev, *features, check=False)
         if res.returncode != 0:
             detail = (res.stderr or res.stdout).strip().splitlines()
-            raise TopologyError(f"ethtool -K {dev} {' '.join(features)} failed: "
-                                f"{detail[-1] if detail else res.returncode}")
+            raise TopologyError(
+                f"ethtool -K {dev} {' '.join(features)} failed: "
+                f"{detail[-1] if detail else res.returncode}"
+            )
         now = underlay_features(self.run(netns, "ethtool", "-k", dev).stdout)
-        wrong = [f"{name} is {now.get(_ETHTOOL_K_NAMES.get(name, name), 'missing')}"
-                 for name, want in zip(features[::2], features[1::2])
-                 if now.get(_ETHTOOL_K_NAMES.get(name, name)) != want]
+        wrong = [
+            f"{name} is {now.get(_ETHTOOL_K_NAMES.get(name, name), 'missing')}"
+            for name, want in zip(features[::2], features[1::2], strict=False)
+            if now.get(_ETHTOOL_K_NAMES.get(name, name)) != want
+        ]
         if wrong:
             raise TopologyError(f"ethtool -K {dev} did not take: {', '.join(wrong)}")
 
@@ -417,14 +468,28 @@ class Topology:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def ping(self, netns: str, dest: str | ipaddress.IPv4Address, count: int = 1,
-             timeout: float = 2.0) -> bool:
+    def ping(
+        self, netns: str, dest: str | ipaddress.IPv4Address, count: int = 1, timeout: float = 2.0
+    ) -> bool:
         """True if `dest` answers from inside `netns` (used as a readiness probe)."""
-        res = self.run(netns, "ping", "-n", "-q", "-c", str(count), "-W", str(timeout), str(dest),
-                       check=False, timeout=timeout * count + 5)
+        res = self.run(
+            netns,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            str(count),
+            "-W",
+            str(timeout),
+            str(dest),
+            check=False,
+            timeout=timeout * count + 5,
+        )
         return res.returncode == 0
 
-    def wait_ping(self, netns: str, dest: str | ipaddress.IPv4Address, timeout: float = 15.0) -> bool:
+    def wait_ping(
+        self, netns: str, dest: str | ipaddress.IPv4Address, timeout: float = 15.0
+    ) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ping(netns, dest, timeout=1):
@@ -459,13 +524,30 @@ class Topology:
         self._add_netns(cns)
         mtu = str(senv.mtu)
         if "cni0" not in self.ip(h.netns, "-o", "link", "show"):
-            self.ip(h.netns, "link", "add", "cni0", "mtu", mtu, "type", "bridge", "forward_delay", "0")
+            self.ip(
+                h.netns, "link", "add", "cni0", "mtu", mtu, "type", "bridge", "forward_delay", "0"
+            )
         else:
             self.ip(h.netns, "link", "set", "cni0", "mtu", mtu)
         self.ip(h.netns, "addr", "replace", str(senv.subnet), "dev", "cni0")
         self.ip(h.netns, "link", "set", "cni0", "up")
-        self.ip(h.netns, "link", "add", "veth0", "mtu", mtu, "type", "veth",
-                "peer", "name", "eth0", "mtu", mtu, "netns", cns)
+        self.ip(
+            h.netns,
+            "link",
+            "add",
+            "veth0",
+            "mtu",
+            mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            mtu,
+            "netns",
+            cns,
+        )
         self.ip(h.netns, "link", "set", "veth0", "master", "cni0", "up")
         self.ip(cns, "link", "set", "lo", "up")
         self.ip(cns, "addr", "add", f"{ip}/{net.prefixlen}", "dev", "eth0")
@@ -493,11 +575,27 @@ class Topology:
             self._add_netns(cns)
             m = str(mtu)
             if "cni0" not in self.ip(h.netns, "-o", "link", "show"):
-                self.ip(h.netns, "link", "add", "cni0", "mtu", m, "type", "bridge",
-                        "forward_delay", "0")
+                self.ip(
+                    h.netns, "link", "add", "cni0", "mtu", m, "type", "bridge", "forward_delay", "0"
+                )
             self.ip(h.netns, "link", "set", "cni0", "up")
-            self.ip(h.netns, "link", "add", "veth0", "mtu", m, "type", "veth",
-                    "peer", "name", "eth0", "mtu", m, "netns", cns)
+            self.ip(
+                h.netns,
+                "link",
+                "add",
+                "veth0",
+                "mtu",
+                m,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "mtu",
+                m,
+                "netns",
+                cns,
+            )
             self.ip(h.netns, "link", "set", "veth0", "master", "cni0", "up")
             self.ip(cns, "link", "set", "lo", "up")
             self.ip(cns, "link", "set", "eth0", "up")
@@ -584,12 +682,16 @@ def underlay_features(ethtool_k: str) -> dict[str, str]:
 def underlay_description(kind: str) -> dict[str, str]:
     """What an underlay kind is, for the bench's JSON environment: the exact settings."""
     if kind == "veth":
-        return {"link": "veth pair host <-> switch bridge port, offloads as the kernel sets "
-                        "them (TSO/GSO on: GSO frames up to 64 KiB cross whole)"}
-    return {"link": "veth pair host <-> switch bridge port, set up like a NIC: frames on "
-                    "the wire are single packets of at most the MTU, GRO on receive",
-            "host_device": "ethtool -K <dev> " + " ".join(NIC_HOST_FEATURES),
-            "switch_port": "ethtool -K <port> " + " ".join(NIC_SWITCH_PORT_FEATURES)}
+        return {
+            "link": "veth pair host <-> switch bridge port, offloads as the kernel sets "
+            "them (TSO/GSO on: GSO frames up to 64 KiB cross whole)"
+        }
+    return {
+        "link": "veth pair host <-> switch bridge port, set up like a NIC: frames on "
+        "the wire are single packets of at most the MTU, GRO on receive",
+        "host_device": "ethtool -K <dev> " + " ".join(NIC_HOST_FEATURES),
+        "switch_port": "ethtool -K <port> " + " ".join(NIC_SWITCH_PORT_FEATURES),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,8 +835,9 @@ def _run(
     input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     try:
-        res = subprocess.run(list(cmd), check=False, capture_output=True, text=True,
-                             timeout=timeout, input=input)
+        res = subprocess.run(
+            list(cmd), check=False, capture_output=True, text=True, timeout=timeout, input=input
+        )
     except FileNotFoundError:
         raise TopologyError(f"{cmd[0]} not found") from None
     except subprocess.TimeoutExpired:
