@@ -1368,30 +1368,6 @@ def markdown(doc: dict[str, Any], json_name: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def _dirty_files() -> list[str]:
-    repo = Path(__file__).resolve().parents[2]
-    if not (repo / ".git").exists():
-        return []
-    res = subprocess.run(
-        [
-            "git",
-            "-C",
-            str(repo),
-            "status",
-            "--porcelain",
-            "--",
-            "fastlane",
-            "csrc",
-            "bench",
-            "build.py",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    return [line[3:] for line in res.stdout.splitlines() if line[3:]]
-
-
 def run(leases: int, duration: float, repeat: int, json_path: Path | None) -> int:
     """`fastlane bench --control-plane`: measure, print the table, write the JSON (+ .md)."""
     from fastlane.bench import report
@@ -1408,7 +1384,7 @@ def run(leases: int, duration: float, repeat: int, json_path: Path | None) -> in
     # a shared machine's load colours every figure here: say how busy it was, and which
     # uncommitted files (anyone's) the figures ran with when fastlane_git says -dirty
     env["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
-    env["dirty_files"] = _dirty_files()
+    env["dirty_files"] = report.dirty_files()
     got = measure(leases, duration, repeat, progress)
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     doc = {

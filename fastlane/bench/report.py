@@ -145,6 +145,31 @@ def _first_line(cmd: list[str]) -> str | None:
     return lines[0].strip() if lines else None
 
 
+def dirty_files() -> list[str]:
+    """The measured code's files that differ from the commit (empty outside a checkout)."""
+    repo = Path(fastlane.__file__).resolve().parents[1]
+    if not (repo / ".git").exists():
+        return []
+    res = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "status",
+            "--porcelain",
+            "--",
+            "fastlane",
+            "csrc",
+            "bench",
+            "build.py",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    return [line[3:] for line in res.stdout.splitlines() if line[3:]]
+
+
 def environment(flanneld: Path | None = None, underlays: Iterable[str] = ()) -> dict[str, Any]:
     cpu = None
     try:
@@ -159,24 +184,7 @@ def environment(flanneld: Path | None = None, underlays: Iterable[str] = ()) -> 
     if (repo / ".git").exists():
         git = _first_line(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"])
         # Figures from uncommitted code must say so: they belong to no commit.
-        status = subprocess.run(
-            [
-                "git",
-                "-C",
-                str(repo),
-                "status",
-                "--porcelain",
-                "--",
-                "fastlane",
-                "csrc",
-                "bench",
-                "build.py",
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        if git and status.stdout.strip():
+        if git and dirty_files():
             git += "-dirty"
     versions = {
         "fastlane": fastlane.__version__,
