@@ -2,7 +2,9 @@
  *
  * Why the split: packet.c holds pure functions over bytes (checks, TTL, ICMP, TSO split, TCP
  * coalescing) so the tests can drive them through cffi without I/O; route.c holds the route
- * table and its RCU-like swap; engine.c holds the threads and the syscalls.
+ * table and its RCU-like swap; tun_batch.c and udp_batch.c (batch.h) hold how packets cross
+ * the TUN and the socket (offloads); engine.c holds the threads and their rounds; testapi.c
+ * holds the test entry points, built only into the tests' module.
  *
  * Direction names: "tx" = TUN -> UDP (encapsulation), "rx" = UDP -> TUN (decapsulation).
  * Addresses are host order inside the engine except in packet bytes.
@@ -20,7 +22,7 @@
 
 
 /* Counters: one array per worker, summed on read. Drop reasons are counter indices too, so a
- * pure function can return "why" as the index it bumped. Keep in sync with fl_counter_names. */
+ * pure function can return "why" as the index it bumped. Keep in sync with counter_names in engine.c. */
 enum {
     C_NONE = 0, /* 0 means "forward" in verdicts */
     C_TX_PACKETS,
