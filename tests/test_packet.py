@@ -650,3 +650,13 @@ def test_engine_changes_become_log_lines() -> None:
     assert describe_changes(e.counters(), e.counters(), {"gso": False}, {"gso": True}) == [
         "udp engine: gso on again"
     ]
+
+
+def test_every_counter_has_a_unique_name() -> None:
+    """engine.h's counter enum and engine.c's names are kept in step by hand: a missing or
+    repeated name would hide a counter from /metrics and the logs."""
+    from fastlane.engine import COUNTER_NAMES
+
+    names = COUNTER_NAMES[1:]  # index 0 means "forward"
+    assert all(names) and len(set(names)) == len(names)
+    assert all(n.startswith("drop_") for n in names[names.index("drop_tx_not_ipv4") :])
