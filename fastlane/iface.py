@@ -27,8 +27,18 @@ not deprecated (and, unlike flanneld, not tentative or DAD-failed: such an addre
 carry traffic yet), global before link-local, permanent before dynamic, non-temporary
 before temporary. An -iface that is an IPv6 address names the interface holding it and that
 address. In an IPv6-only network (EnableIPv4 false) the default interface is the one of the
-first IPv6 default route, and -iface-regex is matched against IPv6 addresses. -public-ipv6
-only changes the advertised IPv6 address.
+first IPv6 default route, and -iface-regex is matched against IPv6 addresses. In a dual-stack
+network -iface-regex matches an interface by address only when one usable IPv4 address and
+one usable IPv6 address of that interface both match (those two are used; an interface
+lacking either family is skipped), before the names are tried; the default-route interface
+must carry both default routes. -iface-can-reach takes an IPv4 or IPv6 target: the interface
+of `ip route get <target>`, the route's source as the IPv4 address for an IPv4 target, and the
+interface's best IPv6 address (flanneld ignores the route's IPv6 source). Two of flanneld's
+slips are not copied: an IPv6 target's source is not used as the IPv4 (PublicIP) address
+(flanneld would advertise an IPv6 address there; fastlane takes the interface's best IPv4
+address), and a dual-stack regex that matched only the IPv4 address of one interface does
+not leak that address onto an interface later matched by name. -public-ipv6 only changes the
+advertised IPv6 address.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import logging
 import re
 import socket
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -47,6 +58,7 @@ log = logging.getLogger(__name__)
 IPv4Address = ipaddress.IPv4Address
 IPv6Address = ipaddress.IPv6Address
 UNSPECIFIED_V4 = IPv4Address("0.0.0.0")
+_IP = TypeVar("_IP", IPv4Address, IPv6Address)
 
 IFA_F_TEMPORARY = 0x01
 IFA_F_DADFAILED = 0x08
@@ -142,6 +154,14 @@ def usable_addresses6(addrs: list[_Addr6]) -> list[IPv6Address]:
         )
     )
     return [a.ip for a in ok]
+
+
+def _first_match(rx: re.Pattern[str], ips: list[_IP]) -> _IP | None:
+    """flanneld's matchIP: the first address (in preference order) the regex matches."""
+    for ip in ips:
+        if rx.search(str(ip)):
+            return ip
+    return None
 
 
 def _global_unicast6(ip: IPv6Address) -> bool:
@@ -256,34 +276,52 @@ class _Host:
                     if rx.search(str(ip6)):
                         return self._best(link, None, ip6)
                 continue
-            for ip in usable_addresses(link.addrs):
-                if rx.search(str(ip)):
-                    return self._best(link, ip)
+            if self.ipv6:  # dual stack: an address of each family must match
+                hit4 = _first_match(rx, usable_addresses(link.addrs))
+                hit6 = _first_match(rx, usable_addresses6(link.addrs6))
+                if hit4 is not None and hit6 is not None:
+                    return self._best(link, hit4, hit6)
+                continue
+            hit = _first_match(rx, usable_addresses(link.addrs))
+            if hit is not None:
+                return self._best(link, hit)
         for link in self.links:
             if rx.search(link.name):
                 return self._best(link)
         available = ", ".join(
-            f"{link.name}:[{' '.join(map(str, usable_addresses(link.addrs)))}]"
-            for link in self.links
+            f"{link.name}:[{' '.join(map(str, self._listed(link)))}]" for link in self.links
         )
         raise _Miss(
             f"could not match pattern {pattern} to any of the available network "
             f"interfaces ({available})"
         )
 
+    def _listed(self, link: _Link) -> list[IPv4Address] | list[IPv6Address]:
+        """The addresses flanneld names in its no-match error (IPv6 ones in IPv6-only)."""
+        return usable_addresses(link.addrs) if self.ipv4 else usable_addresses6(link.addrs6)
+
     def can_reach(self, target: str) -> Interface:
+        """The interface of the kernel's route to `target` (IPv4 or IPv6), as flanneld's
+        GetInterfaceBySpecificIPRouting. The IPv4 address is the route's source when the
+        target is IPv4 (else the interface's best IPv4 address); the IPv6 address is always
+        the interface's best one, as flanneld leaves IfaceV6Addr to GetInterfaceIP6Addrs."""
         try:
-            ip = IPv4Address(target)
+            ip = ipaddress.ip_address(target)
         except ValueError:
-            raise _Miss(f"couldn't lookup route to {target!r}: not an IPv4 address") from None
+            raise _Miss(f"couldn't lookup route to {target!r}: not an IP address") from None
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         try:
-            routes = self.ipr.route("get", dst=str(ip))
+            routes = self.ipr.route("get", dst=str(ip), family=family)
         except NetlinkError as exc:
             reason = exc.args[1] if len(exc.args) > 1 else exc
             raise _Miss(f"couldn't lookup route to {ip}: {reason}") from None
         for r in routes:
             oif = r.get_attr("RTA_OIF")
-            src = r.get_attr("RTA_PREFSRC")
+            if not oif:
+                raise _Miss(f"couldn't lookup route to {ip}: no output interface")
+            src = r.get_attr("RTA_PREFSRC") if ip.version == 4 else None
             return self._best(self._link(oif), IPv4Address(src) if src else None)
         raise _Miss("no interface with given IP found")
 

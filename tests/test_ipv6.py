@@ -451,3 +451,62 @@ def test_ipv6_only_node_killed_keeps_forwarding(only6):
     assert _ping(topo, h0.container6.netns, h1.container6.ip, 56)
     nodes[1].start()
     nodes[1].wait_subnet_file()
+
+
+CHOOSE6 = """
+import ipaddress, json, sys
+from fastlane.iface import InterfaceError, choose
+a = json.loads(sys.argv[1])
+try:
+    i = choose(a["iface"], a["regex"], a["reach"], ipv4=a["v4"], ipv6=a["v6"])
+    print(i.name, i.address, i.address6)
+except InterfaceError as e:
+    print("ERR", e)
+"""
+
+
+def _choose6(topo, ns, regex=(), reach="", v4=True, v6=True) -> str:
+    arg = json.dumps({"iface": [], "regex": list(regex), "reach": reach, "v4": v4, "v6": v6})
+    res = topo.run(ns, sys.executable, "-c", CHOOSE6, arg, check=False)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    return res.stdout.strip()
+
+
+def test_iface_can_reach_ipv6_and_dual_stack_regex_like_flanneld(topology):
+    """pkg/ipmatch.LookupExtIface: -iface-can-reach with an IPv6 target; in dual stack a
+    regex matches an interface only through an IPv4 and an IPv6 address of it."""
+    from tests.test_iface import ETH1_GW, _eth1_ip, add_second_underlay
+
+    topo = topology(hosts=1, underlay6=UNDERLAY6)
+    add_second_underlay(topo)
+    h = topo.hosts[0]
+    ns, e1 = h.netns, _eth1_ip(h)
+    topo.ip(ns, "addr", "add", "fd00:31::2/64", "dev", "eth1", "nodad")
+    topo.ip(ns, "-6", "route", "add", "default", "via", str(topo.switch_ip6), "dev", "eth0")
+    eth0 = f"eth0 {h.ip} {h.ip6}"
+    eth1 = f"eth1 {e1} fd00:31::2"
+    # -iface-can-reach, IPv6 target: the route's interface, each family's address of it.
+    assert _choose6(topo, ns, reach="fd00:31::fe") == eth1
+    assert _choose6(topo, ns, reach="2001:db8::1") == eth0  # via the IPv6 default route
+    assert _choose6(topo, ns, reach="fd00:31::fe", v4=False) == eth1
+    assert _choose6(topo, ns, reach=str(ETH1_GW)) == eth1  # IPv4 target, dual stack
+    assert _choose6(topo, ns, reach="fd00:31::fe", v6=False) == f"eth1 {e1} None"
+    # dual stack: the regex must match an address of each family on one interface.
+    assert _choose6(topo, ns, regex=[r"^172\.31\.|^fd00:31:"]) == eth1
+    err = _choose6(topo, ns, regex=[r"^172\.31\."])  # no IPv6 address matches, no name
+    assert err.startswith("ERR failed to find interface") and "could not match pattern" in err
+    assert _choose6(topo, ns, regex=[r"^172\.31\."], v6=False) == f"eth1 {e1} None"
+    assert _choose6(topo, ns, regex=[r"^fd00:31:"], v4=False) == eth1
+    assert _choose6(topo, ns, regex=["^eth1$"]) == eth1  # by name: both best addresses
+    # An interface without an IPv6 address is skipped in dual stack, even if its IPv4 matches.
+    topo.ip(ns, "-6", "addr", "del", "fd00:31::2/64", "dev", "eth1")
+    rx = rf"^({re.escape(str(e1))}|{re.escape(str(h.ip6))})$"  # eth1's IPv4, eth0's IPv6
+    assert _choose6(topo, ns, regex=[rx], v6=False) == f"eth1 {e1} None"
+    assert "could not match pattern" in _choose6(topo, ns, regex=[rx])
+    both = rf"^({re.escape(str(e1))}|{re.escape(str(h.ip))}|{re.escape(str(h.ip6))})$"
+    assert _choose6(topo, ns, regex=[both]) == eth0
+    # Matched by name without any IPv6 address (link-local counts) in dual stack: an error.
+    assert _choose6(topo, ns, regex=["^eth1$"]).startswith(f"eth1 {e1} fe80::")
+    topo.ip(ns, "-6", "addr", "flush", "dev", "eth1")
+    assert "failed to find IPv6 address for interface eth1" in _choose6(topo, ns, regex=["^eth1$"])
+    assert "couldn't lookup route" in _choose6(topo, ns, reach="not-an-ip")
