@@ -539,3 +539,56 @@ def test_results_rows_ratios_and_table() -> None:
     text = report.table(r, [1500], ["udp", "vxlan"], ["veth", "nic"])
     assert ["nic", "1500", "vxlan", "4.00"] in [ln.split()[:4] for ln in text.splitlines()]
     assert "nic, MTU 1500: udp tcp_1 = 0.25x vxlan" in text
+
+
+def test_ipv6_paths_short_run_rows_and_report(tmp_path: Path) -> None:
+    """The IPv6 paths (not in the default set): the bare IPv6 underlay and fastlane's vxlan over
+    it carry traffic; their rows say "family": 6 and --report renders them."""
+    run = BenchRun(
+        [
+            *("--mtu", "1500", "--underlay", "veth", "--paths", "underlay6,fastlane-vxlan6"),
+            *("--duration", "1", "--repeat", "1", "--json", "out.json", "--plot", ""),
+        ],
+        tmp_path,
+    )
+    rc = run.wait(timeout=120)
+    assert rc == 0, run.stderr + run.stdout
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["complete"] is True and doc["errors"] == []
+    assert doc["config"]["paths"] == ["underlay6", "fastlane-vxlan6"]
+    rows = doc["results"]
+    assert {(r["path"], r["metric"]) for r in rows} == {
+        (p, m) for p in ("underlay6", "fastlane-vxlan6") for m in METRICS
+    }
+    for r in rows:
+        assert r["family"] == 6 and r["underlay"] == "veth"
+        assert math.isfinite(r["median"]) and r["median"] > 0, r
+    md = subprocess.run(
+        [sys.executable, "-m", "fastlane.bench", "--report", str(tmp_path / "out.json")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert md == (tmp_path / "out.md").read_text()
+    assert "| underlay6 | " in md and "| fastlane-vxlan6 | " in md
+    assert '"family": 6' in md
+    run.assert_nothing_left()
+
+
+def test_ipv6_rows_family_and_ipv6_against_ipv4_section() -> None:
+    r = report.Results()
+    r.add("vxlan", 1500, "tcp_1", 10.0)
+    r.add("vxlan6", 1500, "tcp_1", 8.0)
+    r.add("host-gw6", 1500, "tcp_1", 9.0)
+    assert {x["path"]: x["family"] for x in r.rows()} == {"vxlan": 4, "vxlan6": 6, "host-gw6": 6}
+    doc = {
+        "config": {"paths": ["vxlan", "vxlan6", "host-gw6"], "mtus": [1500], "repeat": 1},
+        "results": r.rows(),
+    }
+    md = report.markdown(doc, "x.json")
+    assert "## IPv6 against IPv4" in md and "| vxlan6 / vxlan | 0.8x |" in md
+    assert "host-gw6 / host-gw" not in md  # no IPv4 counterpart measured
+    # a run without IPv6 paths renders as before
+    assert "IPv6" not in report.markdown(
+        {"config": {"paths": ["vxlan"], "mtus": [1500]}, "results": r.rows()[:1]}, "x.json"
+    )

@@ -28,6 +28,8 @@ from fastlane.bench.datapaths import (
     ALL_PATHS,
     DEFAULT_PATHS,
     ETCD_PATHS,
+    IPV6_PATHS,
+    UNDERLAY6,
     Context,
     PathError,
     build_baseline,
@@ -116,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LIST",
         default=None,
         help=f"data paths, comma-separated, from {','.join(ALL_PATHS)} "
-        f"(default: {','.join(DEFAULT_PATHS)}, plus flanneld with --flanneld)",
+        f"(default: {','.join(DEFAULT_PATHS)}, plus flanneld with --flanneld; the IPv6 "
+        "paths, ending in 6, run over an IPv6 underlay)",
     )
     p.add_argument(
         "--duration",
@@ -280,7 +283,7 @@ def preflight(opts: Options) -> None:
             "or give the container --device /dev/net/tun"
         )
     tools = [("ip", "iproute2"), ("ss", "iproute2"), ("iperf3", "iperf3"), ("ping", "iputils-ping")]
-    if "vxlan" in opts.paths:
+    if {"vxlan", "vxlan6"} & set(opts.paths):
         tools.append(("bridge", "iproute2"))
     if ETCD_PATHS & set(opts.paths):
         tools += [("etcd", "etcd-server"), ("etcdctl", "etcd-client")]
@@ -339,7 +342,8 @@ def _measure_path(
     results: report.Results,
     progress: Progress,
 ) -> None:
-    with Topology(hosts=opts.hosts, mtu=mtu, underlay_kind=underlay) as topo:
+    underlay6 = UNDERLAY6 if path in IPV6_PATHS else None
+    with Topology(hosts=opts.hosts, mtu=mtu, underlay_kind=underlay, underlay6=underlay6) as topo:
         width = max(9, *(len(p) for p in opts.paths))
         progress.start(_label(underlay, mtu, path, "setting up", 0, 1, width))
         with up(topo, path, ctx) as ep:

@@ -7,6 +7,11 @@ socket buffers filled by a flood) can colour the next path's numbers, and teardo
 Every path returns the Endpoints iperf3 and ping use: host 0 (or its container) is the client,
 host 1 (or its container) the server. Overlay subnets of the hand-configured paths are
 10.5.<i+1>.0/24 inside Network 10.5.0.0/16, the shape flannel's leases have.
+
+The IPv6 paths (names ending in 6, not in the default set) run on a dual-stack underlay
+(UNDERLAY6) and carry an IPv6-only overlay, IPv6Network fd00:5::/56 with subnets
+fd00:5:0:<i+1>::/64: the containers talk IPv6 and the encapsulation (or the host-gw next hop)
+is the peer's underlay IPv6 address, as flanneld's IPv6 side programs it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from fastlane.bench.lab.topology import SubnetEnv, Topology, TopologyError
+from fastlane import subnetfile
+from fastlane.bench.lab.topology import Host, SubnetEnv, Topology, TopologyError
 from fastlane.bench.measure import Endpoints
 
 NETWORK = "10.5.0.0/16"
@@ -34,6 +40,9 @@ CONFIG_KEY = "/coreos.com/network/config"
 VXLAN_OVERHEAD = 50
 UDP_OVERHEAD = 28
 UDP_PORT = 8285
+NETWORK6 = "fd00:5::/56"
+UNDERLAY6 = "fd00:100::/64"
+VXLAN6_OVERHEAD = 70  # flanneld's flannel-v6.<VNI>: 40-byte IPv6 outer header
 
 ALL_PATHS = (
     "underlay",
@@ -44,7 +53,14 @@ ALL_PATHS = (
     "flanneld",
     "fastlane-vxlan",
     "fastlane-host-gw",
+    "underlay6",
+    "vxlan6",
+    "host-gw6",
+    "fastlane-vxlan6",
+    "fastlane-host-gw6",
 )
+#: the IPv6 paths: over the IPv6 underlay, with an IPv6 overlay (rows carry "family": 6)
+IPV6_PATHS = frozenset(p for p in ALL_PATHS if p.endswith("6"))
 DEFAULT_PATHS = (
     "underlay",
     "udp",
@@ -60,6 +76,8 @@ BACKEND_OF = {
     "flanneld": "udp",
     "fastlane-vxlan": "vxlan",
     "fastlane-host-gw": "host-gw",
+    "fastlane-vxlan6": "vxlan",
+    "fastlane-host-gw6": "host-gw",
 }
 ETCD_PATHS = frozenset(BACKEND_OF)
 USERSPACE_PATHS = frozenset({"udp", "baseline", "flanneld"})
@@ -84,6 +102,34 @@ class Context:
 
 def host_subnet(i: int) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(f"10.5.{i + 1}.0/24")
+
+
+def host_subnet6(i: int) -> ipaddress.IPv6Network:
+    return ipaddress.IPv6Network(f"fd00:5:0:{i + 1:x}::/64")
+
+
+def family(path: str) -> int:
+    """The IP family of a path's overlay and underlay: 6 for the IPv6 paths, else 4."""
+    return 6 if path in IPV6_PATHS else 4
+
+
+def _containers6(topo: Topology, mtu: int) -> Endpoints:
+    """IPv6-only containers (cni0 holds the subnet's first address, as flanneld's CNI does)."""
+    for h in topo.hosts:
+        topo.add_container6(h, f"{host_subnet6(h.index).network_address + 1}/64", mtu)
+    return _container6_endpoints(topo)
+
+
+def _container6_endpoints(topo: Topology) -> Endpoints:
+    c0, c1 = topo.hosts[0].container6, topo.hosts[1].container6
+    assert c0 is not None and c1 is not None
+    return Endpoints(client_ns=c0.netns, server_ns=c1.netns, server_ip=str(c1.ip))
+
+
+def _ip6(h: Host) -> str:
+    if h.ip6 is None:
+        raise PathError(f"h{h.index} has no IPv6 underlay address (needs Topology(underlay6=))")
+    return str(h.ip6)
 
 
 def _containers(topo: Topology, mtu: int) -> Endpoints:
@@ -206,6 +252,63 @@ def setup_vxlan(topo: Topology, ctx: Context) -> Endpoints:
     return ep
 
 
+def setup_underlay6(topo: Topology, ctx: Context) -> Endpoints:
+    """Host to host over the same veth + bridge in IPv6: the ceiling of the IPv6 paths."""
+    ep = Endpoints(topo.hosts[0].netns, topo.hosts[1].netns, _ip6(topo.hosts[1]))
+    _wait_traffic(topo, ep, "underlay6")
+    return ep
+
+
+def setup_host_gw6(topo: Topology, ctx: Context) -> Endpoints:
+    """flannel's host-gw for an IPv6 network: <peer v6 subnet> via <peer PublicIPv6>."""
+    ep = _containers6(topo, topo.mtu)
+    for h in topo.hosts:
+        for peer in topo.hosts:
+            if peer is not h:
+                sub = str(host_subnet6(peer.index))
+                topo.ip(h.netns, "-6", "route", "replace", sub, "via", _ip6(peer), "dev", h.ifname)
+    _wait_traffic(topo, ep, "host-gw6")
+    return ep
+
+
+def setup_vxlan6(topo: Topology, ctx: Context) -> Endpoints:
+    """Kernel VXLAN over IPv6 by hand, as flanneld's vxlan backend programs flannel-v6.1:
+    device MTU = underlay - 70, the subnet's ::/128 on it, neighbour + FDB + onlink route per
+    peer; the containers get FLANNEL_MTU (underlay - 50), as flanneld writes it."""
+    dev, mtu = "flannel-v6.1", topo.mtu - VXLAN6_OVERHEAD
+    macs: dict[int, str] = {}
+    for h in topo.hosts:
+        topo.ip(
+            h.netns,
+            *("link", "add", dev, "mtu", str(mtu), "type", "vxlan", "id", "1"),
+            *("local", _ip6(h), "dev", h.ifname, "dstport", "8472", "nolearning"),
+        )
+        sub = host_subnet6(h.index)
+        topo.ip(h.netns, "addr", "add", f"{sub.network_address}/128", "dev", dev, "nodad")
+        topo.ip(h.netns, "link", "set", dev, "up")
+        macs[h.index] = json.loads(topo.ip(h.netns, "-j", "link", "show", dev))[0]["address"]
+    for h in topo.hosts:
+        for peer in topo.hosts:
+            if peer is h:
+                continue
+            sub = host_subnet6(peer.index)
+            vtep, mac = str(sub.network_address), macs[peer.index]
+            topo.ip(
+                h.netns,
+                *("-6", "neigh", "replace", vtep, "lladdr", mac),
+                *("dev", dev, "nud", "permanent"),
+            )
+            topo.run(
+                h.netns,
+                *("bridge", "fdb", "replace", mac, "dev", dev),
+                *("dst", _ip6(peer), "self", "permanent"),
+            )
+            topo.ip(h.netns, "-6", "route", "replace", str(sub), "via", vtep, "dev", dev, "onlink")
+    ep = _containers6(topo, topo.mtu - VXLAN_OVERHEAD)
+    _wait_traffic(topo, ep, "vxlan6")
+    return ep
+
+
 def _configure_tun(topo: Topology, netns: str, dev: str, address: str, mtu: int) -> None:
     """What flanneld's Go side does around its proxy: /32 address, MTU, whole-Network route."""
     topo.ip(netns, "addr", "add", f"{address}/32", "dev", dev)
@@ -258,7 +361,12 @@ def setup_baseline(topo: Topology, ctx: Context) -> Endpoints:
 
 
 def _start_daemons(
-    topo: Topology, ctx: Context, label: str, argv0: list[str], forwards: bool = True
+    topo: Topology,
+    ctx: Context,
+    label: str,
+    argv0: list[str],
+    forwards: bool = True,
+    v6: bool = False,
 ) -> Endpoints:
     """Run one overlay daemon per host with flanneld's flags; ready = subnet file + traffic."""
     if ctx.etcd_endpoint is None:
@@ -296,8 +404,12 @@ def _start_daemons(
                 f"{label} on h{h.index} never became ready (no {subnet_file} after "
                 f"{ctx.ready_timeout:g}s); last log lines:\n{topo.log_tail(name, 12)}"
             )
-        topo.add_container(h, subnet_file)
-    ep = _container_endpoints(topo)
+        if v6:
+            values = subnetfile.parse_vars(subnet_file.read_text())
+            topo.add_container6(h, values["FLANNEL_IPV6_SUBNET"], int(values["FLANNEL_MTU"]))
+        else:
+            topo.add_container(h, subnet_file)
+    ep = _container6_endpoints(topo) if v6 else _container_endpoints(topo)
     try:
         _wait_traffic(topo, ep, label, timeout=ctx.ready_timeout)
     except PathError as exc:
@@ -317,6 +429,11 @@ def setup_fastlane_kernel(topo: Topology, ctx: Context) -> Endpoints:
     return _start_daemons(topo, ctx, "fastlane", ctx.fastlane_cmd, forwards=False)
 
 
+def setup_fastlane_kernel6(topo: Topology, ctx: Context) -> Endpoints:
+    """fastlane daemons with a kernel backend in an IPv6-only network (EnableIPv4 false)."""
+    return _start_daemons(topo, ctx, "fastlane", ctx.fastlane_cmd, forwards=False, v6=True)
+
+
 def setup_flanneld(topo: Topology, ctx: Context) -> Endpoints:
     """A flanneld binary supplied by the user, on the same topology and etcd config."""
     if ctx.flanneld_bin is None:
@@ -333,6 +450,11 @@ SETUPS: dict[str, Callable[[Topology, Context], Endpoints]] = {
     "flanneld": setup_flanneld,
     "fastlane-vxlan": setup_fastlane_kernel,
     "fastlane-host-gw": setup_fastlane_kernel,
+    "underlay6": setup_underlay6,
+    "vxlan6": setup_vxlan6,
+    "host-gw6": setup_host_gw6,
+    "fastlane-vxlan6": setup_fastlane_kernel6,
+    "fastlane-host-gw6": setup_fastlane_kernel6,
 }
 
 
@@ -355,7 +477,7 @@ def up(topo: Topology, path: str, ctx: Context) -> Iterator[Endpoints]:
                 etcd.start()
             except RuntimeError as exc:
                 raise PathError(f"etcd: {exc}") from None
-            write_config(etcd.etcdctl, BACKEND_OF[path])
+            write_config(etcd.etcdctl, BACKEND_OF[path], family(path))
             ctx.etcd_endpoint = etcd.endpoint
         yield SETUPS[path](topo, ctx)
     finally:
@@ -398,8 +520,19 @@ def build_baseline(outdir: Path) -> Path:
     return out
 
 
-def write_config(etcdctl: Callable[..., str], backend: str = "udp") -> None:
-    cfg = json.dumps({"Network": NETWORK, "Backend": {"Type": backend}})
+def write_config(etcdctl: Callable[..., str], backend: str = "udp", fam: int = 4) -> None:
+    """The network config: IPv4 Network, or (fam 6) an IPv6-only network on NETWORK6."""
+    if fam == 6:
+        cfg = json.dumps(
+            {
+                "EnableIPv4": False,
+                "EnableIPv6": True,
+                "IPv6Network": NETWORK6,
+                "Backend": {"Type": backend},
+            }
+        )
+    else:
+        cfg = json.dumps({"Network": NETWORK, "Backend": {"Type": backend}})
     try:
         etcdctl("put", CONFIG_KEY, cfg)
     except RuntimeError as exc:
@@ -411,6 +544,9 @@ __all__ = [
     "BACKEND_OF",
     "DEFAULT_PATHS",
     "ETCD_PATHS",
+    "IPV6_PATHS",
+    "NETWORK6",
+    "UNDERLAY6",
     "SETUPS",
     "Context",
     "PathError",
@@ -418,7 +554,9 @@ __all__ = [
     "baseline_source",
     "build_baseline",
     "fastlane_command",
+    "family",
     "host_subnet",
+    "host_subnet6",
     "up",
     "write_config",
 ]

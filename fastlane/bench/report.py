@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import fastlane
+from fastlane.bench.datapaths import IPV6_PATHS, family
 from fastlane.bench.lab.topology import underlay_description
 
 SCHEMA = "fastlane-bench/1"
@@ -90,6 +91,7 @@ class Results:
             out.append(
                 {
                     "path": path,
+                    "family": family(path),
                     "underlay": underlay,
                     "underlay_mtu": mtu,
                     "metric": metric,
@@ -588,6 +590,15 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
         desc = (doc.get("metrics", {}).get(m) or {}).get("description") or METRICS[m][1]
         out.append(f"- `{m}` ({units[m]}): {_md(desc)}")
     out.append("")
+    v6 = [p for p in paths if p in IPV6_PATHS]
+    if v6:
+        out += [
+            "Paths ending in 6 ("
+            + ", ".join(f"`{p}`" for p in v6)
+            + ') carry IPv6 over the IPv6 underlay ("family": 6 in the JSON): an IPv6-only '
+            "overlay, each encapsulated or routed to the peer's underlay IPv6 address.",
+            "",
+        ]
     sections = [(u, mtu) for u in underlays for mtu in mtus]
     for u, mtu in sections:
         out += [f"### Underlay {u}, MTU {mtu}", ""]
@@ -686,6 +697,40 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
                 if any(c != "-" for c in cells):
                     out.append(f"| {path} | " + " | ".join(cells) + " |")
             out.append("")
+    pairs = [(p, p[:-1]) for p in v6 if p[:-1] in paths]
+    six_lines: list[str] = []
+    for u, mtu in sections:
+        have = [
+            m
+            for m in metrics
+            if any((p6, mtu, m, u) in rows and (p4, mtu, m, u) in rows for p6, p4 in pairs)
+        ]
+        if not have:
+            continue
+        six_lines += [f"### IPv6 / IPv4, underlay {u}, MTU {mtu}", ""]
+        six_lines.append("| paths | " + " | ".join(have) + " |")
+        six_lines.append("|---|" + "---:|" * len(have))
+        for p6, p4 in pairs:
+            cells = []
+            for m in have:
+                r6, r4 = rows.get((p6, mtu, m, u)), rows.get((p4, mtu, m, u))
+                cells.append(
+                    f"{r6['median'] / r4['median']:.3g}x"
+                    if r6 is not None and r4 is not None and r4["median"]
+                    else "-"
+                )
+            if any(c != "-" for c in cells):
+                six_lines.append(f"| {p6} / {p4} | " + " | ".join(cells) + " |")
+        six_lines.append("")
+    if six_lines:
+        out += [
+            "## IPv6 against IPv4",
+            "",
+            "Each IPv6 path's median divided by its IPv4 counterpart's, same underlay, MTU "
+            "and metric: the cost of the 20 extra header bytes and of the IPv6 stack.",
+            "",
+        ]
+        out += six_lines
     targets = [r for r in doc.get("ratios", []) if r.get("target") is not None]
     if targets:
         out += ["Targets recorded in the JSON:", ""]
