@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,15 @@ HOSTGW = (
 ONLY6 = (
     '{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:a::/56",'
     '"EnableNFTables":true,"Backend":{"Type":"vxlan"}}'
+)
+
+DR6 = (
+    '{"Network":"10.11.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:b::/56",'
+    '"EnableNFTables":true,"Backend":{"Type":"vxlan","DirectRouting":true}}'
+)
+HOSTGW_ONLY6 = (
+    '{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:c::/56",'
+    '"Backend":{"Type":"host-gw"}}'
 )
 
 SINK6 = textwrap.dedent("""
@@ -62,9 +72,9 @@ SOURCE6 = textwrap.dedent("""
 """)
 
 
-def _fixture(config, name, tmp_path_factory, **kw):
+def _fixture(config, name, tmp_path_factory, hosts=3, **kw):
     yield from overlay(
-        config, name, tmp_path_factory.mktemp(name), hosts=3, underlay6=UNDERLAY6, **kw
+        config, name, tmp_path_factory.mktemp(name), hosts=hosts, underlay6=UNDERLAY6, **kw
     )
 
 
@@ -84,6 +94,26 @@ def only6(net_capable, tmp_path_factory):
         pytest.skip("needs the nft tool (apt-get install -y nftables)")
     yield from _fixture(
         ONLY6, "v6only", tmp_path_factory, extra=("-ip-masq", "-ip-blackhole-route")
+    )
+
+
+@pytest.fixture(scope="module")
+def dr6(net_capable, tmp_path_factory):
+    """Dual stack, vxlan with DirectRouting (the hosts share one L2), nftables rules."""
+    if shutil.which("nft") is None:
+        pytest.skip("needs the nft tool (apt-get install -y nftables)")
+    yield from _fixture(DR6, "v6dr", tmp_path_factory, hosts=2, extra=("-ip-masq",))
+
+
+@pytest.fixture(scope="module")
+def hgw6(net_capable, tmp_path_factory):
+    """An IPv6-only host-gw network with iptables (ip6tables) rules resynced every second."""
+    yield from _fixture(
+        HOSTGW_ONLY6,
+        "v6hgwonly",
+        tmp_path_factory,
+        hosts=2,
+        extra=("-ip-masq", "-iptables-resync=1"),
     )
 
 
@@ -510,3 +540,140 @@ def test_iface_can_reach_ipv6_and_dual_stack_regex_like_flanneld(topology):
     topo.ip(ns, "-6", "addr", "flush", "dev", "eth1")
     assert "failed to find IPv6 address for interface eth1" in _choose6(topo, ns, regex=["^eth1$"])
     assert "couldn't lookup route" in _choose6(topo, ns, reach="not-an-ip")
+
+
+# ---- what was written but untested: DirectRouting, device re-creation, host-gw IPv6-only,
+# nftables dual stack, ip6tables resync --------------------------------------------------
+
+
+def test_vxlan_direct_routing_ipv6_peer_on_link(dr6):
+    """DirectRouting: an on-link peer gets `<v6 subnet> via <PublicIPv6> dev eth0` (and its
+    IPv4 subnet via its PublicIP), not the flannel-v6.1 route; traffic flows over it."""
+    topo, _etcd, nodes = dr6
+    h0, h1 = topo.hosts[0], topo.hosts[1]
+    s1 = _sub6(nodes[1])
+    s1v4 = ipaddress.IPv4Interface(_env(nodes[1])["FLANNEL_SUBNET"]).network
+    assert wait_until(
+        lambda: f"{s1} via {h1.ip6} dev eth0" in topo.ip(h0.netns, "-6", "route"), 10
+    ), topo.ip(h0.netns, "-6", "route")
+    assert f"{s1v4} via {h1.ip} dev eth0" in topo.ip(h0.netns, "route")
+    assert str(s1) not in topo.ip(h0.netns, "-6", "route", "show", "dev", "flannel-v6.1")
+    c0, c1 = h0.container6, h1.container6
+    assert c0 and c1
+    assert topo.wait_ping(c0.netns, str(c1.ip), 15)
+    assert _ping(topo, c1.netns, c0.ip, 1450 - 48)  # FLANNEL_MTU: no encapsulation on this hop
+
+
+def test_nftables_dual_stack_rules_in_both_tables(dr6):
+    topo, _etcd, nodes = dr6
+    ns = topo.hosts[0].netns
+    sub4 = ipaddress.IPv4Interface(_env(nodes[0])["FLANNEL_SUBNET"]).network
+    sub6 = _sub6(nodes[0])
+
+    def table(family: str, name: str) -> str:
+        return topo.run(ns, "nft", "list", "table", family, name, check=False).stdout
+
+    assert wait_until(lambda: "masquerade" in table("ip6", "flannel-ipv6"), 10)
+    assert wait_until(lambda: "masquerade" in table("ip", "flannel-ipv4"), 10)
+    ip4, ip6 = table("ip", "flannel-ipv4"), table("ip6", "flannel-ipv6")
+    assert f"ip saddr {sub4} ip daddr 10.11.0.0/16 return" in ip4
+    assert "ip saddr 10.11.0.0/16 ip daddr != 224.0.0.0/4 masquerade" in ip4
+    assert "ip saddr 10.11.0.0/16 accept" in ip4 and "ip daddr 10.11.0.0/16 accept" in ip4
+    assert f"ip6 saddr {sub6} ip6 daddr fd00:b::/56 return" in ip6
+    assert "ip6 saddr fd00:b::/56 ip6 daddr != ff00::/8 masquerade" in ip6
+    assert "ip6 saddr fd00:b::/56 accept" in ip6 and "ip6 daddr fd00:b::/56 accept" in ip6
+    assert "10.11." not in ip6 and "fd00:b:" not in ip4
+    # nftables mode: no iptables chains for either family
+    for tool in ("iptables", "ip6tables"):
+        res = topo.run(ns, tool, "-t", "nat", "-S", check=False)
+        assert "FLANNEL-POSTRTG" not in res.stdout
+
+
+def test_vxlan_v6_device_deleted_while_running_comes_back(vx):
+    topo, _etcd, nodes = vx
+    h0, h1 = topo.hosts[0], topo.hosts[1]
+    ns, dev = h0.netns, "flannel-v6.1"
+    mac = _mac(topo, ns, dev)
+    sb, mac_b = _sub6(nodes[1]), _mac(topo, h1.netns, dev)
+    topo.ip(ns, "link", "del", dev)
+    assert wait_until(lambda: f"{dev}:" in topo.ip(ns, "-o", "link", "show"), 15)
+    assert wait_until(lambda: all(_v6_state(topo, ns, sb, mac_b, h1.ip6)), 15), topo.ip(
+        ns, "-6", "route"
+    )
+    assert _mac(topo, ns, dev) == mac  # the published VtepMAC stays valid
+    assert "vxlan id 1 " in topo.ip(ns, "-d", "link", "show", dev)
+    assert h0.container6 and h1.container6
+    assert topo.wait_ping(h1.container6.netns, str(h0.container6.ip), 15)
+    assert _ping(topo, h1.container6.netns, h0.container6.ip, 1430 - 48)
+
+
+@pytest.mark.parametrize("bad", [("id", "7"), ("id", "1", "gbp")], ids=["other-vni", "gbp"])
+def test_vxlan_v6_incompatible_device_recreated_on_start(vx, bad):
+    topo, _etcd, nodes = vx
+    h0, h1 = topo.hosts[0], topo.hosts[1]
+    ns, dev = h0.netns, "flannel-v6.1"
+    nodes[0].stop()
+    topo.ip(ns, "link", "del", dev)
+    topo.ip(
+        ns,
+        *("link", "add", dev, "type", "vxlan", *bad),
+        *("local", str(h0.ip6), "dev", "eth0", "dstport", "8472", "nolearning"),
+    )
+    nodes[0].start()
+    nodes[0].wait_subnet_file()
+
+    def link() -> str:
+        return topo.run(ns, "ip", "-d", "link", "show", dev, check=False).stdout
+
+    def recreated() -> bool:
+        d = link()
+        return "vxlan id 1 " in d and "gbp" not in d and "UP" in d
+
+    assert wait_until(recreated, 15), link() + topo.log_tail(nodes[0].logname, 20)
+    addrs = topo.ip(ns, "-6", "addr", "show", "dev", dev, "scope", "global")
+    assert f"inet6 {_sub6(nodes[0]).network_address}/128" in addrs
+    assert h0.container6 and h1.container6
+    assert topo.wait_ping(h1.container6.netns, str(h0.container6.ip), 15)
+    assert _ping(topo, h0.container6.netns, h1.container6.ip, 1430 - 48)
+
+
+def test_hostgw_ipv6_only_network(hgw6):
+    topo, etcd, nodes = hgw6
+    h0, h1 = topo.hosts[0], topo.hosts[1]
+    env = _env(nodes[0])
+    assert "FLANNEL_SUBNET" not in env and env["FLANNEL_MTU"] == "1500"
+    value = _lease(etcd, nodes[1])
+    assert value["PublicIP"] == "0.0.0.0" and value["PublicIPv6"] == str(h1.ip6)
+    s1 = _sub6(nodes[1])
+    assert wait_until(lambda: f"{s1} via {h1.ip6} dev eth0" in topo.ip(h0.netns, "-6", "route"), 10)
+    assert "10." not in topo.ip(h0.netns, "route", "show", "dev", "eth0").replace(
+        "192.168.100", ""
+    )  # no IPv4 overlay routes
+    assert h0.container6 and h1.container6
+    assert topo.wait_ping(h0.container6.netns, str(h1.container6.ip), 15)
+    assert _ping(topo, h0.container6.netns, h1.container6.ip, 1500 - 48)
+    assert _ping(topo, h1.container6.netns, h0.container6.ip, 1500 - 48)
+
+
+def test_ip6tables_chains_deleted_are_resynced(hgw6):
+    """-iptables-resync: flanneld's FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter) for the
+    IPv6Network come back, with their jumps, after an operator deletes them."""
+    topo, _etcd, _nodes = hgw6
+    ns = topo.hosts[0].netns
+
+    def rules(table: str) -> list[str]:
+        out = topo.run(ns, "ip6tables", "-t", table, "-S", check=False).stdout
+        return sorted(ln for ln in out.splitlines() if "FLANNEL-" in ln)
+
+    assert wait_until(lambda: any("MASQUERADE" in ln for ln in rules("nat")), 10)
+    assert wait_until(lambda: any("-A FLANNEL-FWD" in ln for ln in rules("filter")), 10)
+    before = {t: rules(t) for t in ("nat", "filter")}
+    assert any("fd00:c::/56" in ln for ln in before["nat"])
+    for table, chain in (("nat", "FLANNEL-POSTRTG"), ("filter", "FLANNEL-FWD")):
+        for ln in before[table]:
+            if ln.startswith("-A ") and f"-j {chain}" in ln and not ln.startswith(f"-A {chain}"):
+                topo.run(ns, "ip6tables", "-t", table, "-D", *shlex.split(ln)[1:])
+        topo.run(ns, "ip6tables", "-t", table, "-F", chain)
+        topo.run(ns, "ip6tables", "-t", table, "-X", chain)
+    assert rules("nat") == [] and rules("filter") == []
+    assert wait_until(lambda: {t: rules(t) for t in ("nat", "filter")} == before, 15), rules("nat")
