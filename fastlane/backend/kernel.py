@@ -81,34 +81,36 @@ def _strerror(exc: NetlinkError) -> str:
         return str(exc)
 
 
+def _gateway_routes(ipr: IPRoute, oif: int, cfg, v6: bool, owned: bool) -> dict[Any, Any]:
+    """Routes out of `oif` via a gateway to a (IPv6)SubnetLen subnet of the (IPv6)Network;
+    with `owned`, only those of the shape fastlane and flanneld write (`_owned_shape`)."""
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    network = cfg.ipv6_network if v6 else cfg.network
+    plen = cfg.ipv6_subnet_len if v6 else cfg.subnet_len
+    net_type, addr_type = (IPv6Network, IPv6Address) if v6 else (IPv4Network, IPv4Address)
+    found: dict[Any, Any] = {}
+    if network is None:
+        return found
+    for r in ipr.get_routes(family=family, oif=oif, table=MAIN_TABLE):
+        if owned and not _owned_shape(r, family):
+            continue
+        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
+        if dst is None or gw is None or r["dst_len"] != plen:
+            continue
+        net = net_type((dst, r["dst_len"]))
+        if net.subnet_of(network):
+            found[net] = addr_type(gw)
+    return found
+
+
 def overlay_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
     """Routes out of `oif` that look like flannel's: via a gateway, to a SubnetLen subnet of Network."""
-    found: dict[IPv4Network, IPv4Address] = {}
-    if cfg.network is None:
-        return found
-    for r in ipr.get_routes(family=socket.AF_INET, oif=oif, table=MAIN_TABLE):
-        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
-        if dst is None or gw is None or r["dst_len"] != cfg.subnet_len:
-            continue
-        net = IPv4Network((dst, r["dst_len"]))
-        if net.subnet_of(cfg.network):
-            found[net] = IPv4Address(gw)
-    return found
+    return _gateway_routes(ipr, oif, cfg, v6=False, owned=False)
 
 
 def overlay_routes6(ipr: IPRoute, oif: int, cfg) -> dict[IPv6Network, IPv6Address]:
     """overlay_routes for IPv6: to an IPv6SubnetLen subnet of IPv6Network, via a gateway."""
-    found: dict[IPv6Network, IPv6Address] = {}
-    if cfg.ipv6_network is None:
-        return found
-    for r in ipr.get_routes(family=socket.AF_INET6, oif=oif, table=MAIN_TABLE):
-        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
-        if dst is None or gw is None or r["dst_len"] != cfg.ipv6_subnet_len:
-            continue
-        net = IPv6Network((dst, r["dst_len"]))
-        if net.subnet_of(cfg.ipv6_network):
-            found[net] = IPv6Address(gw)
-    return found
+    return _gateway_routes(ipr, oif, cfg, v6=True, owned=False)
 
 
 def _owned_shape(r, family: int) -> bool:
@@ -129,36 +131,12 @@ def owned_routes(ipr: IPRoute, oif: int, cfg) -> dict[IPv4Network, IPv4Address]:
     only ones a sweep may delete: main table, proto boot, unicast, no metric, one
     gateway, to a SubnetLen subnet of the Network. A route with another proto (`ip route
     add ... proto static`), table, metric or length is the operator's."""
-    found: dict[IPv4Network, IPv4Address] = {}
-    if cfg.network is None:
-        return found
-    for r in ipr.get_routes(family=socket.AF_INET, oif=oif, table=MAIN_TABLE):
-        if not _owned_shape(r, socket.AF_INET) or r["dst_len"] != cfg.subnet_len:
-            continue
-        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
-        if dst is None or gw is None:
-            continue
-        net = IPv4Network((dst, r["dst_len"]))
-        if net.subnet_of(cfg.network):
-            found[net] = IPv4Address(gw)
-    return found
+    return _gateway_routes(ipr, oif, cfg, v6=False, owned=True)
 
 
 def owned_routes6(ipr: IPRoute, oif: int, cfg) -> dict[IPv6Network, IPv6Address]:
     """owned_routes for IPv6: to an IPv6SubnetLen subnet of IPv6Network, metric 1024."""
-    found: dict[IPv6Network, IPv6Address] = {}
-    if cfg.ipv6_network is None:
-        return found
-    for r in ipr.get_routes(family=socket.AF_INET6, oif=oif, table=MAIN_TABLE):
-        if not _owned_shape(r, socket.AF_INET6) or r["dst_len"] != cfg.ipv6_subnet_len:
-            continue
-        dst, gw = r.get_attr("RTA_DST"), r.get_attr("RTA_GATEWAY")
-        if dst is None or gw is None:
-            continue
-        net = IPv6Network((dst, r["dst_len"]))
-        if net.subnet_of(cfg.ipv6_network):
-            found[net] = IPv6Address(gw)
-    return found
+    return _gateway_routes(ipr, oif, cfg, v6=True, owned=True)
 
 
 class KernelError(Exception):
@@ -314,7 +292,7 @@ class KernelBackend(Backend):
         return dict(self._counts)
 
 
-# ---- VTEP entries, either family (vxlan.py's flannel.<VNI> and vxlan6.py's flannel-v6.<VNI>) ----
+# ---- VTEP entries, either family (vxlan.py's flannel.<VNI> and flannel-v6.<VNI>) ----
 
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
