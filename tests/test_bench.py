@@ -417,6 +417,7 @@ def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
         (["--flanneld", "/nonexistent/flanneld"], "is not an executable file"),
         (["--hosts", "1"], "--hosts: 1 is outside 2..50"),
         (["--duration", "0"], "--duration: 0 is outside"),
+        (["--duration", "1.5"], "--duration: 1.5 is not a whole number of seconds"),
         (["--repeat", "0"], "--repeat: 0 is outside 1..100"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],

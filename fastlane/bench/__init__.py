@@ -248,8 +248,10 @@ def parse_args(argv: list[str]) -> Options:
     if a.control_plane:
         return _control_plane_options(parser, a)
     duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
-    if not (0.5 <= duration <= 3600) or math.isnan(duration):
-        _usage_error(parser, f"--duration: {duration:g} is outside 0.5..3600 seconds")
+    if not (1 <= duration <= 3600) or math.isnan(duration):
+        _usage_error(parser, f"--duration: {duration:g} is outside 1..3600 seconds")
+    if duration != int(duration):  # iperf3 3.12 reads -t as an integer: 0.5 would run forever
+        _usage_error(parser, f"--duration: {duration:g} is not a whole number of seconds")
     repeat = a.repeat if a.repeat is not None else (1 if a.quick else 3)
     if not 1 <= repeat <= 100:
         _usage_error(parser, f"--repeat: {repeat} is outside 1..100")
