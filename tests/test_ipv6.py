@@ -619,19 +619,29 @@ def test_vxlan_v6_incompatible_device_recreated_on_start(vx, bad):
         *("link", "add", dev, "type", "vxlan", *bad),
         *("local", str(h0.ip6), "dev", "eth0", "dstport", "8472", "nolearning"),
     )
+    nodes[0].subnet_file.unlink(missing_ok=True)  # so the wait below is for the new daemon
     nodes[0].start()
     nodes[0].wait_subnet_file()
 
     def link() -> str:
         return topo.run(ns, "ip", "-d", "link", "show", dev, check=False).stdout
 
-    def recreated() -> bool:
-        d = link()
-        return "vxlan id 1 " in d and "gbp" not in d and "UP" in d
+    def addrs() -> str:
+        return topo.run(
+            ns, "ip", "-6", "addr", "show", "dev", dev, "scope", "global", check=False
+        ).stdout
 
-    assert wait_until(recreated, 15), link() + topo.log_tail(nodes[0].logname, 20)
-    addrs = topo.ip(ns, "-6", "addr", "show", "dev", dev, "scope", "global")
-    assert f"inet6 {_sub6(nodes[0]).network_address}/128" in addrs
+    def recreated() -> bool:
+        # the device and its /128 both in place: the daemon may still be re-creating it
+        d = link()
+        return (
+            "vxlan id 1 " in d
+            and "gbp" not in d
+            and "UP" in d
+            and f"inet6 {_sub6(nodes[0]).network_address}/128" in addrs()
+        )
+
+    assert wait_until(recreated, 15), link() + addrs() + topo.log_tail(nodes[0].logname, 20)
     assert h0.container6 and h1.container6
     assert topo.wait_ping(h1.container6.netns, str(h0.container6.ip), 15)
     assert _ping(topo, h0.container6.netns, h1.container6.ip, 1430 - 48)
