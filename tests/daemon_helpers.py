@@ -200,10 +200,10 @@ def topology_with_etcd(name: str, hosts: int = 2) -> Iterator[tuple[Topology, Et
 
 SINK = textwrap.dedent("""
     import hashlib, socket, sys
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(60)
+    fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+    s = socket.create_server((sys.argv[1], int(sys.argv[2])), family=fam); s.settimeout(120)
     print("listening", flush=True)
-    c, _ = s.accept(); c.settimeout(60); h = hashlib.sha256(); n = 0
+    c, _ = s.accept(); c.settimeout(120); h = hashlib.sha256(); n = 0
     while True:
         b = c.recv(1 << 16)
         if not b: break
@@ -213,12 +213,17 @@ SINK = textwrap.dedent("""
 
 SOURCE = textwrap.dedent("""
     import hashlib, socket, sys, time
-    dest, port, size, mss = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    s = socket.socket()
-    if mss: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+    dest, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    mss = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    fam = socket.AF_INET6 if ":" in dest else socket.AF_INET
+    def new():
+        s = socket.socket(fam)
+        if mss: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+        return s
+    s = new()
     for _ in range(100):
         try: s.connect((dest, port)); break
-        except OSError: time.sleep(0.1); s.close(); s = socket.socket(); mss and s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
+        except OSError: time.sleep(0.1); s.close(); s = new()
     h = hashlib.sha256(); block = hashlib.sha256(b"fastlane").digest() * 2048; seed = 0; sent = 0
     while sent < size:
         chunk = hashlib.sha256(seed.to_bytes(8, "big")).digest() + block[: min(len(block), size - sent - 32)]
@@ -227,6 +232,40 @@ SOURCE = textwrap.dedent("""
     s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
     print(sent, h.hexdigest(), flush=True)
 """)
+
+
+def transfer(
+    topo: Topology,
+    src_ns: str,
+    dst_ns: str,
+    dst_ip: object,
+    size: int,
+    *,
+    port: int,
+    mss: int = 0,
+    timeout: float = 180,
+) -> tuple[list[str], list[str]]:
+    """TCP from src_ns to dst_ip:port (IPv4 or IPv6) with SOURCE and SINK: the sender's and the
+    receiver's [byte count, sha256], for the caller to compare."""
+    name = f"sink{port}"
+    sink = topo.popen(dst_ns, sys.executable, "-c", SINK, str(dst_ip), str(port), name=name)
+    try:
+        assert wait_until(lambda: "listening" in topo.log_tail(name), 10), topo.log_tail(name)
+        res = topo.run(
+            src_ns,
+            sys.executable,
+            "-c",
+            SOURCE,
+            str(dst_ip),
+            str(port),
+            str(size),
+            str(mss),
+            timeout=timeout,
+        )
+        assert wait_until(lambda: len(topo.log_tail(name).split()) >= 3, 30)
+        return res.stdout.split(), topo.log_tail(name).split()[-2:]
+    finally:
+        topo.stop(sink)
 
 
 # ---- faults under traffic (tests/test_faults.py, tests/test_hostile_etcd.py) ------------------
@@ -247,19 +286,6 @@ while sent < size:
     if ahead > 0: time.sleep(ahead)
 s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
 print(sent, h.hexdigest(), round(time.monotonic() - t0, 3), flush=True)
-"""
-
-SINK = """
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(120)
-print("listening", flush=True)
-c, _ = s.accept(); c.settimeout(120); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    h.update(b); n += len(b)
-print(n, h.hexdigest(), flush=True)
 """
 
 

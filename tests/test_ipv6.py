@@ -16,12 +16,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from fastlane.iface import IFA_F_PERMANENT, IFA_F_TENTATIVE, _Addr6, usable_addresses6
-from tests.daemon_helpers import Node, add_container, leases, overlay, wait_until
+from tests.daemon_helpers import Node, add_container, leases, overlay, transfer, wait_until
 
 PREFIX = "/coreos.com/network"
 UNDERLAY6 = "fd00:100::/64"
@@ -46,30 +45,6 @@ HOSTGW_ONLY6 = (
     '{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:c::/56",'
     '"Backend":{"Type":"host-gw"}}'
 )
-
-SINK6 = textwrap.dedent("""
-    import hashlib, socket, sys
-    s = socket.create_server((sys.argv[1], int(sys.argv[2])), family=socket.AF_INET6)
-    s.settimeout(60); print("listening", flush=True)
-    c, _ = s.accept(); c.settimeout(60); h = hashlib.sha256(); n = 0
-    while True:
-        b = c.recv(1 << 16)
-        if not b: break
-        h.update(b); n += len(b)
-    print(n, h.hexdigest(), flush=True)
-""")
-SOURCE6 = textwrap.dedent("""
-    import hashlib, os, socket, sys, time
-    dest, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    for _ in range(100):
-        try: s = socket.create_connection((dest, port), timeout=30); break
-        except OSError: time.sleep(0.1)
-    h = hashlib.sha256(); sent = 0
-    while sent < size:
-        chunk = os.urandom(min(65536, size - sent)); s.sendall(chunk); h.update(chunk)
-        sent += len(chunk)
-    s.shutdown(socket.SHUT_WR); s.recv(1); s.close(); print(sent, h.hexdigest(), flush=True)
-""")
 
 
 def _fixture(config, name, tmp_path_factory, hosts=3, **kw):
@@ -175,20 +150,6 @@ def _v6_state(topo, netns, sub6, mac, ip6) -> tuple[bool, bool, bool]:
     )
 
 
-def _transfer6(topo, src_ns, dst_ip, dst_ns, size=4_000_000, port=5601):
-    name = f"sink6-{port}"
-    sink = topo.popen(dst_ns, sys.executable, "-c", SINK6, str(dst_ip), str(port), name=name)
-    try:
-        assert wait_until(lambda: "listening" in topo.log_tail(name), 10), topo.log_tail(name)
-        res = topo.run(
-            src_ns, sys.executable, "-c", SOURCE6, str(dst_ip), str(port), str(size), timeout=90
-        )
-        assert wait_until(lambda: len(topo.log_tail(name).split()) >= 3, 30)
-        return res.stdout.split(), topo.log_tail(name).split()[-2:]
-    finally:
-        topo.stop(sink)
-
-
 # ---- interface address choice (no daemon) ----------------------------------------------
 
 
@@ -265,7 +226,15 @@ def test_vxlan_ping_both_families_at_overlay_mtu_and_tcp_over_ipv6(vx):
     assert topo.wait_ping(c0.container6.netns, str(c1.container6.ip), 15)
     assert _ping(topo, c0.container6.netns, c1.container6.ip, 1430 - 48)
     assert _ping(topo, c1.container6.netns, c0.container6.ip, 1430 - 48)
-    sent, got = _transfer6(topo, c0.container6.netns, c1.container6.ip, c1.container6.netns)
+    sent, got = transfer(
+        topo,
+        c0.container6.netns,
+        c1.container6.netns,
+        c1.container6.ip,
+        4_000_000,
+        port=5601,
+        timeout=90,
+    )
     assert sent == got and int(sent[0]) == 4_000_000
 
 
@@ -411,7 +380,15 @@ def test_hostgw_v6_routes_ping_and_tcp(hgw):
     assert _ping(topo, h0.container.netns, h1.container.ip, 1500 - 28)
     assert topo.wait_ping(h0.container6.netns, str(h1.container6.ip), 15)
     assert _ping(topo, h1.container6.netns, h0.container6.ip, 1500 - 48)
-    sent, got = _transfer6(topo, h1.container6.netns, h0.container6.ip, h0.container6.netns)
+    sent, got = transfer(
+        topo,
+        h1.container6.netns,
+        h0.container6.netns,
+        h0.container6.ip,
+        4_000_000,
+        port=5601,
+        timeout=90,
+    )
     assert sent == got
 
 
@@ -449,7 +426,15 @@ def test_ipv6_only_vxlan_network(only6):
     assert h0.container6 and h1.container6
     assert topo.wait_ping(h0.container6.netns, str(h1.container6.ip), 15)
     assert _ping(topo, h0.container6.netns, h1.container6.ip, 1430 - 48)
-    sent, got = _transfer6(topo, h0.container6.netns, h1.container6.ip, h1.container6.netns)
+    sent, got = transfer(
+        topo,
+        h0.container6.netns,
+        h1.container6.netns,
+        h1.container6.ip,
+        4_000_000,
+        port=5601,
+        timeout=90,
+    )
     assert sent == got
     # nftables: the ip6 table holds flanneld's rules; the ip one has no chains.
     res = subprocess.run(

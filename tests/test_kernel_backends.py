@@ -12,14 +12,13 @@ import ipaddress
 import json
 import re
 import signal
-import sys
 
 import pytest
 
 from fastlane.backend.base import BackendContext, BackendError
 from fastlane.config import parse_config
 from fastlane.iface import Interface
-from tests.daemon_helpers import SINK, SOURCE, Node, leases, overlay, wait_until
+from tests.daemon_helpers import Node, leases, overlay, transfer, wait_until
 
 PREFIX = "/coreos.com/network"
 VXLAN = '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}'
@@ -78,29 +77,6 @@ def _vxlan_state(topo, netns, subnet, mac, ip) -> tuple[bool, bool, bool]:
         f"{mac} dst {ip} self permanent" in _fdb(topo, netns),
         f"{subnet} via {dst} dev flannel.1 onlink" in _routes(topo, netns),
     )
-
-
-def _transfer(topo, src, dst, size, port):
-    sink = topo.popen(
-        dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"ksink{port}"
-    )
-    try:
-        assert wait_until(lambda: "listening" in topo.log_tail(f"ksink{port}"), 10)
-        res = topo.run(
-            src.netns,
-            sys.executable,
-            "-c",
-            SOURCE,
-            str(dst.ip),
-            str(port),
-            str(size),
-            "0",
-            timeout=120,
-        )
-        assert wait_until(lambda: len(topo.log_tail(f"ksink{port}").split()) >= 3, 30)
-        return res.stdout.split(), topo.log_tail(f"ksink{port}").split()[-2:]
-    finally:
-        topo.stop(sink)
 
 
 def _put_lease(etcd, subnet: str, value: dict) -> str:
@@ -222,9 +198,9 @@ def test_vxlan_ping_both_ways_at_overlay_mtu(vxlan):
 def test_vxlan_tcp_transfer_sha256_matches(vxlan):
     topo, _, _ = vxlan
     a, b = topo.hosts[0].container, topo.hosts[1].container
-    sent, got = _transfer(topo, a, b, 20 * 1024 * 1024, port=5101)
+    sent, got = transfer(topo, a.netns, b.netns, b.ip, 20 * 1024 * 1024, port=5101, timeout=120)
     assert sent == got and sent[0] == str(20 * 1024 * 1024)
-    sent, got = _transfer(topo, b, a, 4 * 1024 * 1024, port=5102)
+    sent, got = transfer(topo, b.netns, a.netns, a.ip, 4 * 1024 * 1024, port=5102, timeout=120)
     assert sent == got
 
 
@@ -555,7 +531,7 @@ def test_hostgw_ping_and_tcp_transfer(hostgw):
         a.netns, "ping", "-n", "-c", "2", "-M", "do", "-s", str(1500 - 28), str(b.ip), check=False
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    sent, got = _transfer(topo, b, a, 20 * 1024 * 1024, port=5201)
+    sent, got = transfer(topo, b.netns, a.netns, a.ip, 20 * 1024 * 1024, port=5201, timeout=120)
     assert sent == got and sent[0] == str(20 * 1024 * 1024)
 
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastlane.bench.lab.etcdserver import EtcdServer
 from fastlane.bench.lab.topology import Topology
-from tests.daemon_helpers import Node, wait_until
+from tests.daemon_helpers import Node, transfer, wait_until
 
 UDP = '{"Network":"10.9.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
 PREFIX = "/coreos.com/network"
@@ -28,25 +28,6 @@ SCRAPE = textwrap.dedent("""
     import sys, urllib.request as u
     r = u.urlopen(sys.argv[1], timeout=10)
     sys.stdout.write(r.headers.get("Content-Type", "") + "\\n" + r.read().decode())
-""")
-
-SINK = textwrap.dedent("""
-    import socket, sys
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(60)
-    print("listening", flush=True)
-    c, _ = s.accept(); n = 0
-    while True:
-        b = c.recv(1 << 16)
-        if not b: break
-        n += len(b)
-    print("got", n, flush=True)
-""")
-
-SOURCE = textwrap.dedent("""
-    import socket, sys
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-    s.sendall(b"x" * int(sys.argv[3])); s.close()
 """)
 
 
@@ -169,14 +150,8 @@ def test_engine_counters_after_traffic_match_the_engine(overlay):
     res = topo.run(a.netns, "ping", "-n", "-q", "-c", "20", "-i", "0.02", str(b.ip), check=False)
     assert " 0% packet loss" in res.stdout, res.stdout
     size = 4 * 1024 * 1024
-    sink = topo.popen(b.netns, sys.executable, "-c", SINK, str(b.ip), "5301", name="metrics-sink")
-    try:
-        assert wait_until(lambda: "listening" in topo.log_tail("metrics-sink"), 10)
-        topo.run(a.netns, sys.executable, "-c", SOURCE, str(b.ip), "5301", str(size))
-        assert wait_until(lambda: "got" in topo.log_tail("metrics-sink"), 30)
-        assert topo.log_tail("metrics-sink").split()[-1] == str(size)
-    finally:
-        topo.stop(sink)
+    sent, got = transfer(topo, a.netns, b.netns, b.ip, size, port=5301, timeout=60)
+    assert sent == got and got[0] == str(size)
     # 10.9.250.1 is in the Network but nobody leases it: dropped (no route), ICMP sent back.
     topo.run(
         a.netns, "ping", "-n", "-q", "-c", "5", "-i", "0.05", "-W", "1", "10.9.250.1", check=False

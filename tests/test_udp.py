@@ -7,12 +7,11 @@ namespaces these tests create.
 from __future__ import annotations
 
 import signal
-import sys
 
 import pytest
 
-from tests.daemon_helpers import SINK, SOURCE, wait_until
 from tests.daemon_helpers import overlay as daemon_overlay
+from tests.daemon_helpers import transfer, wait_until
 
 UDP = '{"Network":"10.5.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
 
@@ -53,38 +52,25 @@ def test_ping_both_ways_at_overlay_mtu(overlay):
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def _transfer(topo, src, dst, size, mss=0, port=5001):
-    sink = topo.popen(
-        dst.netns, sys.executable, "-c", SINK, str(dst.ip), str(port), name=f"sink{port}"
-    )
-    try:
-        assert wait_until(lambda: "listening" in topo.log_tail(f"sink{port}"), 10)
-        res = topo.run(
-            src.netns,
-            sys.executable,
-            "-c",
-            SOURCE,
-            str(dst.ip),
-            str(port),
-            str(size),
-            str(mss),
-            timeout=180,
-        )
-        assert wait_until(lambda: len(topo.log_tail(f"sink{port}").split()) >= 3, 30)
-        return res.stdout.split(), topo.log_tail(f"sink{port}").split()[-2:]
-    finally:
-        topo.stop(sink)
-
-
 def test_tcp_50mib_sha256_matches(overlay):
     topo, _, nodes = overlay
-    sent, got = _transfer(topo, _c(topo, 0), _c(topo, 1), 50 * 1024 * 1024, port=5001)
+    sent, got = transfer(
+        topo, _c(topo, 0).netns, _c(topo, 1).netns, _c(topo, 1).ip, 50 * 1024 * 1024, port=5001
+    )
     assert sent == got and sent[0] == str(50 * 1024 * 1024)
 
 
 def test_tcp_small_segments_sha256_matches(overlay):
     topo, _, _ = overlay
-    sent, got = _transfer(topo, _c(topo, 1), _c(topo, 0), 4 * 1024 * 1024, mss=536, port=5002)
+    sent, got = transfer(
+        topo,
+        _c(topo, 1).netns,
+        _c(topo, 0).netns,
+        _c(topo, 0).ip,
+        4 * 1024 * 1024,
+        mss=536,
+        port=5002,
+    )
     assert sent == got
 
 
