@@ -46,6 +46,11 @@ def _ip(topo, ns, *args) -> str:
     return topo.ip(ns, *args)
 
 
+def _fdb_append(topo, ns, mac: str, dst: str, dev: str = "flannel.1") -> None:
+    """A permanent FDB entry as flanneld (or an operator) writes one."""
+    topo.run(ns, "bridge", "fdb", "append", mac, "dev", dev, "dst", dst, "self", "permanent")
+
+
 def _try(topo, ns, *cmd) -> None:
     topo.run(ns, *cmd, check=False)
 
@@ -187,19 +192,7 @@ def test_vxlan_operator_entries_survive_start_and_restart_stale_ones_go(vxlan):
         for cmd in operator:
             _ip(topo, ns, *cmd)
         for mac, dst in fdb_operator:
-            topo.run(
-                ns,
-                "bridge",
-                "fdb",
-                "append",
-                mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                dst,
-                "self",
-                "permanent",
-            )
+            _fdb_append(topo, ns, mac, dst)
 
         def operator_intact() -> list[str]:
             main, t100 = _routes(topo, ns), _routes(topo, ns, "table", "100")
@@ -229,19 +222,7 @@ def test_vxlan_operator_entries_survive_start_and_restart_stale_ones_go(vxlan):
             for cmd in stale:
                 _try(topo, ns, "ip", *cmd)
             for mac, dst in fdb_stale:
-                topo.run(
-                    ns,
-                    "bridge",
-                    "fdb",
-                    "append",
-                    mac,
-                    "dev",
-                    "flannel.1",
-                    "dst",
-                    dst,
-                    "self",
-                    "permanent",
-                )
+                _fdb_append(topo, ns, mac, dst)
             node.subnet_file.unlink(missing_ok=True)
             node.start()
             node.wait_subnet_file()

@@ -162,25 +162,19 @@ class HostGwBackend(KernelBackend):
     def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
         """Routes of the host-gw shape to subnets no lease of ours explains (owned_routes:
         another proto, table or metric marks a route as the operator's)."""
-        own = self.lease.subnet if self.lease else None
-        for subnet, gw in owned_routes(ipr, self.ctx.iface.index, self.ctx.config).items():
-            if subnet in self._routes or subnet == own:
-                continue
-            log.info("removing stale route %s via %s (no lease holds it)", subnet, gw)
-            self._counts["swept"] += 1
-            netlink_call(
-                f"host-gw: cannot delete stale route {subnet}",
-                lambda: ipr.route("del", **self._route(subnet, gw)),
-                missing_ok=True,
-            )
-        own6 = self.lease.ipv6_subnet if self.lease else None
-        for sub6, gw6 in owned_routes6(ipr, self.ctx.iface.index, self.ctx.config).items():
-            if sub6 in self._routes6 or sub6 == own6:
-                continue
-            log.info("removing stale route %s via %s (no lease holds it)", sub6, gw6)
-            self._counts["swept"] += 1
-            netlink_call(
-                f"host-gw: cannot delete stale route {sub6}",
-                lambda: ipr.route("del", **self._route(sub6, gw6)),
-                missing_ok=True,
-            )
+        lease = self.lease
+        families = (
+            (owned_routes, self._routes, lease.subnet if lease else None),
+            (owned_routes6, self._routes6, lease.ipv6_subnet if lease else None),
+        )
+        for owned, ours, own in families:
+            for subnet, gw in owned(ipr, self.ctx.iface.index, self.ctx.config).items():
+                if subnet in ours or subnet == own:
+                    continue
+                log.info("removing stale route %s via %s (no lease holds it)", subnet, gw)
+                self._counts["swept"] += 1
+                netlink_call(
+                    f"host-gw: cannot delete stale route {subnet}",
+                    lambda: ipr.route("del", **self._route(subnet, gw)),
+                    missing_ok=True,
+                )

@@ -147,6 +147,14 @@ def _first_line(cmd: list[str]) -> str | None:
     return lines[0].strip() if lines else None
 
 
+def _ratio_cell(num: dict[str, Any] | None, den: dict[str, Any] | None) -> str:
+    """A table cell: num's median over den's as "1.23x", or "-" when either is missing or den
+    is zero."""
+    if num is None or den is None or not den["median"]:
+        return "-"
+    return f"{num['median'] / den['median']:.3g}x"
+
+
 def dirty_files() -> list[str]:
     """The measured code's files that differ from the commit (empty outside a checkout)."""
     repo = Path(fastlane.__file__).resolve().parents[1]
@@ -641,13 +649,7 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
             udp = rows.get(("udp", mtu, m, u))
             cells = []
             for b in bases:
-                ref = rows.get((b, mtu, m, u))
-                ok = udp is not None and ref is not None and ref["median"]
-                cells.append(
-                    f"{udp['median'] / ref['median']:.3g}x"
-                    if ok and udp is not None and ref is not None
-                    else "-"
-                )
+                cells.append(_ratio_cell(udp, rows.get((b, mtu, m, u))))
             if any(c != "-" for c in cells):
                 ratio_lines.append(f"| {m} | " + " | ".join(cells) + " |")
         ratio_lines.append("")
@@ -687,12 +689,10 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
             for path in paths:
                 cells = []
                 for m in have:
-                    nic, veth = rows.get((path, mtu, m, "nic")), rows.get((path, mtu, m, "veth"))
-                    ok = nic is not None and veth is not None and veth["median"]
                     cells.append(
-                        f"{nic['median'] / veth['median']:.3g}x"
-                        if ok and nic is not None and veth is not None
-                        else "-"
+                        _ratio_cell(
+                            rows.get((path, mtu, m, "nic")), rows.get((path, mtu, m, "veth"))
+                        )
                     )
                 if any(c != "-" for c in cells):
                     out.append(f"| {path} | " + " | ".join(cells) + " |")
@@ -713,12 +713,7 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
         for p6, p4 in pairs:
             cells = []
             for m in have:
-                r6, r4 = rows.get((p6, mtu, m, u)), rows.get((p4, mtu, m, u))
-                cells.append(
-                    f"{r6['median'] / r4['median']:.3g}x"
-                    if r6 is not None and r4 is not None and r4["median"]
-                    else "-"
-                )
+                cells.append(_ratio_cell(rows.get((p6, mtu, m, u)), rows.get((p4, mtu, m, u))))
             if any(c != "-" for c in cells):
                 six_lines.append(f"| {p6} / {p4} | " + " | ".join(cells) + " |")
         six_lines.append("")
