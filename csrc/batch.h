@@ -118,6 +118,13 @@ void fl_udpo_reset(struct fl_udp_out *o);
 /* Whether UDP GSO is in use now (off while paused after a failed GSO send). */
 int fl_gso_enabled(struct fl_engine *e);
 
+/* One TUN read through the TX path (engine.c): parse, verdict (route, TTL, MTU), then to the
+ * socket layer's queue. Returns 0 or the drop reason; *icmp_len > 0 when an ICMP error (in
+ * icmp, 128 bytes) is to go back to the sender. The TX round and the test entry point both
+ * run exactly this. */
+int fl_tx_frame(struct fl_worker *w, struct fl_udp_out *out, int vnet, uint8_t *buf, int n,
+                uint8_t *icmp, int *icmp_len);
+
 /* ---- socket side, in ---- */
 
 #define FL_RX_MSGS 64

@@ -210,26 +210,33 @@ static int tx_wait_room(struct fl_worker *w, int timeout_ms)
 
 /* ---- TX: TUN -> UDP ---- */
 
-/* One TUN read: parse, verdict (ICMP error back into the TUN if any), hand to the socket layer.
- * Returns 0 or a drop reason. */
-static int tx_frame(struct fl_worker *w, struct fl_tx_state *tx, int tun_fd, uint8_t *buf, int n)
+int fl_tx_frame(struct fl_worker *w, struct fl_udp_out *out, int vnet, uint8_t *buf, int n,
+                uint8_t *icmp, int *icmp_len)
 {
-    struct fl_engine *e = w->e;
     struct fl_frame f;
-    int v = fl_frame_parse(e->feat.vnet_hdr, buf, n, &f);
+    *icmp_len = 0;
+    int v = fl_frame_parse(vnet, buf, n, &f);
     if (v)
         return v;
-    uint8_t icmp[128];
-    int icmp_len = 0;
     uint32_t hop = 0;
     uint16_t port = 0;
     v = fl_tx_one(w, f.pkt, f.len, f.gso_size ? fl_frame_wire_len(&f) : 0, &hop, &port, icmp,
-                  &icmp_len);
-    if (v) {
-        fl_tun_write_one(w, tun_fd, e->feat.vnet_hdr, icmp, icmp_len);
+                  icmp_len);
+    if (v)
         return v;
-    }
-    return fl_udpo_add(w, tx->out, hop, port, &f);
+    return fl_udpo_add(w, out, hop, port, &f);
+}
+
+/* One TUN read of the TX round, with its ICMP error (if any) written back into the TUN. */
+static int tx_frame(struct fl_worker *w, struct fl_tx_state *tx, int tun_fd, uint8_t *buf, int n)
+{
+    int vnet = w->e->feat.vnet_hdr;
+    uint8_t icmp[128];
+    int icmp_len;
+    int v = fl_tx_frame(w, tx->out, vnet, buf, n, icmp, &icmp_len);
+    if (v && icmp_len > 0)
+        fl_tun_write_one(w, tun_fd, vnet, icmp, icmp_len);
+    return v;
 }
 
 /* One TX round: up to TX_READS reads, then one flush. Returns the reads done; a read error

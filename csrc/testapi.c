@@ -71,19 +71,11 @@ int fl_test_split(struct fl_engine *e, const uint8_t *frame, int len, uint8_t *o
     if (!buf)
         return -1;
     memcpy(buf, frame, (size_t)len);
-    struct fl_frame f;
-    int v = fl_frame_parse(1, buf, len, &f);
     uint8_t icmp[128];
-    int icmp_len = 0;
-    uint32_t hop = 0;
-    uint16_t port = 0;
+    int icmp_len;
     fl_rcu_online(w);
-    if (!v)
-        v = fl_tx_one(w, f.pkt, f.len, f.gso_size ? fl_frame_wire_len(&f) : 0, &hop, &port, icmp,
-                      &icmp_len);
+    int v = fl_tx_frame(w, o, 1, buf, len, icmp, &icmp_len); /* never fills the queue */
     fl_rcu_offline(w);
-    if (!v)
-        v = fl_udpo_add(w, o, hop, port, &f); /* a test frame never fills the queue */
     int n = 0, used = 0;
     for (int i = 0; !v && i < o->n_out && n < max; i++) {
         struct fl_dgram *d = &o->out[i];
