@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastlane.config import ConfigError, NetworkConfig, parse_config
 from fastlane.etcd import Event, KeyValue, Store
@@ -251,11 +251,15 @@ class Registry:
             ipv6_subnet=ipv6_subnet,
         )
 
-    async def _refresh(self, lease: Lease, attrs: LeaseAttrs) -> Lease | None:
-        """Re-write a lease we hold (CAS on the revision we saw); a reservation stays one."""
+    async def _refresh(
+        self, lease: Lease, attrs: LeaseAttrs, rewrite: bool = False
+    ) -> Lease | None:
+        """Re-write a lease we hold (CAS on the revision we saw); a reservation stays one.
+
+        An unchanged reservation is left alone unless `rewrite` (its value was clobbered)."""
         key = self._key(lease)
         if lease.is_reservation:
-            if lease.attrs == attrs:
+            if lease.attrs == attrs and not rewrite:
                 return lease
             ok = await self.store.replace(key, attrs.encode(), lease.mod_revision, lease=0)
             if not ok:
@@ -365,6 +369,17 @@ class Registry:
             try:
                 current = self.decode(kv)
             except LeaseValueError:
+                # Overwritten with a value no node could have written: nobody holds the
+                # subnet, and giving it up would cost this node its pods' addresses. Take it
+                # back, only if the key still holds what we read.
+                log.warning(
+                    "lease %s was overwritten with an unreadable value; taking it back", lease.name
+                )
+                got = await self._refresh(
+                    replace(lease, mod_revision=kv.mod_revision), lease.attrs, rewrite=True
+                )
+                if got is not None:
+                    return got
                 current = None
             if current is not None and holder(current.attrs) == holder(lease.attrs):
                 return await self.renew(current)

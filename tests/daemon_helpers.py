@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import os
@@ -145,6 +146,21 @@ def leases(etcd: EtcdServer, prefix: str) -> dict[str, str]:
     return {
         base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]).decode() for kv in kvs
     }
+
+
+def unleased(etcd: EtcdServer, prefix: str, network: str, count: int = 1) -> list[str]:
+    """`count` /24 subnets of `network` that no key under the prefix holds, highest first.
+
+    Daemons pick their subnet at random, so a test that writes a lease by hand at a fixed
+    subnet would now and then overwrite a running node's own lease (and test something else).
+    """
+    held = {key.rsplit("/", 1)[1].split("&")[0] for key in leases(etcd, prefix)}
+    free = [
+        str(sub)
+        for sub in reversed(list(ipaddress.ip_network(network).subnets(new_prefix=24)))
+        if f"{sub.network_address}-24" not in held
+    ]
+    return free[:count]
 
 
 def lease_ids(etcd: EtcdServer, prefix: str) -> dict[str, int]:

@@ -18,6 +18,7 @@ from tests.daemon_helpers import (
     lease_ids,
     leases,
     topology_with_etcd,
+    unleased,
     wait_until,
 )
 
@@ -241,8 +242,12 @@ def test_leases_subcommand_lists_the_table(nodes, cluster, prefix):
     topo, etcd = cluster
     a = nodes(0).start()
     subnet = a.wait_subnet_file()["FLANNEL_SUBNET"][:-5] + ".0/24"
-    etcd.etcdctl("put", f"{prefix}/subnets/10.1.250.0-24", '{"PublicIP":"192.168.100.77"}')
-    etcd.etcdctl("put", f"{prefix}/subnets/10.1.251.0-24", "junk")
+    reserved, junk = unleased(etcd, prefix, "10.1.0.0/16", 2)
+    junk_key = junk.replace("/", "-")
+    etcd.etcdctl(
+        "put", f"{prefix}/subnets/{reserved.replace('/', '-')}", '{"PublicIP":"192.168.100.77"}'
+    )
+    etcd.etcdctl("put", f"{prefix}/subnets/{junk_key}", "junk")
     res = topo.run(
         a.host.netns,
         sys.executable,
@@ -258,10 +263,10 @@ def test_leases_subcommand_lists_the_table(nodes, cluster, prefix):
     assert lines[0].split()[:2] == ["SUBNET", "PUBLIC"]
     assert any(line.split()[:2] == [subnet, str(a.host.ip)] and "in " in line for line in lines)
     assert any(
-        lease.split()[:2] == ["10.1.250.0/24", "192.168.100.77"] and "reservation" in lease
+        lease.split()[:2] == [reserved, "192.168.100.77"] and "reservation" in lease
         for lease in lines
     )
-    assert "10.1.251.0-24" in res.stderr and "Traceback" not in res.stderr
+    assert junk_key in res.stderr and "Traceback" not in res.stderr
 
 
 def test_public_ip_overrides_advertised_address(nodes, cluster, prefix):

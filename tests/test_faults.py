@@ -29,6 +29,7 @@ from tests.daemon_helpers import (
     ping_gaps,
     routes,
     start_ping,
+    unleased,
     wait_until,
 )
 from tests.daemon_helpers import (
@@ -210,16 +211,17 @@ def test_leader_killed_during_50_joins_then_follower(ha, ha_nodes, prefix):
         i for i, m in enumerate(cluster.members) if m.running() and i != cluster.leader()
     )
     cluster.kill(follower)
+    (new,) = unleased(cluster, prefix, "10.7.0.0/16")
     t0 = time.monotonic()
     cluster.etcdctl(
         "put",
-        f"{prefix}/subnets/10.7.250.0-24",
+        f"{prefix}/subnets/{new.replace('/', '-')}",
         '{"PublicIP":"192.168.100.250","PublicIPv6":null,"BackendType":"host-gw"}',
     )
     for node in nodes:
-        assert wait_until(
-            lambda: "10.7.250.0/24" in _overlay_routes(topo, node.host, "10.7."), 30
-        ), node.log()[-3000:]
+        assert wait_until(lambda: new in _overlay_routes(topo, node.host, "10.7."), 30), node.log()[
+            -3000:
+        ]
     seen = time.monotonic() - t0
     ids = lease_ids(cluster, prefix)
     for node in nodes:

@@ -8,6 +8,7 @@ subnets with no readable lease, and the underlay's neighbour table for the wrong
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,9 @@ from tests.daemon_helpers import overlay as daemon_overlay
 from tests.daemon_helpers import wait_until
 
 PREFIX = "/coreos.com/network"
-UDP = '{"Network":"10.11.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
+# The daemons lease from 10.11.1.0-10.11.63.0 only: the tests write leases of their own at
+# fixed subnets above that, which must never be a running node's (nodes pick at random).
+UDP = '{"Network":"10.11.0.0/16","SubnetLen":24,"SubnetMax":"10.11.63.0","Backend":{"Type":"udp"}}'
 
 
 def figure(name: str, **values: object) -> None:
@@ -159,6 +162,30 @@ def test_own_subnet_claimed_for_another_public_ip(hostile):
     finally:
         etcd.etcdctl("del", key)
         n2.stop(signal.SIGKILL)
+
+
+def test_own_lease_overwritten_with_garbage_is_taken_back(hostile):
+    """A value no node could have written over our key: nobody holds the subnet, so the node
+    keeps it (a CAS on what it read) instead of giving up its pods' addresses."""
+    topo, etcd, nodes = hostile
+    c0, c1 = topo.hosts[0].container, topo.hosts[1].container
+    a = nodes[1]
+    subnet = a.wait_subnet_file()["FLANNEL_SUBNET"][:-5] + ".0/24"
+    key = f"{PREFIX}/subnets/{subnet[:-3]}-24"
+    etcd.etcdctl("put", key, "{garbage")
+    assert wait_until(lambda: "taking it back" in a.log(), 10), a.log()[-2000:]
+    assert wait_until(lambda: json_public_ip(etcd, key) == str(a.host.ip), 10), a.log()[-2000:]
+    assert a.proc.poll() is None and "Traceback" not in a.log()
+    assert _lines(a.log(), "re-acquired")
+    assert topo.ping(c0.netns, c1.ip, count=2)
+
+
+def json_public_ip(etcd, key: str) -> str | None:
+    value = etcd.etcdctl("get", "--print-value-only", key).strip()
+    try:
+        return json.loads(value).get("PublicIP")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _etcdctl_txn(etcd, puts: list[tuple[str, str]]) -> None:

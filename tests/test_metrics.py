@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastlane.bench.lab.etcdserver import EtcdServer
 from fastlane.bench.lab.topology import Topology
-from tests.daemon_helpers import Node, transfer, wait_until
+from tests.daemon_helpers import Node, transfer, unleased, wait_until
 
 UDP = '{"Network":"10.9.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}'
 PREFIX = "/coreos.com/network"
@@ -129,11 +129,10 @@ def test_lease_peers_and_etcd_metrics(overlay):
     assert one(m, "fastlane_etcd_resyncs_total") >= 1
     before = one(m, "fastlane_etcd_watch_events_total")
     # A peer comes and goes: two watch events, the peer count follows.
-    etcd.etcdctl(
-        "put", f"{PREFIX}/subnets/10.9.200.0-24", '{"PublicIP":"192.168.100.77","PublicIPv6":null}'
-    )
+    key = f"{PREFIX}/subnets/" + unleased(etcd, PREFIX, "10.9.0.0/16")[0].replace("/", "-")
+    etcd.etcdctl("put", key, '{"PublicIP":"192.168.100.77","PublicIPv6":null}')
     assert wait_until(lambda: one(scrape(topo, nodes[0])[1], "fastlane_peers") == 2, 10)
-    etcd.etcdctl("del", f"{PREFIX}/subnets/10.9.200.0-24")
+    etcd.etcdctl("del", key)
     assert wait_until(lambda: one(scrape(topo, nodes[0])[1], "fastlane_peers") == 1, 10)
     _, m = scrape(topo, nodes[0])
     assert one(m, "fastlane_etcd_watch_events_total") == before + 2
