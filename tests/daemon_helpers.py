@@ -157,7 +157,7 @@ def unleased(etcd: EtcdServer, prefix: str, network: str, count: int = 1) -> lis
     held = {key.rsplit("/", 1)[1].split("&")[0] for key in leases(etcd, prefix)}
     free = [
         str(sub)
-        for sub in reversed(list(ipaddress.ip_network(network).subnets(new_prefix=24)))
+        for sub in reversed(list(ipaddress.IPv4Network(network).subnets(new_prefix=24)))
         if f"{sub.network_address}-24" not in held
     ]
     return free[:count]
