@@ -72,6 +72,9 @@ void fl_tunw_add(struct fl_worker *w, struct fl_tun_writer *tw, uint8_t *pkt, in
 void fl_tunw_flush(struct fl_worker *w, struct fl_tun_writer *tw);
 /* One packet written at once (ICMP errors back to the sender). */
 void fl_tun_write_one(struct fl_worker *w, int fd, int vnet, const uint8_t *pkt, int len);
+/* Pins each flow to one queue of a multi-queue TUN by a fixed hash (an eBPF steering program),
+ * instead of the kernel's learned steering. 0, or -errno (the kernel's steering stays). */
+int fl_tun_steer(int tun_fd);
 
 /* ---- socket side, out ---- */
 

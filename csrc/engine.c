@@ -389,6 +389,8 @@ static void probe(struct fl_engine *e)
     const struct fl_config *c = &e->cfg;
     f->queues = c->n_tun;
     f->multiqueue = c->n_tun > 1;
+    if (f->multiqueue)
+        f->steer = fl_tun_steer(c->tun_fds[0]) == 0;
     if (c->n_tun > 0) {
         struct ifreq ifr;
         memset(&ifr, 0, sizeof(ifr));

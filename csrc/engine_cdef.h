@@ -36,6 +36,7 @@ struct fl_features {
     int coalesce;        /* TCP segments merged into GSO frames written to the TUN */
     int multiqueue;      /* more than one TUN queue, one worker each */
     int queues;
+    int steer;           /* flows pinned to queues by a hash (eBPF), not by the kernel's learning */
 };
 
 struct fl_engine;

@@ -20,3 +20,5 @@ int fl_test_split(struct fl_engine *e, const uint8_t *frame, int len, uint8_t *o
 int fl_test_coalesce(const uint8_t *pkts, const int *lens, int n, uint8_t *out, int cap,
                      int *out_lens, int max);
 uint16_t fl_checksum(const uint8_t *p, int len);
+/* Flow steering of a multi-queue TUN (tun_batch.c), for the steering test: 0 or -errno. */
+int fl_tun_steer(int tun_fd);

@@ -153,6 +153,7 @@ class Engine:
             "gro": bool(f.gro),
             "coalesce": bool(f.coalesce),
             "multiqueue": bool(f.multiqueue),
+            "steer": bool(f.steer),
         }
 
     def set_routes(self, routes: Iterable[Route]) -> None:

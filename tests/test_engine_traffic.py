@@ -40,6 +40,8 @@ def test_ping_and_tcp_both_ways(pair_factory, mode: str) -> None:
     if mode.startswith("tso"):
         assert p.engines[0].features["vnet_hdr"] and p.engines[0].features["coalesce"]
     assert p.engines[0].features["multiqueue"] == (p.queues > 1)
+    # a multi-queue TUN gets the steering program (tests/test_tun_steer.py checks its hash)
+    assert p.engines[0].features["steer"] == (p.queues > 1)
     for i in (0, 1):
         r = p.ping(i, OVER[1 - i])
         assert " 0% packet loss" in r.stdout, r.stdout
