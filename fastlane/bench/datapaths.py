@@ -98,6 +98,8 @@ class Context:
     ready_timeout: float = 30.0
     # PIDs of the forwarder of each host, for per-process CPU accounting
     forwarder_pids: list[int] = field(default_factory=list)
+    # Backend.Queues of the udp path's network config (--udp-queues); no other path has it
+    udp_queues: int = 1
 
 
 def host_subnet(i: int) -> ipaddress.IPv4Network:
@@ -477,7 +479,8 @@ def up(topo: Topology, path: str, ctx: Context) -> Iterator[Endpoints]:
                 etcd.start()
             except RuntimeError as exc:
                 raise PathError(f"etcd: {exc}") from None
-            write_config(etcd.etcdctl, BACKEND_OF[path], family(path))
+            queues = ctx.udp_queues if path == "udp" else 1  # flanneld has no Queues
+            write_config(etcd.etcdctl, BACKEND_OF[path], family(path), queues)
             ctx.etcd_endpoint = etcd.endpoint
         yield SETUPS[path](topo, ctx)
     finally:
@@ -520,19 +523,27 @@ def build_baseline(outdir: Path) -> Path:
     return out
 
 
-def write_config(etcdctl: Callable[..., str], backend: str = "udp", fam: int = 4) -> None:
-    """The network config: IPv4 Network, or (fam 6) an IPv6-only network on NETWORK6."""
+def write_config(
+    etcdctl: Callable[..., str], backend: str = "udp", fam: int = 4, queues: int = 1
+) -> None:
+    """The network config: IPv4 Network, or (fam 6) an IPv6-only network on NETWORK6.
+
+    `queues` other than 1 becomes Backend.Queues (fastlane udp's TUN queues, one worker
+    each); at 1 the key is left out, so a default run writes the config flanneld reads."""
+    backend_cfg: dict[str, object] = {"Type": backend}
+    if queues != 1:
+        backend_cfg["Queues"] = queues
     if fam == 6:
         cfg = json.dumps(
             {
                 "EnableIPv4": False,
                 "EnableIPv6": True,
                 "IPv6Network": NETWORK6,
-                "Backend": {"Type": backend},
+                "Backend": backend_cfg,
             }
         )
     else:
-        cfg = json.dumps({"Network": NETWORK, "Backend": {"Type": backend}})
+        cfg = json.dumps({"Network": NETWORK, "Backend": backend_cfg})
     try:
         etcdctl("put", CONFIG_KEY, cfg)
     except RuntimeError as exc:
