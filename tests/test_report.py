@@ -261,6 +261,96 @@ def test_committed_results_document_is_what_its_json_renders_to() -> None:
         )
 
 
+def _profile(path: str, forwarders: float, copy: float) -> dict:
+    rest = 100.0 - forwarders - 20.0 - 30.0
+    return {
+        "path": path,
+        "family": 4,
+        "underlay": "nic",
+        "underlay_mtu": 1500,
+        "tcp_1_gbit_s": 5.5,
+        "samples": 8000,
+        "by_who": {"forwarders": forwarders, "applications": 20.0, "idle": 30.0, "other": rest},
+        "by_kind": {
+            "copy": copy,
+            "checksum": 5.0,
+            "forwarder_user": forwarders / 2,
+            "idle": 30.0,
+            "kernel_other": 65.0 - copy - forwarders / 2,
+            "user_other": 0.0,
+        },
+        "top": [
+            ["idle", "pv_native_safe_halt", 30.0],
+            ["forwarders", "_copy_to_iter", copy],
+            ["applications", "tcp_sendmsg_locked", 4.25],
+            ["other", "a|b", 1.0],
+            ["other", "net_rx_action", 0.5],
+            ["other", "sixth", 0.25],
+        ],
+    }
+
+
+def test_profile_section_one_table_per_underlay_and_mtu() -> None:
+    doc = _doc()
+    doc["results"] = [dict(r, underlay="nic") for r in doc["results"]]
+    doc["config"] |= {"underlays": ["nic"], "udp_queues": 4, "profile": True}
+    doc["profile"] = [_profile("udp", 40.0, 25.0), _profile("vxlan", 0.0, 12.5)]
+    doc["errors"] = [
+        {
+            "path": "baseline",
+            "underlay": "nic",
+            "underlay_mtu": 1500,
+            "error": "profile: perf record failed: Access is limited\nmore",
+        }
+    ]
+    text = report.markdown(doc, "run.json")
+    assert "--duration 2.5 --repeat 3 --udp-queues 4 --profile" in text
+    assert "## Where the CPU goes (perf, one extra tcp_1 run per path)" in text
+    table = [ln for ln in _section(text, "### Profile, underlay nic, MTU 1500") if ln]
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    assert head == [
+        "path",
+        "tcp_1 under perf (Gbit/s)",
+        "samples",
+        "who: forwarders",
+        "who: applications",
+        "who: idle",
+        "who: other",
+        "kind: copy",
+        "kind: checksum",
+        "kind: forwarder_user",
+        "kind: idle",
+        "kind: kernel_other",
+        "kind: user_other",
+    ]
+    rows = {ln.split("|")[1].strip(): ln for ln in table[2:] if ln.startswith("|")}
+    assert list(rows) == ["udp", "vxlan", "baseline"]  # config order, failures included
+    assert rows["udp"] == (
+        "| udp | 5.50 | 8000 | 40.0 | 20.0 | 30.0 | 10.0 | 25.0 | 5.0 | 20.0 | 30.0 | 20.0 | 0.0 |"
+    )
+    assert rows["baseline"].startswith(
+        "| baseline | failed: perf record failed: Access is limited |"
+    )
+    hottest = [ln for ln in table if ln.startswith("- ")]
+    assert hottest[0] == (
+        "- udp: `pv_native_safe_halt` (idle) 30.0%, `_copy_to_iter` (forwarders) 25.0%, "
+        "`tcp_sendmsg_locked` (applications) 4.2%, `a\\|b` (other) 1.0%, "
+        "`net_rx_action` (other) 0.5%"
+    )  # five of the JSON's list
+    # the figures come from the JSON
+    doc["profile"][0]["by_kind"]["copy"] = 26.0
+    assert "| 26.0 |" in report.markdown(doc, "run.json")
+
+
+def test_runs_without_profile_render_as_before() -> None:
+    """Old JSONs have neither "profile" nor "udp_queues"; one queue is not worth a flag."""
+    doc = _doc()
+    text = report.markdown(doc, "run.json")
+    assert "Where the CPU goes" not in text and "--udp-queues" not in text
+    doc["config"] |= {"udp_queues": 1, "profile": False}
+    assert report.markdown(doc, "run.json") == text
+
+
 def _markdown_section(path: Path, heading: str) -> str:
     """The text under the first heading that starts with `heading`, up to the next heading of
     the same or a higher level."""

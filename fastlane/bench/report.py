@@ -22,6 +22,7 @@ from typing import Any
 import fastlane
 from fastlane.bench.datapaths import IPV6_PATHS, family
 from fastlane.bench.lab.topology import underlay_description
+from fastlane.bench.measure import KINDS, WHO
 
 SCHEMA = "fastlane-bench/1"
 
@@ -51,6 +52,7 @@ class Results:
     def __init__(self) -> None:
         self.samples: dict[tuple[str, int, str, str], list[float]] = {}
         self.errors: list[dict[str, Any]] = []
+        self.profiles: list[dict[str, Any]] = []  # --profile: one entry per profiled path
 
     def add(
         self, path: str, mtu: int, metric: str, value: float, underlay: str = DEFAULT_UNDERLAY
@@ -64,6 +66,15 @@ class Results:
     def error(self, path: str, mtu: int, message: str, underlay: str = DEFAULT_UNDERLAY) -> None:
         self.errors.append(
             {"path": path, "underlay": underlay, "underlay_mtu": mtu, "error": message}
+        )
+
+    def profile(
+        self, path: str, mtu: int, summary: dict[str, Any], underlay: str = DEFAULT_UNDERLAY
+    ) -> None:
+        """The perf summary of one path's extra tcp_1 run (measure.summarise_profile)."""
+        self.profiles.append(
+            {"path": path, "family": family(path), "underlay": underlay, "underlay_mtu": mtu}
+            | summary
         )
 
     def values(
@@ -236,6 +247,8 @@ def write_json(
         "errors": results.errors,
         "complete": not interrupted and not results.errors,
     }
+    if config.get("profile"):
+        doc["profile"] = results.profiles
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
@@ -490,6 +503,10 @@ def _command(config: dict[str, Any]) -> str:
         parts.append(f"--duration {config['duration_s']:g}")
     if "repeat" in config:
         parts.append(f"--repeat {config['repeat']}")
+    if config.get("udp_queues", 1) != 1:
+        parts.append(f"--udp-queues {config['udp_queues']}")
+    if config.get("profile"):
+        parts.append("--profile")
     if config.get("flanneld"):
         parts.append(f"--flanneld {config['flanneld']}")
     return " ".join(parts)
@@ -739,6 +756,8 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
             )
         out.append("")
 
+    out += _profile_section(doc.get("profile") or [], errors, sections, paths)
+
     if errors:
         out += ["## Errors", ""]
         for e in errors:
@@ -749,6 +768,104 @@ def markdown(doc: dict[str, Any], json_name: str, plot_name: str | None = None) 
             )
         out.append("")
     return "\n".join(out).rstrip("\n") + "\n"
+
+
+PROFILE_HEADING = "## Where the CPU goes (perf, one extra tcp_1 run per path)"
+#: the hottest symbols listed per path under each profile table (the JSON keeps more)
+PROFILE_TOP = 5
+
+
+def _profile_section(
+    profiles: list[dict[str, Any]],
+    errors: list[dict[str, Any]],
+    sections: list[tuple[str, int]],
+    paths: list[str],
+) -> list[str]:
+    """--profile: per underlay and MTU, each path's samples by thread group and by kind of
+    work, and its hottest symbols. Nothing for a run without profiles or profile errors."""
+    at = {
+        (p.get("underlay", DEFAULT_UNDERLAY), p.get("underlay_mtu"), p.get("path")): p
+        for p in profiles
+    }
+    paths = _ordered(paths, (p.get("path") for p in profiles))
+    tables: list[str] = []
+    head = ["tcp_1 under perf (Gbit/s)", "samples"]
+    head += [f"who: {w}" for w in WHO] + [f"kind: {k}" for k in KINDS]
+    for u, mtu in sections:
+        have = [p for p in paths if (u, mtu, p) in at or _profile_failure(errors, u, mtu, p)]
+        if have:
+            tables += _profile_table(u, mtu, have, at, errors, head)
+    if not tables:
+        return []
+    return [
+        PROFILE_HEADING,
+        "",
+        "After each path's repetitions, one more single-stream TCP run of the same duration ran "
+        "under `perf record -a -g` (every CPU; it is not one of the tcp_1 samples). Each figure "
+        "is a percentage of all samples of that run, idle CPUs included. `who` is the thread a "
+        "sample ran in: the userspace forwarders (fastlane's daemon and engine threads `fl-*`, "
+        "flanneld, the baseline forwarder), the applications (iperf3), the idle task (with the "
+        "softirq work it ran) and everything else. `kind` is the code: data copies, checksums, "
+        "the forwarders' own userspace code, the idle loop, the rest of the kernel and the rest "
+        "of userspace. docs/bench.md lists what each group holds.",
+        "",
+        *tables,
+    ]
+
+
+def _profile_table(
+    underlay: str,
+    mtu: int,
+    paths: list[str],
+    at: dict[tuple[Any, Any, Any], dict[str, Any]],
+    errors: list[dict[str, Any]],
+    head: list[str],
+) -> list[str]:
+    """One underlay and MTU: a row per path (or its profile's error), then its hottest
+    symbols."""
+    out = [f"### Profile, underlay {underlay}, MTU {mtu}", ""]
+    out.append("| path | " + " | ".join(head) + " |")
+    out.append("|---|" + "---:|" * len(head))
+    hottest = []
+    for path in paths:
+        prof = at.get((underlay, mtu, path))
+        if prof is None:
+            why = _profile_failure(errors, underlay, mtu, path)
+            out.append(f"| {path} | failed: {_md(why)} |" + " |" * (len(head) - 1))
+            continue
+        cells = [_fmt_opt(prof.get("tcp_1_gbit_s"), "{:.2f}"), str(prof.get("samples", "-"))]
+        cells += [_fmt_opt((prof.get("by_who") or {}).get(w), "{:.1f}") for w in WHO]
+        cells += [_fmt_opt((prof.get("by_kind") or {}).get(k), "{:.1f}") for k in KINDS]
+        out.append(f"| {path} | " + " | ".join(cells) + " |")
+        top = [
+            f"`{_md(sym)}` ({_md(group)}) {pct:.1f}%"
+            for group, sym, pct in (prof.get("top") or [])[:PROFILE_TOP]
+        ]
+        if top:
+            hottest.append(f"- {path}: " + ", ".join(top))
+    out.append("")
+    if hottest:
+        out += ["Hottest symbols (percent of all samples, thread group in parentheses):", ""]
+        out += hottest + [""]
+    return out
+
+
+def _fmt_opt(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _profile_failure(errors: list[dict[str, Any]], underlay: str, mtu: int, path: str) -> str:
+    """The first line of this path's profile error ("" when its profile did not fail)."""
+    for e in errors:
+        text = str(e.get("error", ""))
+        if (
+            e.get("path") == path
+            and e.get("underlay_mtu") == mtu
+            and e.get("underlay", DEFAULT_UNDERLAY) == underlay
+            and text.startswith("profile: ")
+        ):
+            return text.removeprefix("profile: ").splitlines()[0]
+    return ""
 
 
 def markdown_for(json_path: Path) -> str:
