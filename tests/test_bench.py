@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastlane.bench import measure, report
-from fastlane.bench.datapaths import Context, fastlane_command, up
+from fastlane.bench.datapaths import CONFIG_KEY, Context, fastlane_command, up, write_config
 from fastlane.bench.lab.topology import MANIFEST_DIR, Topology, cleanup_stale
 from fastlane.bench.lab.wire import WireStats
 
@@ -419,6 +421,11 @@ def test_daemon_that_never_becomes_ready_shows_its_log(tmp_path: Path) -> None:
         (["--duration", "0"], "--duration: 0 is outside"),
         (["--duration", "1.5"], "--duration: 1.5 is not a whole number of seconds"),
         (["--repeat", "0"], "--repeat: 0 is outside 1..100"),
+        (["--udp-queues", "0"], "--udp-queues: 0 is outside 1..16"),
+        (["--udp-queues", "17"], "--udp-queues: 17 is outside 1..16"),
+        (["--udp-queues", "two"], "--udp-queues: invalid int value: 'two'"),
+        (["--control-plane", "--profile"], "--profile measures the data plane"),
+        (["--control-plane", "--udp-queues", "2"], "--udp-queues measures the data plane"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
@@ -462,6 +469,18 @@ def test_missing_tools_and_not_root_are_one_line_errors(tmp_path: Path) -> None:
         env=env,
     )
     assert "apt-get install -y etcd-client etcd-server iperf3" in res.stderr
+
+    (bindir / "iperf3").symlink_to(shutil.which("iperf3") or "/usr/bin/iperf3")
+    res = subprocess.run(
+        [sys.executable, "-m", "fastlane.bench", "--paths", "underlay", "--profile"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip() == "fastlane bench: perf not found: apt-get install -y linux-perf"
 
     setpriv = shutil.which("setpriv")
     if setpriv is None:
@@ -593,3 +612,276 @@ def test_ipv6_rows_family_and_ipv6_against_ipv4_section() -> None:
     assert "IPv6" not in report.markdown(
         {"config": {"paths": ["vxlan"], "mtus": [1500]}, "results": r.rows()[:1]}, "x.json"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# --udp-queues and --profile
+
+
+def test_udp_queues_go_into_the_udp_paths_network_config() -> None:
+    puts: list[tuple[str, ...]] = []
+
+    def etcdctl(*args: str) -> str:
+        puts.append(args)
+        return ""
+
+    write_config(etcdctl, "udp", 4, queues=4)
+    write_config(etcdctl, "udp")
+    write_config(etcdctl, "vxlan", 6)
+    configs = [json.loads(args[2]) for args in puts]
+    assert all(args[:2] == ("put", CONFIG_KEY) for args in puts)
+    assert configs[0] == {"Network": "10.5.0.0/16", "Backend": {"Type": "udp", "Queues": 4}}
+    # one queue is the default: the config stays the one flanneld reads
+    assert configs[1] == {"Network": "10.5.0.0/16", "Backend": {"Type": "udp"}}
+    assert configs[2]["Backend"] == {"Type": "vxlan"}
+
+
+@pytest.mark.skipif("udp" not in WORKING_PATHS, reason="fastlane's udp engine is not built")
+def test_udp_queues_start_one_engine_worker_per_queue() -> None:
+    """--udp-queues 3: each udp daemon runs fl-txrx0 plus fl-tx1 and fl-tx2."""
+    ctx = Context(fastlane_cmd=fastlane_command(), udp_queues=3)
+    with Topology(hosts=2, mtu=1500, underlay_kind="nic") as topo, up(topo, "udp", ctx):
+        assert len(ctx.forwarder_pids) == 2
+        for pid in ctx.forwarder_pids:
+            names = {
+                (task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()
+            }
+            assert {"fl-txrx0", "fl-tx1", "fl-tx2"} <= names, names
+            assert "fl-tx3" not in names
+
+
+# `perf report -i F --no-children --sort pid,comm,dso,sym -F overhead,sample,pid,comm,dso,sym
+# -g none --percent-limit 0 --stdio -t '\t'` as perf 6.1 prints it (rows shortened)
+PERF_OUTPUT = """\
+# To display the perf.data header info, please use --header/--header-only options.
+#
+# Samples: 1K of event 'cpu-clock:pppH'
+#
+# Overhead\t     Samples\t    Pid:Command        \tCommand        \tShared Object      \tSymbol
+ 40.00% \t 400        \t      0:swapper        \tswapper        \t[kernel.kallsyms]  \t[k] pv_native_safe_halt
+ 2.00%  \t 20         \t      0:swapper        \tswapper        \t[kernel.kallsyms]  \t[k] handle_softirqs
+ 15.00% \t 150        \t    812:fl-txrx0       \tfl-txrx0       \t[kernel.kallsyms]  \t[k] _copy_to_iter
+ 5.00%  \t 50         \t    812:fl-txrx0       \tfl-txrx0       \t_engine.cpython-311-x86_64-linux-gnu.so\t[.] fl_csum_partial
+ 8.00%  \t 80         \t    812:fl-txrx0       \tfl-txrx0       \t_engine.cpython-311-x86_64-linux-gnu.so\t[.] fl_tx_frame
+ 3.00%  \t 30         \t    812:fl-txrx0       \tfl-txrx0       \tlibc.so.6          \t[.] __memmove_avx_unaligned_erms
+ 10.00% \t 100        \t    901:iperf3         \tiperf3         \t[kernel.kallsyms]  \t[k] csum_partial_copy_generic
+ 6.00%  \t 60         \t    901:iperf3         \tiperf3         \t[kernel.kallsyms]  \t[k] tcp_sendmsg_locked
+ 4.00%  \t 40         \t    902:iperf3         \tiperf3         \t[kernel.kallsyms]  \t[k] csum_partial
+ 2.00%  \t 20         \t    777:fastlane       \tfastlane       \tlibpython3.11.so.1.0\t[.] _PyEval_EvalFrameDefault
+ 1.00%  \t 10         \t    300:etcd           \tetcd           \tetcd               \t[.] 0x000000000000e6cf
+ 1.00%  \t 10         \t    300:etcd           \tetcd           \tetcd               \t[.] 0x0000000000049f39
+ 3.00%  \t 30         \t     19:ksoftirqd/1    \tksoftirqd/1    \t[kernel.kallsyms]  \t[k] net_rx_action
+ this line is not a row
+"""
+
+
+def test_perf_report_rows_are_parsed_by_their_header() -> None:
+    rows = measure.parse_perf_report(PERF_OUTPUT)
+    assert len(rows) == 13 and sum(r.samples for r in rows) == 1000
+    assert rows[0] == measure.PerfRow(
+        "swapper", "[kernel.kallsyms]", "pv_native_safe_halt", 40.0, True, 400, 0
+    )
+    copy = rows[2]
+    assert (copy.comm, copy.tid, copy.sym, copy.kernel) == ("fl-txrx0", 812, "_copy_to_iter", True)
+    assert rows[3].dso == "_engine.cpython-311-x86_64-linux-gnu.so" and not rows[3].kernel
+    assert sum(r.percent for r in rows) == pytest.approx(100.0)
+    # percentages come from the sample counts, not perf's two decimals
+    odd = "\n".join(
+        " 33.33%\t1\t1:a\ta\tx\t[.] f" if i < 3 else "" for i in range(4)
+    )  # three rows of one sample each
+    assert [r.percent for r in measure.parse_perf_report(odd)] == pytest.approx([100 / 3] * 3)
+    # without a header line the columns are PERF_FIELDS' order
+    bare = [ln for ln in PERF_OUTPUT.splitlines() if not ln.startswith("#")]
+    assert measure.parse_perf_report("\n".join(bare)) == rows
+    assert measure.parse_perf_report("") == []
+
+
+def test_profile_buckets_of_a_udp_run() -> None:
+    rows = measure.parse_perf_report(PERF_OUTPUT)
+    ours = {812}  # the daemon the bench started; fastlane 777 is someone else's
+    s = measure.summarise_profile(rows, ours)
+    assert s["samples"] == 1000
+    assert s["by_who"] == pytest.approx(
+        {"forwarders": 31.0, "applications": 20.0, "idle": 42.0, "other": 7.0}
+    )
+    assert s["by_kind"] == pytest.approx(
+        {
+            "copy": 28.0,  # _copy_to_iter, libc memmove, csum_partial_copy_generic
+            "checksum": 9.0,  # fl_csum_partial, csum_partial
+            "forwarder_user": 8.0,  # fl_tx_frame
+            "idle": 40.0,  # the halt, not the softirq work the idle task ran
+            "kernel_other": 11.0,
+            "user_other": 4.0,  # the foreign fastlane and etcd
+        }
+    )
+    assert s["top"][:3] == [
+        ["idle", "pv_native_safe_halt", pytest.approx(40.0)],
+        ["forwarders", "_copy_to_iter", pytest.approx(15.0)],
+        ["applications", "csum_partial_copy_generic", pytest.approx(10.0)],
+    ]
+    # an unresolved DSO's addresses add up to one entry
+    assert ["other", "? (etcd)", pytest.approx(2.0)] in s["top"]
+    assert len(s["top"]) == 12
+    # without thread ids every thread of a forwarder's name counts
+    assert measure.summarise_profile(rows)["by_who"]["forwarders"] == pytest.approx(33.0)
+    # a kernel path's run: no forwarder of the bench's own
+    assert measure.summarise_profile(rows, set())["by_who"]["forwarders"] == pytest.approx(0.0)
+    assert [measure.who(measure.PerfRow(c, "x", "f", 1.0)) for c in ("fl-tx3", "fl-rx")] == [
+        "forwarders",
+        "forwarders",
+    ]
+    assert measure.who(measure.PerfRow("baseline_fwd", "baseline_fwd", "main", 1.0)) == (
+        "forwarders"
+    )
+    assert measure.who(measure.PerfRow("flanneld", "flanneld", "runtime.futex", 1.0)) == (
+        "forwarders"
+    )
+    # idle_cpu() is a scheduler helper busy code calls, not the idle loop
+    assert measure.kind(measure.PerfRow("iperf3", "[k]", "idle_cpu", 1.0, True)) == "kernel_other"
+
+
+_COMMS = ["fl-txrx0", "fl-tx1", "fl-rx", "fastlane", "flanneld", "baseline_fwd", "iperf3"]
+_COMMS += ["swapper", "ksoftirqd/0", "etcd", "perf", "kworker/0:1"]
+_SYMS = ["_copy_to_iter", "copy_user_generic_string", "rep_movs_alternative", "csum_partial"]
+_SYMS += ["do_csum", "fl_csum_fold", "sum64_avx2", "pv_native_safe_halt", "intel_idle"]
+_SYMS += ["__memmove_avx_unaligned_erms", "tcp_sendmsg", "fl_tx_frame", "0x00000000004f2a"]
+perf_rows = st.builds(
+    measure.PerfRow,
+    comm=st.one_of(st.sampled_from(_COMMS), st.text(max_size=15)),
+    dso=st.sampled_from(["[kernel.kallsyms]", "libc.so.6", "[vxlan]", "[unknown]", "etcd"]),
+    sym=st.one_of(st.sampled_from(_SYMS), st.text(max_size=30)),
+    percent=st.floats(0, 100, allow_nan=False),
+    kernel=st.booleans(),
+    samples=st.integers(0, 10_000),
+    tid=st.one_of(st.none(), st.integers(0, 20)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(perf_rows, max_size=40),
+    st.one_of(st.none(), st.sets(st.integers(0, 20))),
+)
+def test_every_sample_lands_in_exactly_one_bucket_of_each_grouping(
+    rows: list[measure.PerfRow], ours: set[int] | None
+) -> None:
+    s = measure.summarise_profile(rows, ours)
+    total = sum(r.percent for r in rows)
+    assert list(s["by_who"]) == list(measure.WHO) and list(s["by_kind"]) == list(measure.KINDS)
+    assert sum(s["by_who"].values()) == pytest.approx(total)
+    assert sum(s["by_kind"].values()) == pytest.approx(total)
+    assert s["samples"] == sum(r.samples for r in rows)
+    for row in rows:
+        one = measure.summarise_profile([row], ours)
+        for grouping in ("by_who", "by_kind"):
+            hit = [k for k, v in one[grouping].items() if v == row.percent]
+            assert len(hit) >= 1 and sum(one[grouping].values()) == row.percent
+        assert measure.who(row, ours) in measure.WHO and measure.kind(row, ours) in measure.KINDS
+        assert one["by_who"][measure.who(row, ours)] == row.percent
+        assert one["by_kind"][measure.kind(row, ours)] == row.percent
+        # userspace code of a forwarder is forwarder_user, copy or checksum, never user_other
+        if measure.who(row, ours) == "forwarders" and not row.kernel:
+            assert measure.kind(row, ours) in ("copy", "checksum", "forwarder_user")
+    top = s["top"]
+    assert len(top) <= measure.TOP_SYMBOLS
+    assert [p for _, _, p in top] == sorted((p for _, _, p in top), reverse=True)
+    for group, _, pct in top:
+        assert pct <= s["by_who"][group] + 1e-9
+
+
+def test_perf_failure_is_one_line() -> None:
+    paranoid = (
+        "Error:\n"
+        "Access to performance monitoring and observability operations is limited.\n"
+        "Consider adjusting /proc/sys/kernel/perf_event_paranoid setting to open\n"
+        "access to performance monitoring and observability operations for processes\n"
+        "perf_event_paranoid setting is 2:\n"
+        "  -1: Allow use of (almost) all events by all users\n"
+    )
+    assert measure.perf_failure(paranoid, 255) == (
+        "perf record failed: Access to performance monitoring and observability operations "
+        "is limited (perf_event_paranoid setting is 2)"
+    )
+    assert measure.perf_failure("", 139) == "perf record failed: exit status 139"
+
+
+def _fake_perf(bindir: Path) -> dict[str, str]:
+    """A `perf` that refuses to record as perf does under perf_event_paranoid, first in PATH."""
+    bindir.mkdir()
+    fake = bindir / "perf"
+    fake.write_text(
+        "#!/bin/sh\n"
+        "echo 'Error:' >&2\n"
+        "echo 'Access to performance monitoring and observability operations is limited.' >&2\n"
+        "echo 'perf_event_paranoid setting is 4:' >&2\n"
+        "exit 255\n"
+    )
+    fake.chmod(0o755)
+    return dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}")
+
+
+@pytest.mark.skipif(shutil.which("perf") is None, reason="perf missing (linux-perf)")
+@pytest.mark.skipif("udp" not in WORKING_PATHS, reason="fastlane's udp engine is not built")
+def test_profile_run_writes_where_the_cpu_goes(tmp_path: Path) -> None:
+    """--profile --udp-queues 2: one extra tcp_1 run per path under perf, summarised into the
+    JSON's "profile" and the results document; the tcp_1 samples stay one per repetition."""
+    run = BenchRun(
+        [
+            *("--mtu", "1500", "--underlay", "nic", "--paths", "underlay,udp"),
+            *("--duration", "1", "--repeat", "1", "--json", "out.json", "--plot", ""),
+            *("--profile", "--udp-queues", "2"),
+        ],
+        tmp_path,
+    )
+    rc = run.wait(timeout=180)
+    assert rc == 0, run.stderr + run.stdout
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["config"]["udp_queues"] == 2 and doc["config"]["profile"] is True
+    assert all(len(r["samples"]) == 1 for r in doc["results"])
+    profiles = {p["path"]: p for p in doc["profile"]}
+    assert list(profiles) == ["underlay", "udp"]
+    for p in profiles.values():
+        assert (p["underlay"], p["underlay_mtu"]) == ("nic", 1500)
+        assert p["samples"] > 100 and p["tcp_1_gbit_s"] > 0
+        assert sum(p["by_who"].values()) == pytest.approx(100.0)
+        assert sum(p["by_kind"].values()) == pytest.approx(100.0)
+        assert p["by_who"]["applications"] > 0 and 0 < len(p["top"]) <= 15
+    # the underlay has no forwarder of its own; udp's engine threads moved every packet
+    assert profiles["underlay"]["by_who"]["forwarders"] == 0
+    assert profiles["udp"]["by_who"]["forwarders"] > 0
+    assert profiles["udp"]["by_kind"]["forwarder_user"] > 0
+    assert "profile" in run.stderr and "Gbit/s under perf" in run.stderr
+    md = (tmp_path / "out.md").read_text()
+    assert "--udp-queues 2 --profile" in md
+    assert "## Where the CPU goes (perf, one extra tcp_1 run per path)" in md
+    assert "### Profile, underlay nic, MTU 1500" in md
+    run.assert_nothing_left()
+
+
+def test_profile_that_perf_refuses_is_a_one_line_path_error(tmp_path: Path) -> None:
+    run = BenchRun(
+        [
+            *("--mtu", "1500", "--underlay", "nic", "--paths", "underlay"),
+            *("--duration", "1", "--repeat", "1", "--json", "out.json", "--plot", ""),
+            "--profile",
+        ],
+        tmp_path,
+        env=_fake_perf(tmp_path / "bin"),
+    )
+    assert run.wait(timeout=120) == 1
+    assert "Traceback" not in run.stderr
+    message = (
+        "profile: perf record failed: Access to performance monitoring and observability "
+        "operations is limited (perf_event_paranoid setting is 4)"
+    )
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["errors"] == [
+        {"path": "underlay", "underlay": "nic", "underlay_mtu": 1500, "error": message}
+    ]
+    assert doc["profile"] == [] and doc["complete"] is False
+    assert {r["metric"] for r in doc["results"]} == METRICS  # the measurements still count
+    shown = [ln for ln in run.stderr.splitlines() if "perf record failed" in ln]
+    assert len(shown) == 1 and "(perf_event_paranoid setting is 4)" in shown[0], run.stderr
+    md = (tmp_path / "out.md").read_text()
+    assert "| underlay | failed: perf record failed: Access to performance" in md
+    run.assert_nothing_left()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from fastlane.bench import measure, report
 from fastlane.bench.datapaths import (
@@ -47,6 +48,7 @@ from fastlane.bench.progress import Progress
 __all__ = ["main"]
 
 MEASUREMENTS = ("rtt_us", "tcp_1", "tcp_4", "udp_pps")
+MAX_UDP_QUEUES = 16  # the engine's FL_MAX_QUEUES (csrc/engine_cdef.h)
 
 
 class BenchError(RuntimeError):
@@ -69,6 +71,8 @@ class Options:
     control_plane: bool = False
     leases: int = 10_000
     underlays: list[str] = dataclasses.field(default_factory=lambda: list(UNDERLAY_KINDS))
+    udp_queues: int = 1
+    profile: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +144,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         default=None,
         help="also measure this flanneld binary (udp backend) on the same topology",
+    )
+    p.add_argument(
+        "--udp-queues",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"Backend.Queues of the udp path's daemons: TUN queues, one engine worker "
+        f"each, 1..{MAX_UDP_QUEUES} (default: 1)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after each path's repetitions, one extra tcp_1 run under perf record -a -g "
+        "(not counted in tcp_1): where the CPU goes, by thread and by kind of work, in the "
+        "JSON's profile and the results document (needs perf: apt-get install -y linux-perf)",
     )
     p.add_argument(
         "--report",
@@ -246,7 +265,13 @@ def parse_args(argv: list[str]) -> Options:
     if not 2 <= a.hosts <= 50:
         _usage_error(parser, f"--hosts: {a.hosts} is outside 2..50")
     if a.control_plane:
+        for flag, given in (("--udp-queues", a.udp_queues is not None), ("--profile", a.profile)):
+            if given:
+                _usage_error(parser, f"{flag} measures the data plane: not with --control-plane")
         return _control_plane_options(parser, a)
+    udp_queues = a.udp_queues if a.udp_queues is not None else 1
+    if not 1 <= udp_queues <= MAX_UDP_QUEUES:
+        _usage_error(parser, f"--udp-queues: {udp_queues} is outside 1..{MAX_UDP_QUEUES}")
     duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
     if not (1 <= duration <= 3600) or math.isnan(duration):
         _usage_error(parser, f"--duration: {duration:g} is outside 1..3600 seconds")
@@ -268,6 +293,8 @@ def parse_args(argv: list[str]) -> Options:
         ready_timeout=a.ready_timeout,
         report=Path(a.report) if a.report else None,
         underlays=underlays,
+        udp_queues=udp_queues,
+        profile=a.profile,
     )
 
 
@@ -293,6 +320,8 @@ def preflight(opts: Options) -> None:
         tools.append(("gcc", "gcc"))
     if "nic" in opts.underlays:
         tools.append(("ethtool", "ethtool"))
+    if opts.profile:
+        tools.append(("perf", measure.PERF_PACKAGE))
     missing = sorted({pkg for tool, pkg in tools if shutil.which(tool) is None})
     if missing:
         names = [t for t, p in tools if p in missing and shutil.which(t) is None]
@@ -343,6 +372,7 @@ def _measure_path(
     ctx: Context,
     results: report.Results,
     progress: Progress,
+    tmp: Path,
 ) -> None:
     underlay6 = UNDERLAY6 if path in IPV6_PATHS else None
     with Topology(hosts=opts.hosts, mtu=mtu, underlay_kind=underlay, underlay6=underlay6) as topo:
@@ -374,6 +404,39 @@ def _measure_path(
                     progress.finish(text)
                     if what == "udp_pps":
                         time.sleep(0.5)  # let the flood's queues drain before the next RTT
+            if opts.profile:  # after the repetitions, so it never disturbs them
+                progress.start(_label(underlay, mtu, path, "profile", 0, 1, width))
+                data = tmp / f"perf-{underlay}-{mtu}-{path}.data"
+                try:
+                    summary = _profile(topo, ep, ctx.forwarder_pids, opts.duration, data)
+                except measure.MeasureError as exc:  # e.g. perf not allowed to record
+                    results.error(path, mtu, f"profile: {exc}", underlay)
+                    progress.finish(f"failed: {exc}")
+                    server.restart()
+                    return
+                results.profile(path, mtu, summary, underlay)
+                progress.finish(_profile_text(summary))
+
+
+def _profile(
+    topo: Topology, ep: measure.Endpoints, forwarders: list[int], duration: float, data: Path
+) -> dict[str, Any]:
+    """--profile: one extra tcp_1 run under perf, kept out of the tcp_1 samples because perf
+    slows every CPU down; summarised with the forwarders' threads told apart from any other
+    process of the same name."""
+    prof = measure.profile_tcp(topo, ep, duration, data)
+    ours = measure.threads_of(forwarders)
+    return {"tcp_1_gbit_s": prof.gbit_s, **measure.summarise_profile(prof.rows, ours)}
+
+
+def _profile_text(summary: dict[str, Any]) -> str:
+    who, kinds = summary["by_who"], summary["by_kind"]
+    return (
+        f"{summary['tcp_1_gbit_s']:.2f} Gbit/s under perf; "
+        + ", ".join(f"{k} {who[k]:.0f}%" for k in measure.WHO)
+        + "; "
+        + ", ".join(f"{k} {kinds[k]:.0f}%" for k in measure.KINDS)
+    )
 
 
 def _one(
@@ -415,11 +478,14 @@ def run(opts: Options) -> int:
     out = sys.stderr
     if stale:
         print(f"removed {len(stale)} namespaces left by an earlier, killed run", file=out)
-    total = len(opts.underlays) * len(opts.mtus) * len(opts.paths) * opts.repeat * len(MEASUREMENTS)
+    per_path = opts.repeat * len(MEASUREMENTS) + int(opts.profile)
+    total = len(opts.underlays) * len(opts.mtus) * len(opts.paths) * per_path
     print(
         f"fastlane bench: {opts.hosts} hosts, underlay {','.join(opts.underlays)}, "
         f"MTU {','.join(map(str, opts.mtus))}, paths "
-        f"{','.join(opts.paths)}, {opts.duration:g} s x {opts.repeat} per measurement",
+        f"{','.join(opts.paths)}, {opts.duration:g} s x {opts.repeat} per measurement"
+        + (f", udp queues {opts.udp_queues}" if opts.udp_queues != 1 else "")
+        + (", profiled with perf" if opts.profile else ""),
         file=out,
     )
     env = report.environment(opts.flanneld, opts.underlays)
@@ -439,17 +505,18 @@ def run(opts: Options) -> int:
                 flanneld_bin=opts.flanneld,
                 fastlane_cmd=fastlane_command(),
                 ready_timeout=opts.ready_timeout,
+                udp_queues=opts.udp_queues,
             )
             before = progress.done
             try:
-                _measure_path(opts, underlay, mtu, path, ctx, results, progress)
+                _measure_path(opts, underlay, mtu, path, ctx, results, progress, tmp)
             except (PathError, TopologyError, measure.MeasureError) as exc:
                 first, _, rest = str(exc).partition("\n")
                 results.error(path, mtu, str(exc), underlay)
                 progress.finish(f"FAILED: {first}", count=False)
                 if rest:
                     progress.note("\n".join("    " + ln for ln in rest.splitlines()))
-                progress.skip(opts.repeat * len(MEASUREMENTS) - (progress.done - before))
+                progress.skip(per_path - (progress.done - before))
     finally:
         progress.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -463,6 +530,8 @@ def run(opts: Options) -> int:
         "repeat": opts.repeat,
         "quick": opts.quick,
         "flanneld": str(opts.flanneld) if opts.flanneld else None,
+        "udp_queues": opts.udp_queues,
+        "profile": opts.profile,
     }
     print(file=sys.stdout)
     print(report.table(results, opts.mtus, opts.paths, opts.underlays), file=sys.stdout)
