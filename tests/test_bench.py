@@ -694,6 +694,8 @@ def test_perf_report_rows_are_parsed_by_their_header() -> None:
     bare = [ln for ln in PERF_OUTPUT.splitlines() if not ln.startswith("#")]
     assert measure.parse_perf_report("\n".join(bare)) == rows
     assert measure.parse_perf_report("") == []
+    assert measure.perf_event(PERF_OUTPUT) == "cpu-clock:pppH"
+    assert measure.perf_event("\n".join(bare)) is None
 
 
 def test_profile_buckets_of_a_udp_run() -> None:
@@ -842,7 +844,7 @@ def test_profile_run_writes_where_the_cpu_goes(tmp_path: Path) -> None:
     assert list(profiles) == ["underlay", "udp"]
     for p in profiles.values():
         assert (p["underlay"], p["underlay_mtu"]) == ("nic", 1500)
-        assert p["samples"] > 100 and p["tcp_1_gbit_s"] > 0
+        assert p["samples"] > 100 and p["tcp_1_gbit_s"] > 0 and p["event"]
         assert sum(p["by_who"].values()) == pytest.approx(100.0)
         assert sum(p["by_kind"].values()) == pytest.approx(100.0)
         assert p["by_who"]["applications"] > 0 and 0 < len(p["top"]) <= 15

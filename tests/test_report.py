@@ -269,6 +269,7 @@ def _profile(path: str, forwarders: float, copy: float) -> dict:
         "underlay": "nic",
         "underlay_mtu": 1500,
         "tcp_1_gbit_s": 5.5,
+        "event": "cpu-clock:pppH",
         "samples": 8000,
         "by_who": {"forwarders": forwarders, "applications": 20.0, "idle": 30.0, "other": rest},
         "by_kind": {
@@ -306,6 +307,7 @@ def test_profile_section_one_table_per_underlay_and_mtu() -> None:
     text = report.markdown(doc, "run.json")
     assert "--duration 2.5 --repeat 3 --udp-queues 4 --profile" in text
     assert "## Where the CPU goes (perf, one extra tcp_1 run per path)" in text
+    assert "Sampled event: `cpu-clock:pppH`. A software clock" in text
     table = [ln for ln in _section(text, "### Profile, underlay nic, MTU 1500") if ln]
     head = [c.strip() for c in table[0].strip("|").split("|")]
     assert head == [

@@ -426,7 +426,8 @@ def _profile(
     process of the same name."""
     prof = measure.profile_tcp(topo, ep, duration, data)
     ours = measure.threads_of(forwarders)
-    return {"tcp_1_gbit_s": prof.gbit_s, **measure.summarise_profile(prof.rows, ours)}
+    summary = measure.summarise_profile(prof.rows, ours)
+    return {"tcp_1_gbit_s": prof.gbit_s, "event": prof.event, **summary}
 
 
 def _profile_text(summary: dict[str, Any]) -> str:

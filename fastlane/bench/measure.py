@@ -421,6 +421,16 @@ def _perf_row(line: str, columns: list[str]) -> PerfRow | None:
     return PerfRow(comm, dso, sym, percent, kernel, samples, tid)
 
 
+_EVENT_RE = re.compile(r"^# Samples: .* of event '([^']+)'", re.MULTILINE)
+
+
+def perf_event(text: str) -> str | None:
+    """The sampled event perf report names in its header ("cpu-clock:pppH" in a VM without
+    hardware counters, "cycles:P" with them): it decides how samples are attributed."""
+    m = _EVENT_RE.search(text)
+    return m.group(1) if m else None
+
+
 def perf_failure(stderr: str, returncode: int) -> str:
     """One line for a perf that did not record: its first message, plus the
     perf_event_paranoid setting when perf names it (the usual cause)."""
@@ -434,8 +444,9 @@ def perf_failure(stderr: str, returncode: int) -> str:
     return f"perf record failed: {msg}"
 
 
-def perf_report(data: Path) -> list[PerfRow]:
-    """Self time of every (thread name, DSO, symbol) in a recording, call graphs folded."""
+def perf_report(data: Path) -> tuple[list[PerfRow], str | None]:
+    """Self time of every (thread, DSO, symbol) in a recording, call graphs folded, and the
+    sampled event."""
     cmd = [
         *("perf", "report", "-i", str(data), "--no-children", "--sort", "pid,comm,dso,sym"),
         *("-F", PERF_FIELDS, "-g", "none", "--percent-limit", "0", "--stdio", "-t", "\t"),
@@ -452,7 +463,7 @@ def perf_report(data: Path) -> list[PerfRow]:
         raise MeasureError(
             f"perf report gave no samples: {detail[-1] if detail else res.returncode}"
         )
-    return rows
+    return rows, perf_event(res.stdout)
 
 
 def threads_of(pids: Collection[int]) -> set[int]:
@@ -470,6 +481,7 @@ def threads_of(pids: Collection[int]) -> set[int]:
 class Profile:
     gbit_s: float  # the profiled run's own throughput (perf's overhead included)
     rows: list[PerfRow]
+    event: str | None = None  # the sampled event, from perf report's header
 
 
 def profile_tcp(topo: Topology, ep: Endpoints, duration: float, data: Path) -> Profile:
@@ -483,6 +495,7 @@ def profile_tcp(topo: Topology, ep: Endpoints, duration: float, data: Path) -> P
         if not data.is_file() or data.stat().st_size == 0:  # perf stopped before iperf3 ran
             raise MeasureError(perf_failure(res.stderr, res.returncode))
         bps, _ = _received(_iperf_json(res))
-        return Profile(gbit_s=bps / 1e9, rows=perf_report(data))
+        rows, event = perf_report(data)
+        return Profile(gbit_s=bps / 1e9, rows=rows, event=event)
     finally:
         data.unlink(missing_ok=True)

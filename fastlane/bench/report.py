@@ -809,8 +809,25 @@ def _profile_section(
         "the forwarders' own userspace code, the idle loop, the rest of the kernel and the rest "
         "of userspace. docs/bench.md lists what each group holds.",
         "",
+        *_profile_events(profiles),
         *tables,
     ]
+
+
+def _profile_events(profiles: list[dict[str, Any]]) -> list[str]:
+    """Which event perf sampled: with the software clock of a VM (cpu-clock), work done with
+    interrupts off shows up where they are turned back on."""
+    events = list(dict.fromkeys(str(p["event"]) for p in profiles if p.get("event")))
+    if not events:
+        return []
+    line = "Sampled event: " + ", ".join(f"`{_md(e)}`" for e in events) + "."
+    if any(e.startswith("cpu-clock") for e in events):
+        line += (
+            " A software clock (no hardware counters, as in most VMs): work done with "
+            "interrupts disabled is counted where they are enabled again "
+            "(`_raw_spin_unlock_irqrestore`, `handle_softirqs`, ...)."
+        )
+    return [line, ""]
 
 
 def _profile_table(
