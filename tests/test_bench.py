@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastlane.bench import measure, report
+from fastlane.bench import measure, profile, report
 from fastlane.bench.datapaths import CONFIG_KEY, Context, fastlane_command, up, write_config
 from fastlane.bench.lab.topology import MANIFEST_DIR, Topology, cleanup_stale
 from fastlane.bench.lab.wire import WireStats
@@ -676,9 +676,9 @@ PERF_OUTPUT = """\
 
 
 def test_perf_report_rows_are_parsed_by_their_header() -> None:
-    rows = measure.parse_perf_report(PERF_OUTPUT)
+    rows = profile.parse_perf_report(PERF_OUTPUT)
     assert len(rows) == 13 and sum(r.samples for r in rows) == 1000
-    assert rows[0] == measure.PerfRow(
+    assert rows[0] == profile.PerfRow(
         "swapper", "[kernel.kallsyms]", "pv_native_safe_halt", 40.0, True, 400, 0
     )
     copy = rows[2]
@@ -689,19 +689,19 @@ def test_perf_report_rows_are_parsed_by_their_header() -> None:
     odd = "\n".join(
         " 33.33%\t1\t1:a\ta\tx\t[.] f" if i < 3 else "" for i in range(4)
     )  # three rows of one sample each
-    assert [r.percent for r in measure.parse_perf_report(odd)] == pytest.approx([100 / 3] * 3)
+    assert [r.percent for r in profile.parse_perf_report(odd)] == pytest.approx([100 / 3] * 3)
     # without a header line the columns are PERF_FIELDS' order
     bare = [ln for ln in PERF_OUTPUT.splitlines() if not ln.startswith("#")]
-    assert measure.parse_perf_report("\n".join(bare)) == rows
-    assert measure.parse_perf_report("") == []
-    assert measure.perf_event(PERF_OUTPUT) == "cpu-clock:pppH"
-    assert measure.perf_event("\n".join(bare)) is None
+    assert profile.parse_perf_report("\n".join(bare)) == rows
+    assert profile.parse_perf_report("") == []
+    assert profile.perf_event(PERF_OUTPUT) == "cpu-clock:pppH"
+    assert profile.perf_event("\n".join(bare)) is None
 
 
 def test_profile_buckets_of_a_udp_run() -> None:
-    rows = measure.parse_perf_report(PERF_OUTPUT)
+    rows = profile.parse_perf_report(PERF_OUTPUT)
     ours = {812}  # the daemon the bench started; fastlane 777 is someone else's
-    s = measure.summarise_profile(rows, ours)
+    s = profile.summarise_profile(rows, ours)
     assert s["samples"] == 1000
     assert s["by_who"] == pytest.approx(
         {"forwarders": 31.0, "applications": 20.0, "idle": 42.0, "other": 7.0}
@@ -725,21 +725,21 @@ def test_profile_buckets_of_a_udp_run() -> None:
     assert ["other", "? (etcd)", pytest.approx(2.0)] in s["top"]
     assert len(s["top"]) == 12
     # without thread ids every thread of a forwarder's name counts
-    assert measure.summarise_profile(rows)["by_who"]["forwarders"] == pytest.approx(33.0)
+    assert profile.summarise_profile(rows)["by_who"]["forwarders"] == pytest.approx(33.0)
     # a kernel path's run: no forwarder of the bench's own
-    assert measure.summarise_profile(rows, set())["by_who"]["forwarders"] == pytest.approx(0.0)
-    assert [measure.who(measure.PerfRow(c, "x", "f", 1.0)) for c in ("fl-tx3", "fl-rx")] == [
+    assert profile.summarise_profile(rows, set())["by_who"]["forwarders"] == pytest.approx(0.0)
+    assert [profile.who(profile.PerfRow(c, "x", "f", 1.0)) for c in ("fl-tx3", "fl-rx")] == [
         "forwarders",
         "forwarders",
     ]
-    assert measure.who(measure.PerfRow("baseline_fwd", "baseline_fwd", "main", 1.0)) == (
+    assert profile.who(profile.PerfRow("baseline_fwd", "baseline_fwd", "main", 1.0)) == (
         "forwarders"
     )
-    assert measure.who(measure.PerfRow("flanneld", "flanneld", "runtime.futex", 1.0)) == (
+    assert profile.who(profile.PerfRow("flanneld", "flanneld", "runtime.futex", 1.0)) == (
         "forwarders"
     )
     # idle_cpu() is a scheduler helper busy code calls, not the idle loop
-    assert measure.kind(measure.PerfRow("iperf3", "[k]", "idle_cpu", 1.0, True)) == "kernel_other"
+    assert profile.kind(profile.PerfRow("iperf3", "[k]", "idle_cpu", 1.0, True)) == "kernel_other"
 
 
 _COMMS = ["fl-txrx0", "fl-tx1", "fl-rx", "fastlane", "flanneld", "baseline_fwd", "iperf3"]
@@ -748,7 +748,7 @@ _SYMS = ["_copy_to_iter", "copy_user_generic_string", "rep_movs_alternative", "c
 _SYMS += ["do_csum", "fl_csum_fold", "sum64_avx2", "pv_native_safe_halt", "intel_idle"]
 _SYMS += ["__memmove_avx_unaligned_erms", "tcp_sendmsg", "fl_tx_frame", "0x00000000004f2a"]
 perf_rows = st.builds(
-    measure.PerfRow,
+    profile.PerfRow,
     comm=st.one_of(st.sampled_from(_COMMS), st.text(max_size=15)),
     dso=st.sampled_from(["[kernel.kallsyms]", "libc.so.6", "[vxlan]", "[unknown]", "etcd"]),
     sym=st.one_of(st.sampled_from(_SYMS), st.text(max_size=30)),
@@ -765,27 +765,27 @@ perf_rows = st.builds(
     st.one_of(st.none(), st.sets(st.integers(0, 20))),
 )
 def test_every_sample_lands_in_exactly_one_bucket_of_each_grouping(
-    rows: list[measure.PerfRow], ours: set[int] | None
+    rows: list[profile.PerfRow], ours: set[int] | None
 ) -> None:
-    s = measure.summarise_profile(rows, ours)
+    s = profile.summarise_profile(rows, ours)
     total = sum(r.percent for r in rows)
-    assert list(s["by_who"]) == list(measure.WHO) and list(s["by_kind"]) == list(measure.KINDS)
+    assert list(s["by_who"]) == list(profile.WHO) and list(s["by_kind"]) == list(profile.KINDS)
     assert sum(s["by_who"].values()) == pytest.approx(total)
     assert sum(s["by_kind"].values()) == pytest.approx(total)
     assert s["samples"] == sum(r.samples for r in rows)
     for row in rows:
-        one = measure.summarise_profile([row], ours)
+        one = profile.summarise_profile([row], ours)
         for grouping in ("by_who", "by_kind"):
             hit = [k for k, v in one[grouping].items() if v == row.percent]
             assert len(hit) >= 1 and sum(one[grouping].values()) == row.percent
-        assert measure.who(row, ours) in measure.WHO and measure.kind(row, ours) in measure.KINDS
-        assert one["by_who"][measure.who(row, ours)] == row.percent
-        assert one["by_kind"][measure.kind(row, ours)] == row.percent
+        assert profile.who(row, ours) in profile.WHO and profile.kind(row, ours) in profile.KINDS
+        assert one["by_who"][profile.who(row, ours)] == row.percent
+        assert one["by_kind"][profile.kind(row, ours)] == row.percent
         # userspace code of a forwarder is forwarder_user, copy or checksum, never user_other
-        if measure.who(row, ours) == "forwarders" and not row.kernel:
-            assert measure.kind(row, ours) in ("copy", "checksum", "forwarder_user")
+        if profile.who(row, ours) == "forwarders" and not row.kernel:
+            assert profile.kind(row, ours) in ("copy", "checksum", "forwarder_user")
     top = s["top"]
-    assert len(top) <= measure.TOP_SYMBOLS
+    assert len(top) <= profile.TOP_SYMBOLS
     assert [p for _, _, p in top] == sorted((p for _, _, p in top), reverse=True)
     for group, _, pct in top:
         assert pct <= s["by_who"][group] + 1e-9
@@ -800,11 +800,11 @@ def test_perf_failure_is_one_line() -> None:
         "perf_event_paranoid setting is 2:\n"
         "  -1: Allow use of (almost) all events by all users\n"
     )
-    assert measure.perf_failure(paranoid, 255) == (
+    assert profile.perf_failure(paranoid, 255) == (
         "perf record failed: Access to performance monitoring and observability operations "
         "is limited (perf_event_paranoid setting is 2)"
     )
-    assert measure.perf_failure("", 139) == "perf record failed: exit status 139"
+    assert profile.perf_failure("", 139) == "perf record failed: exit status 139"
 
 
 def _fake_perf(bindir: Path) -> dict[str, str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from fastlane.bench import measure, report
+from fastlane.bench import measure, profile, report
 from fastlane.bench.datapaths import (
     ALL_PATHS,
     DEFAULT_PATHS,
@@ -321,7 +321,7 @@ def preflight(opts: Options) -> None:
     if "nic" in opts.underlays:
         tools.append(("ethtool", "ethtool"))
     if opts.profile:
-        tools.append(("perf", measure.PERF_PACKAGE))
+        tools.append(("perf", profile.PERF_PACKAGE))
     missing = sorted({pkg for tool, pkg in tools if shutil.which(tool) is None})
     if missing:
         names = [t for t, p in tools if p in missing and shutil.which(t) is None]
@@ -424,9 +424,9 @@ def _profile(
     """--profile: one extra tcp_1 run under perf, kept out of the tcp_1 samples because perf
     slows every CPU down; summarised with the forwarders' threads told apart from any other
     process of the same name."""
-    prof = measure.profile_tcp(topo, ep, duration, data)
-    ours = measure.threads_of(forwarders)
-    summary = measure.summarise_profile(prof.rows, ours)
+    prof = profile.profile_tcp(topo, ep, duration, data)
+    ours = profile.threads_of(forwarders)
+    summary = profile.summarise_profile(prof.rows, ours)
     return {"tcp_1_gbit_s": prof.gbit_s, "event": prof.event, **summary}
 
 
@@ -434,9 +434,9 @@ def _profile_text(summary: dict[str, Any]) -> str:
     who, kinds = summary["by_who"], summary["by_kind"]
     return (
         f"{summary['tcp_1_gbit_s']:.2f} Gbit/s under perf; "
-        + ", ".join(f"{k} {who[k]:.0f}%" for k in measure.WHO)
+        + ", ".join(f"{k} {who[k]:.0f}%" for k in profile.WHO)
         + "; "
-        + ", ".join(f"{k} {kinds[k]:.0f}%" for k in measure.KINDS)
+        + ", ".join(f"{k} {kinds[k]:.0f}%" for k in profile.KINDS)
     )
 
 

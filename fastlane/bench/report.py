@@ -22,7 +22,7 @@ from typing import Any
 import fastlane
 from fastlane.bench.datapaths import IPV6_PATHS, family
 from fastlane.bench.lab.topology import underlay_description
-from fastlane.bench.measure import KINDS, WHO
+from fastlane.bench.profile import KINDS, WHO
 
 SCHEMA = "fastlane-bench/1"
 
@@ -71,7 +71,7 @@ class Results:
     def profile(
         self, path: str, mtu: int, summary: dict[str, Any], underlay: str = DEFAULT_UNDERLAY
     ) -> None:
-        """The perf summary of one path's extra tcp_1 run (measure.summarise_profile)."""
+        """The perf summary of one path's extra tcp_1 run (profile.summarise_profile)."""
         self.profiles.append(
             {"path": path, "family": family(path), "underlay": underlay, "underlay_mtu": mtu}
             | summary
