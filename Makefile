@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PKGS := etcd-server etcd-client iperf3 iptables nftables iproute2 iputils-ping gcc systemd ethtool
+APT_PKGS := etcd-server etcd-client iperf3 iptables nftables iproute2 iputils-ping gcc systemd ethtool linux-perf
 ENGINE_SO = $(wildcard fastlane/_engine*.so)
 
 .PHONY: install apt venv build test lint bench clean clang sanitize asan asan-engine asan-stress tsan fuzz

@@ -82,6 +82,14 @@ def run_path(path: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def _read(path: str) -> str | None:
+    """A sysfs value, or None where this machine has no such file."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, required=True)
@@ -92,9 +100,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
-        "cpuidle_driver": Path("/sys/devices/system/cpu/cpuidle/current_driver")
-        .read_text()
-        .strip(),
+        "cpuidle_driver": _read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "guest_halt_poll_ns": _read("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
         "ping": f"ping -n -i 0.002 -c {COUNT}, container to container, underlay nic MTU 1500",
         "paths": {path: run_path(path) for path in ("udp", "vxlan")},
     }
