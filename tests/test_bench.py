@@ -698,6 +698,19 @@ def test_perf_report_rows_are_parsed_by_their_header() -> None:
     assert profile.perf_event("\n".join(bare)) is None
 
 
+def test_forwarder_threads_are_told_apart_by_host() -> None:
+    """Both hosts' engine threads are called fl-txrx0: the labels (thread id -> host) keep them
+    apart, busiest first; threads not labelled (someone else's daemon) are left out."""
+    rows = profile.parse_perf_report(PERF_OUTPUT)
+    extra = profile.PerfRow("fl-txrx0", "[kernel.kallsyms]", "tun_do_read", 9.0, True, 90, 813)
+    labels = {812: "host0 fl-txrx0", 813: "host1 fl-txrx0"}
+    assert profile.forwarder_threads([*rows, extra], labels) == [
+        ["host0 fl-txrx0", pytest.approx(31.0)],
+        ["host1 fl-txrx0", pytest.approx(9.0)],
+    ]
+    assert profile.forwarder_threads(rows, {}) == []
+
+
 def test_profile_buckets_of_a_udp_run() -> None:
     rows = profile.parse_perf_report(PERF_OUTPUT)
     ours = {812}  # the daemon the bench started; fastlane 777 is someone else's

@@ -425,9 +425,16 @@ def _profile(
     slows every CPU down; summarised with the forwarders' threads told apart from any other
     process of the same name."""
     prof = profile.profile_tcp(topo, ep, duration, data)
-    ours = profile.threads_of(forwarders)
-    summary = profile.summarise_profile(prof.rows, ours)
-    return {"tcp_1_gbit_s": prof.gbit_s, "event": prof.event, **summary}
+    labels = profile.thread_labels(forwarders)
+    summary = profile.summarise_profile(prof.rows, set(labels))
+    threads = profile.forwarder_threads(prof.rows, labels)
+    return {
+        "tcp_1_gbit_s": prof.gbit_s,
+        "event": prof.event,
+        "cpus": os.cpu_count(),
+        **summary,
+        "forwarder_threads": threads,
+    }
 
 
 def _profile_text(summary: dict[str, Any]) -> str:

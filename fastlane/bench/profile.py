@@ -234,6 +234,32 @@ def perf_report(data: Path) -> tuple[list[PerfRow], str | None]:
     return rows, perf_event(res.stdout)
 
 
+def thread_labels(pids: Sequence[int]) -> dict[int, str]:
+    """Thread id -> "host<i> <thread name>" for the forwarder of each host (pids in host order,
+    host 0 the sending side of the bench's TCP runs): both hosts' engine threads have the same
+    names, and which one is busy is the point."""
+    labels: dict[int, str] = {}
+    for i, pid in enumerate(pids):
+        for tid in threads_of([pid]):
+            try:
+                name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            except OSError:
+                continue
+            labels[tid] = f"host{i} {name}"
+    return labels
+
+
+def forwarder_threads(rows: Sequence[PerfRow], labels: dict[int, str]) -> list[list[Any]]:
+    """[label, percent of all samples] per forwarder thread, busiest first: with N CPUs, 100/N
+    percent is one CPU kept busy for the whole run, which is where one thread's work stops
+    scaling."""
+    per: dict[str, float] = {}
+    for row in rows:
+        if row.tid is not None and row.tid in labels:
+            per[labels[row.tid]] = per.get(labels[row.tid], 0.0) + row.percent
+    return [[label, pct] for label, pct in sorted(per.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
 def threads_of(pids: Collection[int]) -> set[int]:
     """Thread ids of the given processes now (a process that is gone has none)."""
     tids = set()

@@ -843,7 +843,8 @@ def _profile_table(
     out = [f"### Profile, underlay {underlay}, MTU {mtu}", ""]
     out.append("| path | " + " | ".join(head) + " |")
     out.append("|---|" + "---:|" * len(head))
-    hottest = []
+    hottest: list[str] = []
+    threads: list[str] = []
     for path in paths:
         prof = at.get((underlay, mtu, path))
         if prof is None:
@@ -860,10 +861,22 @@ def _profile_table(
         ]
         if top:
             hottest.append(f"- {path}: " + ", ".join(top))
+        busy = [f"{_md(label)} {pct:.1f}%" for label, pct in prof.get("forwarder_threads") or []]
+        if busy:
+            cpus = prof.get("cpus")
+            one = f" ({100 / cpus:.0f}% = one of {cpus} CPUs busy all the run)" if cpus else ""
+            threads.append(f"- {path}{one}: " + ", ".join(busy))
     out.append("")
     if hottest:
         out += ["Hottest symbols (percent of all samples, thread group in parentheses):", ""]
         out += hottest + [""]
+    if threads:
+        out += [
+            "Forwarder threads (percent of all samples; host0 sends the TCP data, host1 "
+            "receives it):",
+            "",
+        ]
+        out += threads + [""]
     return out
 
 
