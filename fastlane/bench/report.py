@@ -861,7 +861,11 @@ def _profile_table(
         ]
         if top:
             hottest.append(f"- {path}: " + ", ".join(top))
-        busy = [f"{_md(label)} {pct:.1f}%" for label, pct in prof.get("forwarder_threads") or []]
+        busy = [
+            f"{_md(label)} {pct:.1f}%"
+            for label, pct in prof.get("forwarder_threads") or []
+            if round(pct, 1) > 0  # the daemons' idle helper threads say nothing
+        ]
         if busy:
             cpus = prof.get("cpus")
             one = f" ({100 / cpus:.0f}% = one of {cpus} CPUs busy all the run)" if cpus else ""
