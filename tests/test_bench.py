@@ -449,36 +449,26 @@ def test_missing_tools_and_not_root_are_one_line_errors(tmp_path: Path) -> None:
     for tool in ("ip", "ss", "ping", "bridge", "ethtool"):
         (bindir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
     env = dict(os.environ, PATH=str(bindir))
-    res = subprocess.run(
-        [sys.executable, "-m", "fastlane.bench", "--paths", "underlay,vxlan"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-    )
+
+    def bench(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fastlane.bench", *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+
+    res = bench("--paths", "underlay,vxlan")
     assert res.returncode == 1
     assert res.stderr.strip() == "fastlane bench: iperf3 not found: apt-get install -y iperf3"
 
-    res = subprocess.run(
-        [sys.executable, "-m", "fastlane.bench", "--paths", "udp"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-    )
+    res = bench("--paths", "udp")
     assert "apt-get install -y etcd-client etcd-server iperf3" in res.stderr
 
     (bindir / "iperf3").symlink_to(shutil.which("iperf3") or "/usr/bin/iperf3")
-    res = subprocess.run(
-        [sys.executable, "-m", "fastlane.bench", "--paths", "underlay", "--profile"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-    )
+    res = bench("--paths", "underlay", "--profile")
     assert res.returncode == 1
     assert res.stderr.strip() == "fastlane bench: perf not found: apt-get install -y linux-perf"
 

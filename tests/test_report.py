@@ -342,6 +342,15 @@ def test_profile_section_one_table_per_underlay_and_mtu() -> None:
     # the figures come from the JSON
     doc["profile"][0]["by_kind"]["copy"] = 26.0
     assert "| 26.0 |" in report.markdown(doc, "run.json")
+    # forwarder threads, told apart by host; helper threads that did nothing are left out
+    doc["profile"][0] |= {
+        "cpus": 2,
+        "forwarder_threads": [["host0 fl-txrx0", 30.0], ["host1 fl-txrx0", 9.5], ["host0 x", 0.01]],
+    }
+    assert (
+        "- udp (50% = one of 2 CPUs busy all the run): host0 fl-txrx0 30.0%, host1 fl-txrx0 9.5%\n"
+        in report.markdown(doc, "run.json")
+    )
 
 
 def test_runs_without_profile_render_as_before() -> None:
