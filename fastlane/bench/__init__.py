@@ -48,7 +48,6 @@ from fastlane.bench.progress import Progress
 __all__ = ["main"]
 
 MEASUREMENTS = ("rtt_us", "tcp_1", "tcp_4", "udp_pps")
-MAX_UDP_QUEUES = 16  # the engine's FL_MAX_QUEUES (csrc/engine_cdef.h)
 
 
 class BenchError(RuntimeError):
@@ -150,8 +149,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help=f"Backend.Queues of the udp path's daemons: TUN queues, one engine worker "
-        f"each, 1..{MAX_UDP_QUEUES} (default: 1)",
+        help="Backend.Queues of the udp path's daemons: TUN queues, one engine worker "
+        "each, up to the engine's limit (default: 1)",
     )
     p.add_argument(
         "--profile",
@@ -269,9 +268,13 @@ def parse_args(argv: list[str]) -> Options:
             if given:
                 _usage_error(parser, f"{flag} measures the data plane: not with --control-plane")
         return _control_plane_options(parser, a)
-    udp_queues = a.udp_queues if a.udp_queues is not None else 1
-    if not 1 <= udp_queues <= MAX_UDP_QUEUES:
-        _usage_error(parser, f"--udp-queues: {udp_queues} is outside 1..{MAX_UDP_QUEUES}")
+    udp_queues = 1
+    if a.udp_queues is not None:
+        from fastlane.engine import MAX_QUEUES  # the C extension: only when the option is given
+
+        udp_queues = a.udp_queues
+        if not 1 <= udp_queues <= MAX_QUEUES:
+            _usage_error(parser, f"--udp-queues: {udp_queues} is outside 1..{MAX_QUEUES}")
     duration = a.duration if a.duration is not None else (2.0 if a.quick else 5.0)
     if not (1 <= duration <= 3600) or math.isnan(duration):
         _usage_error(parser, f"--duration: {duration:g} is outside 1..3600 seconds")
