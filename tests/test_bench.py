@@ -526,15 +526,15 @@ def test_results_rows_ratios_and_table() -> None:
     assert rows[("udp", "tcp_1")]["samples"] == [1.0, 3.0, 2.0]
     assert ("baseline", "cpu_s_per_gbit") not in rows
     ratios = {x["denominator"]: x for x in r.ratios([1500])}
-    assert ratios["vxlan"]["ratio"] == pytest.approx(0.2) and ratios["vxlan"]["target"] == 0.6
+    assert ratios["vxlan"]["ratio"] == pytest.approx(0.2) and ratios["vxlan"]["target"] == 0.8
     assert ratios["baseline"]["ratio"] == pytest.approx(4.0)
-    r.add("udp", 9000, "tcp_1", 5.98)
+    r.add("udp", 9000, "tcp_1", 7.98)
     r.add("vxlan", 9000, "tcp_1", 10.0)
     # just under the target must not print as if it were on it
-    assert "0.598x vxlan   (target >= 0.6x: NOT met)" in report.table(r, [9000], ["udp"])
+    assert "0.798x vxlan   (target >= 0.8x: NOT met)" in report.table(r, [9000], ["udp"])
     text = report.table(r, [1500], ["udp", "vxlan", "host-gw", "baseline"])
     assert "2.00 (1.00-3.00)" in text and "failed" in text
-    assert "veth, MTU 1500: udp tcp_1 = 0.2x vxlan   (target >= 0.6x: NOT met)" in text
+    assert "veth, MTU 1500: udp tcp_1 = 0.2x vxlan   (target >= 0.8x: NOT met)" in text
     # a second underlay: its own rows, ratios and table lines
     r.add("udp", 1500, "tcp_1", 1.0, "nic")
     r.add("vxlan", 1500, "tcp_1", 4.0, "nic")
