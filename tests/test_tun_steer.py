@@ -163,7 +163,7 @@ def test_replies_written_on_queue_0_do_not_move_a_flow(steered_tun) -> None:
     script = (
         "import socket, time\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "s.bind(('10.77.0.1', 0))\n"
+        "s.bind(('10.77.0.1', 5555))\n"  # a fixed port: the same flows every run
         "for port in range(41000, 41016):\n"
         "    s.sendto(b'a', ('10.77.0.2', port))\n"
         "time.sleep(0.5)\n"
