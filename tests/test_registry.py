@@ -381,16 +381,16 @@ async def test_malformed_ipv6_leases_from_others_are_skipped_with_a_warning(stor
     # allocation steps around the readable pair and ignores the unreadable ones
     mine = await reg.acquire(DUAL, attrs6("10.9.8.9", "2001:db8::89"))
     assert mine.subnet != N("10.1.1.0/24") and mine.ipv6_subnet != N6("fd00:1:0:1::/64")
-    # the watch decodes events the same way
-    batches = reg.watch(revision + 1)
-    await store.put(sub + "0.0.0.0-0&fd00:1:0:9::-64", attrs6("0.0.0.0", "2001:db8::99").encode())
-    await store.put(sub + "10.1.5.0-24&fd00:1:0:5::-64", b'{"PublicIP":"10.9.8.5","PublicIPv6":7}')
+    # the watch decodes events the same way; it starts after our own lease's put, and only the
+    # two keys written here count (our lease was picked at random and may share a prefix)
+    batches = reg.watch(mine.mod_revision + 1)
+    written = (sub + "0.0.0.0-0&fd00:1:0:9::-64", sub + "10.1.5.0-24&fd00:1:0:5::-64")
+    await store.put(written[0], attrs6("0.0.0.0", "2001:db8::99").encode())
+    await store.put(written[1], b'{"PublicIP":"10.9.8.5","PublicIPv6":7}')
     events = []
     async with asyncio.timeout(5):
         async for batch in batches:
-            events += [
-                e for e in batch if e.key.startswith(sub + "0.") or e.key.startswith(sub + "10.1.5")
-            ]
+            events += [e for e in batch if e.key in written]
             if len(events) >= 2:
                 break
     await batches.aclose()
