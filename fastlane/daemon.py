@@ -356,16 +356,16 @@ class Daemon:
         assert config is not None and self.lease is not None
         if not self._chains:
             v4, v6 = config.enable_ipv4, config.enable_ipv6
-            self._chains = rules.rule_sets(
+            settings = rules.RuleSettings(
                 config.network if v4 else None,
                 self.lease.subnet if v4 else None,
-                nftables=config.enable_nftables,
                 ip_masq=o.ip_masq,
                 forward=o.forward_rules,
                 random_fully_disable=o.random_fully_disable,
                 network6=config.ipv6_network if v6 else None,
                 subnet6=self.lease.ipv6_subnet if v6 else None,
             )
+            self._chains = rules.rule_sets(settings, nftables=config.enable_nftables)
         return await asyncio.to_thread(rules.ensure, self._chains)
 
     async def _resync_rules(self) -> None:

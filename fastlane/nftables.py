@@ -24,13 +24,12 @@ source outside the node's subnet): see docs/drop-in.md.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import shutil
 import subprocess
 
-from fastlane.rules import RulesError
+from fastlane.rules import RulesError, RuleSettings
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +159,18 @@ class Tables:
 
     kind = "nftables"
 
-    def __init__(
-        self,
-        network: ipaddress.IPv4Network | None,
-        subnet: ipaddress.IPv4Network | None,
-        *,
-        ip_masq: bool,
-        forward: bool,
-        random_fully_disable: bool,
-        network6: ipaddress.IPv6Network | None = None,
-        subnet6: ipaddress.IPv6Network | None = None,
-    ) -> None:
+    def __init__(self, settings: RuleSettings) -> None:
         #: (family, table, network, subnet) for each family the network has
         self.families = [
             (family, table, str(net), str(sub))
             for family, table, net, sub in (
-                ("ip", TABLE4, network, subnet),
-                ("ip6", TABLE6, network6, subnet6),
+                ("ip", TABLE4, settings.network, settings.subnet),
+                ("ip6", TABLE6, settings.network6, settings.subnet6),
             )
             if net is not None and sub is not None
         ]
-        self.ip_masq, self.forward = ip_masq, forward
-        self.random_fully_disable = random_fully_disable
+        self.ip_masq, self.forward = settings.ip_masq, settings.forward
+        self.random_fully_disable = settings.random_fully_disable
         self._written: tuple[list[dict] | None, list[dict] | None] | None = None
         self._masquerade: str | None = None
 

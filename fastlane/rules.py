@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -122,31 +123,37 @@ def _random_fully_supported(binary: str = "iptables") -> bool:
     return "random-fully" in res.stdout
 
 
-def chains(
-    network: ipaddress.IPv4Network | None,
-    subnet: ipaddress.IPv4Network | None,
-    *,
-    ip_masq: bool,
-    forward: bool,
-    random_fully_disable: bool,
-    network6: ipaddress.IPv6Network | None = None,
-    subnet6: ipaddress.IPv6Network | None = None,
-) -> list[Chain]:
+@dataclass(frozen=True)
+class RuleSettings:
+    """What the rules depend on, for iptables and nftables alike: each family's Network and
+    our subnet in it (None for a family the network does not carry) and the flags."""
+
+    network: ipaddress.IPv4Network | None
+    subnet: ipaddress.IPv4Network | None
+    ip_masq: bool
+    forward: bool
+    random_fully_disable: bool
+    network6: ipaddress.IPv6Network | None = None
+    subnet6: ipaddress.IPv6Network | None = None
+
+
+def chains(settings: RuleSettings) -> list[Chain]:
     """The chains flanneld would install for these settings (none when both are off): the
     iptables ones for the IPv4 Network, the ip6tables ones for the IPv6Network."""
+    ip_masq, forward = settings.ip_masq, settings.forward
     if not (ip_masq or forward):
         return []
     out = []
     for binary, net, sub, multicast in (
-        ("iptables", network, subnet, MULTICAST4),
-        ("ip6tables", network6, subnet6, MULTICAST6),
+        ("iptables", settings.network, settings.subnet, MULTICAST4),
+        ("ip6tables", settings.network6, settings.subnet6, MULTICAST6),
     ):
         if net is None or sub is None:
             continue
         if shutil.which(binary) is None or shutil.which(f"{binary}-restore") is None:
             raise RulesError(f"{binary} not found: apt-get install -y iptables")
         if ip_masq:
-            rf = not random_fully_disable and _random_fully_supported(binary)
+            rf = not settings.random_fully_disable and _random_fully_supported(binary)
             out.append(
                 Chain(
                     "nat",
@@ -171,44 +178,16 @@ def chains(
     return out
 
 
-def rule_sets(
-    network: ipaddress.IPv4Network | None,
-    subnet: ipaddress.IPv4Network | None,
-    *,
-    nftables: bool,
-    ip_masq: bool,
-    forward: bool,
-    random_fully_disable: bool,
-    network6: ipaddress.IPv6Network | None = None,
-    subnet6: ipaddress.IPv6Network | None = None,
-) -> list:
+def rule_sets(settings: RuleSettings, *, nftables: bool) -> list:
     """What the daemon keeps in place: iptables chains, or flanneld's nftables tables (always
     created in nftables mode, even with no rule asked for, as flanneld's Init does)."""
     if not nftables:
-        return chains(
-            network,
-            subnet,
-            ip_masq=ip_masq,
-            forward=forward,
-            random_fully_disable=random_fully_disable,
-            network6=network6,
-            subnet6=subnet6,
-        )
+        return chains(settings)
     from fastlane import nftables as nft
 
     if not nft.available():
         raise RulesError("nft not found: apt-get install -y nftables")
-    return [
-        nft.Tables(
-            network,
-            subnet,
-            ip_masq=ip_masq,
-            forward=forward,
-            random_fully_disable=random_fully_disable,
-            network6=network6,
-            subnet6=subnet6,
-        )
-    ]
+    return [nft.Tables(settings)]
 
 
 # The iptables chains flanneld may have written (any version, either family), and where the
