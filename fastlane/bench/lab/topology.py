@@ -521,37 +521,9 @@ class Topology:
         net = senv.subnet.network
         ip = next(a for a in net.hosts() if a != gw)  # .2: the runtime's first free address
         cns = f"{self.prefix}c{h.index}"
-        self._add_netns(cns)
-        mtu = str(senv.mtu)
-        if "cni0" not in self.ip(h.netns, "-o", "link", "show"):
-            self.ip(
-                h.netns, "link", "add", "cni0", "mtu", mtu, "type", "bridge", "forward_delay", "0"
-            )
-        else:
-            self.ip(h.netns, "link", "set", "cni0", "mtu", mtu)
+        self._plug_container(h, cns, senv.mtu)
         self.ip(h.netns, "addr", "replace", str(senv.subnet), "dev", "cni0")
-        self.ip(h.netns, "link", "set", "cni0", "up")
-        self.ip(
-            h.netns,
-            "link",
-            "add",
-            "veth0",
-            "mtu",
-            mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            mtu,
-            "netns",
-            cns,
-        )
-        self.ip(h.netns, "link", "set", "veth0", "master", "cni0", "up")
-        self.ip(cns, "link", "set", "lo", "up")
         self.ip(cns, "addr", "add", f"{ip}/{net.prefixlen}", "dev", "eth0")
-        self.ip(cns, "link", "set", "eth0", "up")
         self.ip(cns, "route", "add", "default", "via", str(gw), "dev", "eth0")
         h.container = Container(netns=cns, ip=ip, gateway=gw, mtu=senv.mtu, env=senv)
         if not isinstance(env, SubnetEnv):
@@ -572,39 +544,31 @@ class Topology:
         ip = gw + 1
         cns = f"{self.prefix}c{h.index}"
         if h.container is None:
-            self._add_netns(cns)
-            m = str(mtu)
-            if "cni0" not in self.ip(h.netns, "-o", "link", "show"):
-                self.ip(
-                    h.netns, "link", "add", "cni0", "mtu", m, "type", "bridge", "forward_delay", "0"
-                )
-            self.ip(h.netns, "link", "set", "cni0", "up")
-            self.ip(
-                h.netns,
-                "link",
-                "add",
-                "veth0",
-                "mtu",
-                m,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "mtu",
-                m,
-                "netns",
-                cns,
-            )
-            self.ip(h.netns, "link", "set", "veth0", "master", "cni0", "up")
-            self.ip(cns, "link", "set", "lo", "up")
-            self.ip(cns, "link", "set", "eth0", "up")
+            self._plug_container(h, cns, mtu)
         self.sysctl(cns, "net.ipv6.conf.eth0.accept_dad", "0")
         self.ip(h.netns, "addr", "replace", f"{gw}/{plen}", "dev", "cni0", "nodad")
         self.ip(cns, "addr", "add", f"{ip}/{plen}", "dev", "eth0", "nodad")
         self.ip(cns, "-6", "route", "add", "default", "via", str(gw), "dev", "eth0")
         h.container6 = Container6(netns=cns, ip=ip, gateway=gw, mtu=mtu)
         return h.container6
+
+    def _plug_container(self, h: Host, cns: str, mtu: int) -> None:
+        """A container's netns, made here, joined to the host's cni0 bridge (made if missing,
+        at the container's MTU) by a veth pair: eth0 inside, veth0 on the bridge; all up."""
+        self._add_netns(cns)
+        m = str(mtu)
+        if "cni0" not in self.ip(h.netns, "-o", "link", "show"):
+            self.ip(
+                h.netns, "link", "add", "cni0", "mtu", m, "type", "bridge", "forward_delay", "0"
+            )
+        else:
+            self.ip(h.netns, "link", "set", "cni0", "mtu", m)
+        self.ip(h.netns, "link", "set", "cni0", "up")
+        veth = ["veth0", "mtu", m, "type", "veth", "peer", "name", "eth0", "mtu", m, "netns", cns]
+        self.ip(h.netns, "link", "add", *veth)
+        self.ip(h.netns, "link", "set", "veth0", "master", "cni0", "up")
+        self.ip(cns, "link", "set", "lo", "up")
+        self.ip(cns, "link", "set", "eth0", "up")
 
     def remove_container(self, host: int | Host) -> None:
         """Delete a host's container netns and its cni0 bridge (the veth dies with the netns)."""
