@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -137,27 +138,28 @@ class HostGwBackend(KernelBackend):
     def _our_routes(self, ipr: IPRoute) -> dict[IPv4Network, IPv4Address]:
         return overlay_routes(ipr, self.ctx.iface.index, self.ctx.config)
 
+    def _our_routes6(self, ipr: IPRoute) -> dict[IPv6Network, IPv6Address]:
+        return overlay_routes6(ipr, self.ctx.iface.index, self.ctx.config)
+
     def _reconcile(self, ipr: IPRoute, leases: list[Lease]) -> None:
-        present = self._our_routes(ipr)
-        for subnet, gw in list(self._routes.items()):
-            if present.get(subnet) != gw:
-                log.warning("route %s via %s went missing; re-adding it", subnet, gw)
-                self._counts["repairs"] += 1
-                netlink_call(
-                    f"host-gw: cannot re-add route {subnet} via {gw}",
-                    lambda: ipr.route("replace", **self._route(subnet, gw)),
-                )
-        if not self._routes6:
-            return
-        present6 = overlay_routes6(ipr, self.ctx.iface.index, self.ctx.config)
-        for sub6, gw6 in list(self._routes6.items()):
-            if present6.get(sub6) != gw6:
-                log.warning("route %s via %s went missing; re-adding it", sub6, gw6)
-                self._counts["repairs"] += 1
-                netlink_call(
-                    f"host-gw: cannot re-add route {sub6} via {gw6}",
-                    lambda: ipr.route("replace", **self._route(sub6, gw6)),
-                )
+        """Re-add any route of ours that went missing, in each family that has routes (the
+        IPv6 listing is skipped when there is nothing to compare it with)."""
+        Routes = Mapping[Any, Any]  # IPv4 or IPv6 subnet -> gateway
+        families: list[tuple[Routes, Callable[[IPRoute], Routes]]] = [
+            (self._routes, self._our_routes)
+        ]
+        if self._routes6:
+            families.append((self._routes6, self._our_routes6))
+        for wanted, listing in families:
+            present = listing(ipr)
+            for subnet, gw in list(wanted.items()):
+                if present.get(subnet) != gw:
+                    log.warning("route %s via %s went missing; re-adding it", subnet, gw)
+                    self._counts["repairs"] += 1
+                    netlink_call(
+                        f"host-gw: cannot re-add route {subnet} via {gw}",
+                        lambda: ipr.route("replace", **self._route(subnet, gw)),
+                    )
 
     def _sweep(self, ipr: IPRoute, leases: list[Lease]) -> None:
         """Routes of the host-gw shape to subnets no lease of ours explains (owned_routes:
