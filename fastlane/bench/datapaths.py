@@ -183,72 +183,53 @@ def setup_host_gw(topo: Topology, ctx: Context) -> Endpoints:
     return ep
 
 
-def setup_vxlan(topo: Topology, ctx: Context) -> Endpoints:
-    """Kernel VXLAN configured by hand exactly as flannel's vxlan backend programs it."""
-    mtu = topo.mtu - VXLAN_OVERHEAD
+def _vxlan_by_hand(
+    topo: Topology,
+    dev: str,
+    mtu: int,
+    subnet_of: Callable[[int], ipaddress.IPv4Network | ipaddress.IPv6Network],
+    local_of: Callable[[Host], str],
+    six: bool,
+) -> None:
+    """Kernel VXLAN configured by hand exactly as flannel's vxlan backend programs it, for
+    either family: the device on each host (its subnet's first address as a host address on
+    it), then per peer, in flannel's order, 1. neighbour: peer .0 -> peer VTEP MAC; 2. FDB:
+    MAC -> peer underlay address; 3. route: peer subnet via peer .0 onlink."""
+    v6 = ("-6",) if six else ()
     macs: dict[int, str] = {}
     for h in topo.hosts:
         topo.ip(
             h.netns,
-            "link",
-            "add",
-            "flannel.1",
-            "mtu",
-            str(mtu),
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "local",
-            str(h.ip),
-            "dev",
-            h.ifname,
-            "dstport",
-            "8472",
-            "nolearning",
+            *("link", "add", dev, "mtu", str(mtu), "type", "vxlan", "id", "1"),
+            *("local", local_of(h), "dev", h.ifname, "dstport", "8472", "nolearning"),
         )
-        topo.ip(
-            h.netns, "addr", "add", f"{host_subnet(h.index).network_address}/32", "dev", "flannel.1"
-        )
-        topo.ip(h.netns, "link", "set", "flannel.1", "up")
-        link = json.loads(topo.ip(h.netns, "-j", "link", "show", "flannel.1"))
-        macs[h.index] = link[0]["address"]
+        sub = subnet_of(h.index)
+        host_addr = f"{sub.network_address}/{sub.max_prefixlen}"
+        topo.ip(h.netns, "addr", "add", host_addr, "dev", dev, *(("nodad",) if six else ()))
+        topo.ip(h.netns, "link", "set", dev, "up")
+        macs[h.index] = json.loads(topo.ip(h.netns, "-j", "link", "show", dev))[0]["address"]
     for h in topo.hosts:
         for peer in topo.hosts:
             if peer is h:
                 continue
-            sub = host_subnet(peer.index)
-            vtep = str(sub.network_address)
-            # 1. neighbour: peer .0 -> peer VTEP MAC; 2. FDB: MAC -> peer underlay IP;
-            # 3. route: peer subnet via peer .0 onlink. flannel's order.
+            sub = subnet_of(peer.index)
+            vtep, mac = str(sub.network_address), macs[peer.index]
             topo.ip(
                 h.netns,
-                "neigh",
-                "replace",
-                vtep,
-                "lladdr",
-                macs[peer.index],
-                "dev",
-                "flannel.1",
-                "nud",
-                "permanent",
+                *(*v6, "neigh", "replace", vtep, "lladdr", mac, "dev", dev, "nud", "permanent"),
             )
             topo.run(
                 h.netns,
-                "bridge",
-                "fdb",
-                "replace",
-                macs[peer.index],
-                "dev",
-                "flannel.1",
-                "dst",
-                str(peer.ip),
-                "self",
-                "permanent",
+                *("bridge", "fdb", "replace", mac, "dev", dev),
+                *("dst", local_of(peer), "self", "permanent"),
             )
-            topo.ip(
-                h.netns, "route", "replace", str(sub), "via", vtep, "dev", "flannel.1", "onlink"
-            )
+            topo.ip(h.netns, *v6, "route", "replace", str(sub), "via", vtep, "dev", dev, "onlink")
+
+
+def setup_vxlan(topo: Topology, ctx: Context) -> Endpoints:
+    """Kernel VXLAN configured by hand exactly as flannel's vxlan backend programs it."""
+    mtu = topo.mtu - VXLAN_OVERHEAD
+    _vxlan_by_hand(topo, "flannel.1", mtu, host_subnet, lambda h: str(h.ip), six=False)
     ep = _containers(topo, mtu)
     _wait_traffic(topo, ep, "vxlan")
     return ep
@@ -277,35 +258,8 @@ def setup_vxlan6(topo: Topology, ctx: Context) -> Endpoints:
     """Kernel VXLAN over IPv6 by hand, as flanneld's vxlan backend programs flannel-v6.1:
     device MTU = underlay - 70, the subnet's ::/128 on it, neighbour + FDB + onlink route per
     peer; the containers get FLANNEL_MTU (underlay - 50), as flanneld writes it."""
-    dev, mtu = "flannel-v6.1", topo.mtu - VXLAN6_OVERHEAD
-    macs: dict[int, str] = {}
-    for h in topo.hosts:
-        topo.ip(
-            h.netns,
-            *("link", "add", dev, "mtu", str(mtu), "type", "vxlan", "id", "1"),
-            *("local", _ip6(h), "dev", h.ifname, "dstport", "8472", "nolearning"),
-        )
-        sub = host_subnet6(h.index)
-        topo.ip(h.netns, "addr", "add", f"{sub.network_address}/128", "dev", dev, "nodad")
-        topo.ip(h.netns, "link", "set", dev, "up")
-        macs[h.index] = json.loads(topo.ip(h.netns, "-j", "link", "show", dev))[0]["address"]
-    for h in topo.hosts:
-        for peer in topo.hosts:
-            if peer is h:
-                continue
-            sub = host_subnet6(peer.index)
-            vtep, mac = str(sub.network_address), macs[peer.index]
-            topo.ip(
-                h.netns,
-                *("-6", "neigh", "replace", vtep, "lladdr", mac),
-                *("dev", dev, "nud", "permanent"),
-            )
-            topo.run(
-                h.netns,
-                *("bridge", "fdb", "replace", mac, "dev", dev),
-                *("dst", _ip6(peer), "self", "permanent"),
-            )
-            topo.ip(h.netns, "-6", "route", "replace", str(sub), "via", vtep, "dev", dev, "onlink")
+    mtu = topo.mtu - VXLAN6_OVERHEAD
+    _vxlan_by_hand(topo, "flannel-v6.1", mtu, host_subnet6, _ip6, six=True)
     ep = _containers6(topo, topo.mtu - VXLAN_OVERHEAD)
     _wait_traffic(topo, ep, "vxlan6")
     return ep
