@@ -18,7 +18,7 @@ import pytest
 from fastlane.backend.base import BackendContext, BackendError
 from fastlane.config import parse_config
 from fastlane.iface import Interface
-from tests.daemon_helpers import Node, leases, overlay, transfer, wait_until
+from tests.daemon_helpers import Node, leases, overlay, transfer, unleased, wait_until
 
 PREFIX = "/coreos.com/network"
 VXLAN = '{"Network":"10.6.0.0/16","SubnetLen":24,"Backend":{"Type":"vxlan"}}'
@@ -207,17 +207,7 @@ def test_vxlan_tcp_transfer_sha256_matches(vxlan):
 def test_vxlan_fake_peer_added_changed_ignored_and_removed(vxlan):
     topo, etcd, nodes = vxlan
     ns = topo.hosts[0].netns
-    taken = {_subnet(n) for n in nodes}
-    subnet = next(
-        ipaddress.IPv4Network(f"10.6.{i}.0/24")
-        for i in range(250, 200, -1)
-        if ipaddress.IPv4Network(f"10.6.{i}.0/24") not in taken
-    )
-    other = next(
-        ipaddress.IPv4Network(f"10.6.{i}.0/24")
-        for i in range(199, 150, -1)
-        if ipaddress.IPv4Network(f"10.6.{i}.0/24") not in taken
-    )
+    subnet, other = map(ipaddress.IPv4Network, unleased(etcd, PREFIX, "10.6.0.0/16", 2))
     peer_ip = "192.168.100.200"
     key = _put_lease(
         etcd,
@@ -272,12 +262,7 @@ def test_vxlan_burst_of_puts_and_deletes_ends_in_the_right_state(vxlan):
     """Updates are applied in order: a put followed at once by a delete leaves nothing."""
     topo, etcd, nodes = vxlan
     ns = topo.hosts[0].netns
-    taken = {_subnet(n) for n in nodes}
-    subnets = [
-        s
-        for s in (ipaddress.IPv4Network(f"10.6.{i}.0/24") for i in range(100, 160))
-        if s not in taken
-    ][:40]
+    subnets = list(map(ipaddress.IPv4Network, unleased(etcd, PREFIX, "10.6.0.0/16", 40)))
     gone, kept = subnets[:20], subnets[20:]
 
     def value(i: int) -> dict:
@@ -538,17 +523,7 @@ def test_hostgw_ping_and_tcp_transfer(hostgw):
 def test_hostgw_fake_peer_added_ignored_removed_and_repaired(hostgw):
     topo, etcd, nodes = hostgw
     ns = topo.hosts[0].netns
-    taken = {_subnet(n) for n in nodes}
-    subnet = next(
-        ipaddress.IPv4Network(f"10.7.{i}.0/24")
-        for i in range(250, 200, -1)
-        if ipaddress.IPv4Network(f"10.7.{i}.0/24") not in taken
-    )
-    other = next(
-        ipaddress.IPv4Network(f"10.7.{i}.0/24")
-        for i in range(199, 150, -1)
-        if ipaddress.IPv4Network(f"10.7.{i}.0/24") not in taken
-    )
+    subnet, other = map(ipaddress.IPv4Network, unleased(etcd, PREFIX, "10.7.0.0/16", 2))
     key = _put_lease(
         etcd,
         str(subnet),
